@@ -1,0 +1,162 @@
+"""The diffusion checkpoint format: settings recorded in config.json, loading, and atomic writes.
+
+A converted checkpoint is a plain Hugging Face causal-LM directory whose config.json carries
+`is_causal: false`, `mask_token_id`, and a `diffusion` block (see `DiffusionSettings`). Stock
+`AutoModelForCausalLM.from_pretrained` loads it with bidirectional attention and no remote code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from adapt.errors import AdaptError
+
+FORMAT_VERSION = 1
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class DiffusionSettings:
+    """What later steps (training, sampling, evaluation) read instead of asking the user."""
+
+    mask_token_id: int
+    """Vocabulary id of the mask token (never EOS or PAD)."""
+    mask_token: str = "<|mask|>"
+    """Text form of the mask token in the tokenizer."""
+    shift: bool = True
+    """Logits at position i predict token i + 1 (the AR head's meaning is kept)."""
+    source_model: str | None = None
+    """The AR model this checkpoint was converted from (Hub id or local path)."""
+    source_revision: str | None = None
+    """Commit hash of the source on the Hub, when known."""
+    source_hash: str | None = None
+    """sha256 over the source weight files, when converted from a local directory."""
+    adapt_version: str = ""
+    """Version of adapt that wrote the checkpoint."""
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DiffusionSettings:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def read_settings(config: Any) -> DiffusionSettings | None:
+    """The diffusion settings of a loaded config, or None for a plain AR checkpoint."""
+    data = getattr(config, "diffusion", None)
+    if not isinstance(data, dict) or "mask_token_id" not in data:
+        return None
+    return DiffusionSettings.from_dict(data)
+
+
+def write_settings(config: Any, settings: DiffusionSettings) -> None:
+    """Record the settings on a config so that `save_pretrained` writes them to config.json."""
+    config.diffusion = settings.to_dict()
+    config.mask_token_id = settings.mask_token_id
+    config.is_causal = False
+
+
+def resolve_dtype(name: str) -> Any:
+    """Map a dtype name from the CLI or a recipe to a torch dtype ("auto" stays a string)."""
+    import torch
+
+    if name == "auto":
+        return "auto"
+    if name not in DTYPES:
+        raise AdaptError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return getattr(torch, name)
+
+
+def check_model_dir(path: str | os.PathLike) -> Path:
+    """A local checkpoint directory that exists and has a config.json."""
+    p = Path(path)
+    if not p.exists():
+        raise AdaptError(f"no such checkpoint directory: {p}")
+    if not p.is_dir() or not (p / "config.json").is_file():
+        raise AdaptError(f"{p} is not a model directory (no config.json)")
+    return p
+
+
+def load_settings(path: str | os.PathLike) -> DiffusionSettings:
+    """Settings of a diffusion checkpoint on disk; a clear error for anything else."""
+    import json
+
+    p = check_model_dir(path)
+    try:
+        data = json.loads((p / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise AdaptError(f"{p / 'config.json'} is not valid JSON: {e}") from e
+    settings = read_settings(_Namespace(data))
+    if settings is None:
+        raise AdaptError(
+            f"{p} is not a diffusion checkpoint (no diffusion settings); run `adapt convert` first"
+        )
+    return settings
+
+
+class _Namespace:
+    def __init__(self, data: dict[str, Any]) -> None:
+        self.__dict__.update(data)
+
+
+def load_diffusion_model(
+    path: str | os.PathLike,
+    dtype: str = "float32",
+    device: str | None = None,
+    attn_implementation: str | None = None,
+) -> tuple[Any, Any, DiffusionSettings]:
+    """Load a converted checkpoint with stock transformers: (model in eval mode, tokenizer, settings)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    settings = load_settings(path)
+    kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype)}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if device:
+        model.to(device)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model.eval(), tokenizer, settings
+
+
+def prepare_output_dir(out: str | os.PathLike, force: bool) -> Path:
+    """Refuse a non-empty OUT unless forced; return it as a Path (not created yet)."""
+    p = Path(out)
+    if p.exists() and not p.is_dir():
+        raise AdaptError(f"output path {p} exists and is not a directory")
+    if p.exists() and any(p.iterdir()) and not force:
+        raise AdaptError(f"output directory {p} is not empty; pass --force to overwrite it")
+    return p
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary directory beside `out`; on success it replaces `out` in one rename.
+
+    On any exception the temporary directory is removed and `out` is left as it was.
+    """
+    out = Path(out).absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

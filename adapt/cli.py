@@ -1,0 +1,109 @@
+"""The `adapt` console command. Each subcommand is a thin wrapper over a library function.
+
+Heavy imports (torch, transformers) happen inside the commands so that `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from adapt.errors import AdaptError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+app = typer.Typer(
+    name="adapt",
+    help="Turn pretrained autoregressive causal LMs into masked diffusion language models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def _root() -> None:
+    """Turn pretrained autoregressive causal LMs into masked diffusion language models."""
+
+
+def reports_errors(fn: F) -> F:
+    """Turn `AdaptError` into a one-line message on stderr and exit code 1 (130 on Ctrl-C)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        quiet_libraries()
+        try:
+            return fn(*args, **kwargs)
+        except AdaptError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def quiet_libraries() -> None:
+    """Keep library progress bars and advisory warnings out of our command output."""
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+@app.command("convert")
+@reports_errors
+def convert_cmd(
+    model: Annotated[str, typer.Argument(help="Source causal LM: a local directory or a Hub id.")],
+    out: Annotated[Path, typer.Argument(help="Output directory for the diffusion checkpoint.")],
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
+    attn_implementation: Annotated[str, typer.Option(help="sdpa or eager.")] = "sdpa",
+    mask_init: Annotated[str, typer.Option(help="Mask embedding init: mean, normal or zero.")] = "mean",
+    shift: Annotated[bool, typer.Option(help="Logits at i predict token i+1 (recorded).")] = True,
+    revision: Annotated[str | None, typer.Option(help="Hub revision of the source.")] = None,
+    force: Annotated[bool, typer.Option(help="Overwrite a non-empty OUT.")] = False,
+) -> None:
+    """Convert a causal LM into a masked-diffusion checkpoint loadable by stock transformers."""
+    from adapt.convert import ConvertOptions, convert
+
+    if mask_init not in ("mean", "normal", "zero"):
+        raise AdaptError(f"--mask-init must be mean, normal or zero, not {mask_init!r}")
+    options = ConvertOptions(
+        dtype=dtype,
+        attn_implementation=attn_implementation,
+        mask_init=mask_init,  # type: ignore[arg-type]
+        shift=shift,
+        revision=revision,
+        force=force,
+    )
+    result = convert(model, out, options)
+    s = result.settings
+    if result.already_converted:
+        typer.echo(
+            f"{model} is already a diffusion checkpoint (mask token id {s.mask_token_id}); nothing to do"
+        )
+        return
+    row = "reused a spare embedding row" if result.reused_row else "added a new embedding row"
+    typer.echo(f"mask token {s.mask_token!r} = id {s.mask_token_id} ({row}); shift={s.shift}")
+    typer.echo(f"checks passed: {', '.join(result.checks)}")
+    typer.echo(f"wrote {result.out}")
+
+
+def main() -> None:
+    """Entry point of the `adapt` console script."""
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
