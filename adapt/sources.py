@@ -134,7 +134,7 @@ def clean_wiki(markup: str) -> str:
     text = _TAG.sub("", text).replace("'''", "").replace("''", "")
     lines = []
     for line in text.splitlines():
-        line = line.strip()
+        line = line.split("{{")[0].strip()  # an unbalanced template swallows the rest of its line
         if not line or line.startswith(("==", "*", "|", "!", "{", "}", ":", ";", "#")):
             continue
         lines.append(line)
