@@ -100,6 +100,32 @@ def convert_cmd(
     typer.echo(f"wrote {result.out}")
 
 
+@app.command("push")
+@reports_errors
+def push_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="Diffusion checkpoint directory.")],
+    repo_id: Annotated[str, typer.Argument(help="Hub repository, NAMESPACE/NAME.")],
+    private: Annotated[bool, typer.Option(help="Create the repository as private.")] = False,
+    revision: Annotated[str | None, typer.Option(help="Branch to push to (created if missing).")] = None,
+    dry_run: Annotated[bool, typer.Option(help="Print the card and the files; upload nothing.")] = False,
+    commit_message: Annotated[str | None, typer.Option(help="Commit message.")] = None,
+    license: Annotated[str | None, typer.Option(help="License id for the card (default: source's).")] = None,
+) -> None:
+    """Upload a diffusion checkpoint with a generated model card (token: HF_TOKEN or `hf auth login`)."""
+    from adapt.hub import plan_push, upload
+
+    plan = plan_push(checkpoint, repo_id, license=license)
+    if dry_run:
+        typer.echo(plan.card)
+        typer.echo(f"dry run: would upload {len(plan.repo_files)} files to {repo_id}:")
+        for f in plan.repo_files:
+            size = len(plan.card.encode()) if f == "README.md" else (checkpoint / f).stat().st_size
+            typer.echo(f"  {f} ({size} bytes{', generated' if f == 'README.md' else ''})")
+        return
+    upload(plan, repo_id, private=private, revision=revision, commit_message=commit_message)
+    typer.echo(f"pushed {len(plan.repo_files)} files to {repo_id}" + (f" ({revision})" if revision else ""))
+
+
 def main() -> None:
     """Entry point of the `adapt` console script."""
     app()
