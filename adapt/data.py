@@ -255,7 +255,10 @@ def document_mask(segment_ids: torch.Tensor) -> torch.Tensor:
 def tokenize_documents(
     ds: Any, tokenizer: Any, column: str, num_proc: int | None
 ) -> tuple[list[list[int]], int]:
-    """Token ids of each non-empty document followed by EOS: (token lists, number dropped as empty)."""
+    """Token ids of each non-empty document followed by EOS: (token lists, number dropped as empty).
+
+    The tokenizer adds its own special tokens (e.g. a BOS for Llama-style tokenizers), as in pretraining.
+    """
     eos = _require_id(tokenizer, "eos")
     before = len(ds)
     ds = ds.filter(lambda b: [bool(x and x.strip()) for x in b[column]], batched=True, num_proc=num_proc)
@@ -295,9 +298,9 @@ def encode_chat(
     overflow: str = "truncate",
     pad_to_max_length_with_eos: bool = False,
 ) -> tuple[dict[str, list[int]] | None, str]:
-    """One conversation -> (input_ids, attention_mask, prompt_mask) and what happened ("ok", "truncated",
-    "skipped").
+    """One conversation -> (columns, status) with status "ok", "truncated" or "skipped" (columns None).
 
+    Columns: input_ids, attention_mask, prompt_mask (1 on prompt tokens) and length (real tokens).
     The prompt is everything before the final assistant message, with the generation header; only the
     final response (plus a closing EOS) is trained on.
     """
