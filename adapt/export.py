@@ -1,0 +1,88 @@
+"""Export a fine-tuned model as a ready-to-sample diffusion checkpoint (or a LoRA adapter alone).
+
+The directory is the converted-checkpoint format (config.json with `is_causal: false` and the
+`diffusion` block, safetensors, tokenizer, generation config) plus `recipe.yaml` and
+`training_summary.json`; stock `AutoModelForCausalLM.from_pretrained` loads it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from adapt import __version__
+from adapt.checkpoint import atomic_dir, write_settings
+from adapt.config import save_recipe
+
+log = logging.getLogger(__name__)
+
+FINAL = "final"
+
+
+def export(session: Any, out: str | Path | None = None) -> Path:
+    """Write the trained model of a `adapt.train.Session` to OUT (default OUTPUT_DIR/final), atomically."""
+    acc = session.accelerator
+    out = Path(out) if out is not None else session.output_dir / FINAL
+    acc.wait_for_everyone()
+    state_dict = None
+    if acc.distributed_type.name in ("FSDP", "DEEPSPEED"):
+        full = acc.get_state_dict(session.objective)  # every process takes part in the gather
+        state_dict = {k.removeprefix("model."): v for k, v in full.items()}
+    if acc.is_main_process:
+        lora = session.recipe.lora
+        with atomic_dir(out) as tmp:
+            if lora is not None and lora.export == "adapter":
+                session.model.save_pretrained(tmp)
+            else:
+                save_full_model(session.model, session.settings, tmp, state_dict)
+            session.tokenizer.save_pretrained(tmp)
+            save_recipe(session.recipe, tmp / "recipe.yaml")
+            (tmp / "training_summary.json").write_text(json.dumps(training_summary(session), indent=2))
+    acc.wait_for_everyone()
+    return out
+
+
+def merged_model(model: Any) -> Any:
+    """A plain transformers model: peft adapters (and trainable token rows) merged in."""
+    if hasattr(model, "merge_and_unload"):
+        return model.merge_and_unload()
+    return model
+
+
+def save_full_model(model: Any, settings: Any, out: Path, state_dict: dict | None = None) -> None:
+    """save_pretrained with the diffusion settings recorded in config.json and generation_config.json."""
+    model = merged_model(model)
+    write_settings(model.config, settings)
+    model.generation_config.mask_token_id = settings.mask_token_id
+    if state_dict is not None:
+        model.save_pretrained(out, state_dict=state_dict)
+    else:
+        model.save_pretrained(out)
+
+
+def training_summary(session: Any) -> dict[str, Any]:
+    s, r = session.state, session.recipe
+    return {
+        "steps": s.step,
+        "tokens_seen": s.tokens_seen,
+        "train_loss": s.train_loss,
+        "eval_loss": s.eval_loss,
+        "base_model": session.settings.source_model or r.model.path,
+        "lora": r.lora is not None,
+        "adapt_version": __version__,
+    }
+
+
+def push_if_requested(session: Any, exported: Path) -> None:
+    """Publish the export when the recipe names a Hub repo and adapt.hub is available."""
+    repo_id = session.recipe.push_to_hub
+    if not repo_id or not session.accelerator.is_main_process:
+        return
+    try:
+        from adapt import hub
+    except ImportError:
+        log.warning("push_to_hub=%s skipped: adapt.hub is not available in this installation", repo_id)
+        return
+    hub.push(exported, repo_id)

@@ -1,0 +1,608 @@
+"""Diffusion fine-tuning as free functions over Accelerate: `setup`, `fit`, `evaluate`, `run`.
+
+`setup` builds everything a recipe describes (model converted on the fly if needed, optional LoRA,
+data, AdamW, warmup + decay schedule) and resumes from the latest complete checkpoint. `fit` is the
+step loop; each step masks every micro-batch with a generator seeded by (seed, step, micro-batch,
+rank), so a resumed run sees exactly the masks, t and annealing patterns of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from adapt.attention import position_ids_from_mask
+from adapt.checkpoint import DiffusionSettings, atomic_dir, read_settings
+from adapt.config import LoraSettings, ModelConfig, Recipe, recipe_to_dict, save_recipe
+from adapt.diffusion import (
+    build_attention_mask,
+    complementary_mask,
+    mask_tokens,
+    maskable_positions,
+    sample_t,
+)
+from adapt.errors import AdaptError
+from adapt.objective import MaskedDiffusionObjective, causal_lm_of, check_fast_path
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class TrainState:
+    """Where training stands; saved with every checkpoint."""
+
+    step: int = 0
+    """Optimizer steps done."""
+    epoch: int = 0
+    """Current pass over the training data."""
+    batches_in_epoch: int = 0
+    """Micro-batches of the current epoch already consumed (this process)."""
+    tokens_seen: int = 0
+    """Real (non-padding) tokens trained on, all processes."""
+    train_loss: float | None = None
+    """Mean loss over the last logging window."""
+    eval_loss: float | None = None
+    """Diffusion loss on the held-out split at the last evaluation."""
+    interrupted: bool = False
+    """The run stopped on Ctrl-C (after saving a checkpoint)."""
+    checkpoint: str | None = None
+    """The latest complete checkpoint written or resumed from."""
+
+
+@dataclass
+class Session:
+    """Everything `fit` needs, built by `setup`."""
+
+    recipe: Recipe
+    accelerator: Any
+    objective: Any
+    """The prepared `MaskedDiffusionObjective` (wrapped for DDP/FSDP when distributed)."""
+    tokenizer: Any
+    settings: DiffusionSettings
+    optimizer: Any
+    scheduler: Any
+    train_loader: Any
+    eval_loader: Any | None
+    total_steps: int
+    state: TrainState = field(default_factory=TrainState)
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.recipe.training.output_dir)
+
+    @property
+    def model(self) -> nn.Module:
+        """The trained (HF or peft) model, unwrapped."""
+        return self.accelerator.unwrap_model(self.objective).model
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def setup(recipe: Recipe) -> Session:
+    """Accelerator, model, data, optimizer and schedule for `recipe`; resumes when a checkpoint exists."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, set_seed
+
+    t = recipe.training
+    accelerator = Accelerator(
+        mixed_precision=t.mixed_precision,
+        log_with=list(recipe.logging.report_to) or None,
+        project_dir=t.output_dir,
+        step_scheduler_with_optimizer=False,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=t.seed),
+    )
+    set_seed(t.seed)
+    model, tokenizer, settings = load_model(recipe.model)
+    if recipe.lora is not None:
+        check_adapter_export(recipe)
+        model = apply_lora(model, recipe.lora, settings.mask_token_id)
+    if t.gradient_checkpointing:
+        causal_lm_of(model).gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    from adapt.convert import ordinary_token_ids
+
+    fast = check_fast_path(model, ordinary_token_ids(causal_lm_of(model), tokenizer))
+    objective = MaskedDiffusionObjective(model, fast=fast).train()
+    train_loader, eval_loader = build_loaders(recipe, tokenizer)
+    optimizer = build_optimizer(objective, recipe)
+    per_epoch = max(1, len(train_loader) // accelerator.num_processes // t.grad_accumulation)
+    total = t.max_steps or per_epoch * t.epochs
+    scheduler = build_scheduler(optimizer, recipe, total)
+    objective, optimizer, train_loader, scheduler = accelerator.prepare(
+        objective, optimizer, train_loader, scheduler
+    )
+    if eval_loader is not None:
+        eval_loader = accelerator.prepare(eval_loader)
+    session = Session(
+        recipe,
+        accelerator,
+        objective,
+        tokenizer,
+        settings,
+        optimizer,
+        scheduler,
+        train_loader,
+        eval_loader,
+        total,
+    )
+    if recipe.logging.report_to:
+        accelerator.init_trackers("adapt", config=flat_config(recipe))
+    latest = latest_checkpoint(session.output_dir)
+    if t.resume and latest is not None:
+        accelerator.load_state(str(latest))
+        session.state = TrainState(**json.loads((latest / STATE_FILE).read_text()))
+        session.state.interrupted = False
+        session.state.checkpoint = str(latest)
+    return session
+
+
+def load_model(cfg: ModelConfig) -> tuple[Any, Any, DiffusionSettings]:
+    """A diffusion model to train: a converted checkpoint, or an AR model converted now (in memory)."""
+    from adapt.convert import (
+        ConvertOptions,
+        check_supported,
+        convert_model,
+        load_config,
+        load_model_and_tokenizer,
+    )
+
+    config = load_config(cfg.path, None)
+    settings = read_settings(config)
+    shift = settings.shift if settings is not None and cfg.shift is None else cfg.shift
+    options = ConvertOptions(
+        dtype=cfg.dtype,
+        attn_implementation=cfg.attn_implementation,
+        mask_init=cfg.mask_init,
+        shift=True if shift is None else shift,
+    )
+    if settings is None:
+        check_supported(config)
+    model, tokenizer = load_model_and_tokenizer(cfg.path, options)
+    if settings is None:
+        settings, _, _ = convert_model(model, tokenizer, options, source=cfg.path)
+    elif cfg.shift is not None and cfg.shift != settings.shift:
+        raise AdaptError(
+            f"model.shift={cfg.shift} contradicts the checkpoint's recorded shift={settings.shift}; "
+            "remove model.shift (it only applies when converting an AR model)"
+        )
+    return model.train(), tokenizer, settings
+
+
+def lora_target_modules(model: nn.Module) -> list[str]:
+    """Names of every linear layer inside the decoder blocks (the LM head excluded)."""
+    lm = causal_lm_of(model)
+    head = lm.get_output_embeddings()
+    names = set()
+    for name, module in lm.get_decoder().named_modules():
+        if module is head or not name:
+            continue
+        if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+            names.add(name.rsplit(".", 1)[-1])
+    if not names:
+        raise AdaptError(f"found no linear layers to adapt in {type(lm).__name__}; set lora.target_modules")
+    return sorted(names)
+
+
+def apply_lora(model: nn.Module, cfg: LoraSettings, mask_token_id: int) -> nn.Module:
+    """Wrap `model` with peft LoRA adapters; the mask token's embedding row stays trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = lora_target_modules(model) if cfg.target_modules == "auto" else list(cfg.target_modules)
+    gpt2_style = any(type(m).__name__ == "Conv1D" for m in model.modules())
+    config = LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=targets,
+        fan_in_fan_out=gpt2_style,
+        trainable_token_indices=[mask_token_id] if cfg.train_mask_token else None,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:
+        raise AdaptError(f"cannot apply LoRA: {str(e).splitlines()[0]}") from e
+
+
+def check_adapter_export(recipe: Recipe) -> None:
+    """An adapter alone is only usable on top of a diffusion checkpoint, not of an AR source."""
+    if recipe.lora is not None and recipe.lora.export == "adapter":
+        from adapt.convert import load_config
+
+        if read_settings(load_config(recipe.model.path, None)) is None:
+            raise AdaptError(
+                "lora.export=adapter needs model.path to be a converted diffusion checkpoint "
+                "(run `adapt convert` first) or use lora.export=merged"
+            )
+
+
+def build_loaders(recipe: Recipe, tokenizer: Any) -> tuple[Any, Any | None]:
+    """Training and held-out DataLoaders from `adapt.data` (held-out is None without an eval split)."""
+    from adapt.data import build_dataloaders
+
+    train, held_out, _ = build_dataloaders(recipe.data, tokenizer, batch_size=recipe.training.batch_size)
+    return train, held_out
+
+
+def build_optimizer(objective: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; no weight decay on biases, norms and embeddings rows of 1D."""
+    t = recipe.training
+    decay, no_decay = [], []
+    for p in objective.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    if not decay and not no_decay:
+        raise AdaptError("the model has no trainable parameters")
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=t.lr, betas=tuple(t.betas))
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
+    """Multiplier of the peak lr at `step`: linear warmup, then cosine/linear decay to min_ratio."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
+    return min_ratio + (1.0 - min_ratio) * shape
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, total: int) -> Any:
+    t = recipe.training
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, t.warmup_steps, total, t.schedule, t.min_lr_ratio)
+    )
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+def make_inputs(
+    session: Session, batch: dict[str, torch.Tensor], step: int, generator: torch.Generator
+) -> dict:
+    """Noise a clean batch into the objective's inputs (both views with complementary masking)."""
+    d, shift = session.recipe.diffusion, session.settings.shift
+    ids, am = batch["input_ids"], batch["attention_mask"]  # [b, l]
+    prompt = batch.get("prompt_mask")
+    maskable = maskable_positions(am, shift, prompt, d.train_on_padding)  # [b, l]
+    t = sample_t(ids.shape[0], d.eps, d.low_discrepancy, generator, ids.device)  # [b]
+    noisy, masked = mask_tokens(ids, t, session.settings.mask_token_id, maskable, generator)
+    if d.complementary_masking:
+        other = complementary_mask(masked, maskable)
+        noisy = torch.cat([noisy, ids.masked_fill(other, session.settings.mask_token_id)])  # [2b, l]
+        masked, t = torch.cat([masked, other]), torch.cat([t, (1.0 - t).clamp(min=d.eps)])
+        ids, am, maskable = ids.repeat(2, 1), am.repeat(2, 1), maskable.repeat(2, 1)
+        prompt = None if prompt is None else prompt.repeat(2, 1)
+    # SFT normalises by the response length, pretraining by the sequence length
+    norm = maskable.sum(-1).clamp(min=1).float() if prompt is not None else torch.full_like(t, ids.shape[1])
+    segments = segment_allowed(batch, repeat=2 if d.complementary_masking else 1)
+    attn = build_attention_mask(am, mask_dtype(session), step, d.anneal_steps, segments, generator)
+    position_ids = batch.get("position_ids")
+    if position_ids is None and not bool(am.all()):
+        position_ids = position_ids_from_mask(am)
+    elif position_ids is not None and d.complementary_masking:
+        position_ids = position_ids.repeat(2, 1)
+    rows, cols = masked.nonzero(as_tuple=True)  # [n], [n]
+    weights = 1.0 / (t[rows] * norm[rows] * ids.shape[0])  # [n]: 1/t, per-sample normaliser, batch mean
+    return {
+        "input_ids": noisy,
+        "attention_mask": attn,
+        "position_ids": position_ids,
+        "rows": rows,
+        "cols": cols - 1 if shift else cols,
+        "targets": ids[rows, cols],
+        "weights": weights,
+    }
+
+
+def segment_allowed(batch: dict[str, torch.Tensor], repeat: int = 1) -> torch.Tensor | None:
+    """Block-diagonal document pattern [b, 1, l, l] for packed batches that carry document ids."""
+    docs = batch.get("segment_ids")
+    if docs is None:
+        return None
+    from adapt.data import document_mask
+
+    allowed = document_mask(docs)
+    return allowed.repeat(repeat, 1, 1, 1) if repeat > 1 else allowed
+
+
+def mask_dtype(session: Session) -> torch.dtype:
+    mp = session.recipe.training.mixed_precision
+    if mp == "bf16":
+        return torch.bfloat16
+    if mp == "fp16":
+        return torch.float16
+    return next(session.model.parameters()).dtype
+
+
+def step_generator(session: Session, step: int, micro: int, device: torch.device) -> torch.Generator:
+    """The masking RNG of one micro-batch: a pure function of (seed, step, micro-batch, rank)."""
+    seed = session.recipe.training.seed
+    rank = session.accelerator.process_index
+    key = ((seed * 1_000_003 + step) * 1009 + micro) * 4099 + rank
+    return torch.Generator(device=device).manual_seed(key % (2**63 - 1))
+
+
+def open_fraction(attention_mask: torch.Tensor) -> float:
+    """Share of future (upper-triangle) edges open in the first sample's mask; 1.0 for a 2D mask."""
+    if attention_mask.ndim == 2:
+        return 1.0
+    m = attention_mask[0, 0] == 0  # [l, l]
+    upper = torch.ones_like(m).triu(1)
+    return float((m & upper).sum() / upper.sum().clamp(min=1))
+
+
+def train_step(session: Session, batches: Any) -> tuple[torch.Tensor, int, float]:
+    """Forward/backward over grad_accumulation micro-batches: (mean loss, real tokens, open fraction)."""
+    acc, ga = session.accelerator, session.recipe.training.grad_accumulation
+    step = session.state.step
+    total = torch.zeros((), device=acc.device)
+    tokens, opened = 0, 0.0
+    for micro in range(ga):
+        batch = next(batches)
+        inputs = make_inputs(session, batch, step, step_generator(session, step, micro, acc.device))
+        sync = contextlib.nullcontext() if micro == ga - 1 else acc.no_sync(session.objective)
+        with sync:
+            loss, _ = session.objective(**inputs)
+            acc.backward(loss / ga)
+        total += loss.detach() / ga
+        tokens += int(batch["attention_mask"].sum())
+        opened += open_fraction(inputs["attention_mask"]) / ga
+    return total, tokens, opened
+
+
+def micro_batches(session: Session) -> Any:
+    """Endless training micro-batches, epoch after epoch, starting where the state says."""
+    from accelerate import skip_first_batches
+
+    state = session.state
+    while True:
+        session.train_loader.set_epoch(state.epoch)
+        loader = session.train_loader
+        if state.batches_in_epoch:
+            loader = skip_first_batches(loader, state.batches_in_epoch)
+        for batch in loader:
+            state.batches_in_epoch += 1
+            yield batch
+        if state.batches_in_epoch == 0:
+            raise AdaptError("the training data produced no batches")
+        state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def fit(session: Session) -> TrainState:
+    """Train to the recipe's step count; checkpoints, logs, evaluates, stops cleanly on Ctrl-C."""
+    acc, t, state = session.accelerator, session.recipe.training, session.state
+    batches, bar, window = micro_batches(session), progress_bar(session), Window()
+    with InterruptFlag() as interrupt:
+        while state.step < session.total_steps:
+            loss, tokens, opened = train_step(session, batches)
+            loss, tokens = reduce_step(acc, loss, tokens)
+            if not math.isfinite(loss):
+                raise AdaptError(
+                    f"loss is {loss} at step {state.step + 1}; stopped before updating the weights. "
+                    f"Last good checkpoint: {state.checkpoint or 'none'}. Lower training.lr or check the data"
+                )
+            if t.max_grad_norm is not None:
+                acc.clip_grad_norm_(session.objective.parameters(), t.max_grad_norm)
+            session.optimizer.step()
+            session.scheduler.step()
+            session.optimizer.zero_grad(set_to_none=True)
+            state.step, state.tokens_seen = state.step + 1, state.tokens_seen + tokens
+            window.add(loss, tokens, opened)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{window.rate():.0f}")
+            if state.step % session.recipe.logging.log_every == 0 or state.step == session.total_steps:
+                log_metrics(session, window.flush(session))
+            if t.eval_every and state.step % t.eval_every == 0:
+                log_metrics(session, {"eval_loss": evaluate(session)})
+            if interrupt.requested(acc):
+                state.interrupted = True
+                save_checkpoint(session)
+                break
+            if t.checkpoint_every and state.step % t.checkpoint_every == 0:
+                save_checkpoint(session)
+    bar.close()
+    if not state.interrupted:
+        log_metrics(session, {"eval_loss": evaluate(session)})
+    return state
+
+
+def reduce_step(acc: Any, loss: torch.Tensor, tokens: int) -> tuple[float, int]:
+    """Mean loss and summed tokens over processes (one all-reduce)."""
+    both = torch.stack([loss.float(), torch.tensor(float(tokens), device=loss.device)])
+    if acc.num_processes > 1:
+        both = acc.reduce(both, reduction="sum")
+        both[0] /= acc.num_processes
+    return float(both[0]), int(both[1])
+
+
+class Window:
+    """Running averages between two log lines."""
+
+    def __init__(self) -> None:
+        self.start, self.losses, self.tokens, self.opened = time.perf_counter(), [], 0, []
+
+    def add(self, loss: float, tokens: int, opened: float) -> None:
+        self.losses.append(loss)
+        self.opened.append(opened)
+        self.tokens += tokens
+
+    def rate(self) -> float:
+        return self.tokens / max(time.perf_counter() - self.start, 1e-9)
+
+    def flush(self, session: Session) -> dict[str, float]:
+        state = session.state
+        state.train_loss = sum(self.losses) / max(1, len(self.losses))
+        metrics = {
+            "loss": state.train_loss,
+            "lr": session.scheduler.get_last_lr()[0],
+            "tokens_per_s": self.rate(),
+            "tokens_seen": state.tokens_seen,
+            "epoch": state.epoch,
+            "attention_open": sum(self.opened) / max(1, len(self.opened)),
+        }
+        self.__init__()
+        return metrics
+
+
+@torch.no_grad()
+def evaluate(session: Session) -> float | None:
+    """Mean diffusion loss on the held-out split, fully bidirectional, with a fixed masking seed."""
+    if session.eval_loader is None:
+        return None
+    acc, objective = session.accelerator, session.objective
+    objective.eval()
+    limit = session.recipe.training.eval_batches
+    total = torch.zeros(2, device=acc.device)
+    final_step = max(session.recipe.diffusion.anneal_steps, 0)
+    for i, batch in enumerate(session.eval_loader):
+        if limit is not None and i >= limit:
+            break
+        gen = step_generator(session, -1, i, acc.device)
+        inputs = make_inputs(session, batch, final_step, gen)
+        loss, _ = objective(**inputs)
+        size = batch["input_ids"].shape[0]
+        total += torch.stack([loss.float() * size, torch.tensor(float(size), device=acc.device)])
+    objective.train()
+    total = acc.reduce(total, reduction="sum") if acc.num_processes > 1 else total
+    session.state.eval_loss = float(total[0] / total[1].clamp(min=1))
+    return session.state.eval_loss
+
+
+# ----------------------------------------------------------------------------- checkpoints and logs
+
+
+def checkpoint_dirs(output_dir: Path) -> list[Path]:
+    """Complete checkpoints (atomically renamed into place), oldest first."""
+    root = output_dir / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    done = [p for p in root.glob("step-*") if p.is_dir() and (p / STATE_FILE).is_file()]
+    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    dirs = checkpoint_dirs(output_dir)
+    return dirs[-1] if dirs else None
+
+
+def save_checkpoint(session: Session) -> Path:
+    """Model, optimizer, scheduler, RNG and data position, written atomically by every process."""
+    from accelerate.utils import broadcast_object_list
+
+    acc, state = session.accelerator, session.state
+    path = session.output_dir / CHECKPOINTS / f"step-{state.step:08d}"
+    state.checkpoint = str(path)
+    with atomic_dir(path) if acc.is_main_process else contextlib.nullcontext() as tmp:
+        where = broadcast_object_list([str(tmp) if tmp is not None else None])[0]
+        acc.save_state(where)
+        if acc.is_main_process:
+            (Path(where) / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
+            save_recipe(session.recipe, Path(where) / "recipe.yaml")
+        acc.wait_for_everyone()
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        for old in checkpoint_dirs(session.output_dir)[: -session.recipe.training.keep_checkpoints]:
+            import shutil
+
+            shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def log_metrics(session: Session, metrics: dict[str, Any]) -> None:
+    """To the Accelerate trackers and (main process) a JSONL file."""
+    metrics = {k: v for k, v in metrics.items() if v is not None}
+    if not metrics:
+        return
+    acc, step = session.accelerator, session.state.step
+    if session.recipe.logging.report_to:
+        acc.log(metrics, step=step)
+    if session.recipe.logging.jsonl and acc.is_main_process:
+        session.output_dir.mkdir(parents=True, exist_ok=True)
+        with (session.output_dir / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+
+
+def progress_bar(session: Session) -> Any:
+    from tqdm.auto import tqdm
+
+    show = session.recipe.logging.progress_bar and session.accelerator.is_main_process
+    return tqdm(total=session.total_steps, initial=session.state.step, disable=not show, unit="step")
+
+
+def flat_config(recipe: Recipe) -> dict[str, Any]:
+    """The recipe flattened to scalar values, as trackers want their hyperparameters."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        elif isinstance(value, (int, float, str, bool)):
+            out[prefix] = value
+        else:
+            out[prefix] = str(value)
+
+    walk("", recipe_to_dict(recipe))
+    return out
+
+
+class InterruptFlag:
+    """Turn SIGINT into a flag checked once per step; every process agrees before stopping."""
+
+    def __enter__(self) -> InterruptFlag:
+        self.flag, self.previous = False, None
+        with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.flag = True
+
+    def requested(self, acc: Any) -> bool:
+        if acc.num_processes == 1:
+            return self.flag
+        flag = torch.tensor([float(self.flag)], device=acc.device)
+        return bool(acc.reduce(flag, reduction="sum").item() > 0)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+# ----------------------------------------------------------------------------- the whole job
+
+
+def run(recipe: Recipe) -> tuple[TrainState, Path | None]:
+    """setup -> fit -> export (-> push); returns the final state and the exported directory."""
+    from adapt.export import export, push_if_requested
+
+    session = setup(recipe)
+    try:
+        state = fit(session)
+        exported = None
+        if not state.interrupted and recipe.training.export:
+            exported = export(session)
+            push_if_requested(session, exported)
+        return state, exported
+    finally:
+        session.accelerator.end_training()

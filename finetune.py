@@ -1,0 +1,16 @@
+"""Fine-tune a causal LM (converted on the fly) or a diffusion checkpoint on the masked-diffusion objective.
+
+python finetune.py recipes/adapt_text.yaml
+python finetune.py recipes/adapt_text.yaml model.path=Qwen/Qwen2.5-0.5B training.max_steps=1000
+python finetune.py recipes/sft_chat.yaml training.lr=5e-5 diffusion.train_on_padding=true
+python finetune.py recipes/lora_chat.yaml lora.r=8 lora.export=adapter --print-config
+accelerate launch --num_processes 2 --cpu finetune.py recipes/multi_process.yaml
+adapt finetune recipes/adapt_text.yaml training.output_dir=out/run2
+"""
+
+import typer
+
+from adapt.cli import finetune_cmd
+
+if __name__ == "__main__":
+    typer.run(finetune_cmd)
