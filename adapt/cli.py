@@ -126,6 +126,43 @@ def push_cmd(
     typer.echo(f"pushed {len(plan.repo_files)} files to {repo_id}" + (f" ({revision})" if revision else ""))
 
 
+@app.command("finetune")
+@reports_errors
+def finetune_cmd(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML (see recipes/).")],
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="Recipe overrides, section.key=value (YAML-typed).")
+    ] = None,
+    print_config: Annotated[bool, typer.Option(help="Print the resolved recipe and exit.")] = False,
+) -> None:
+    """Fine-tune on the masked-diffusion objective (full or LoRA); export a ready-to-sample checkpoint."""
+    from adapt.config import load_recipe, recipe_to_dict
+
+    resolved = load_recipe(recipe, overrides or [])
+    if print_config:
+        import yaml
+
+        typer.echo(yaml.safe_dump(recipe_to_dict(resolved), sort_keys=False))
+        return
+    import logging
+
+    import datasets
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    datasets.disable_progress_bars()
+    from adapt.train import run
+
+    state, exported = run(resolved)
+    if state.interrupted:
+        typer.echo(f"interrupted at step {state.step}; saved {state.checkpoint}; rerun to resume", err=True)
+        raise typer.Exit(130)
+    evaluated = f", eval loss {state.eval_loss:.4f}" if state.eval_loss is not None else ""
+    loss = f"{state.train_loss:.4f}" if state.train_loss is not None else "n/a"
+    typer.echo(f"trained {state.step} steps on {state.tokens_seen} tokens, loss {loss}{evaluated}")
+    if exported is not None:
+        typer.echo(f"exported {exported}")
+
+
 def main() -> None:
     """Entry point of the `adapt` console script."""
     app()
