@@ -1,0 +1,103 @@
+"""Forward passes of the denoiser, with or without Fast-dLLM's approximate KV cache.
+
+Uses transformers' own `DynamicCache` and the stock model forward. A full pass over the canvas fills
+the cache; later passes inside the block feed only the query columns and attend to the cached keys:
+- prefix: cache columns [0, lo), query [lo, l);
+- dual: cache columns [0, lo) and [hi, l) (the masked suffix), query [lo, hi).
+For a bidirectional model the cached keys go stale as the block is unmasked (they saw the old tokens),
+so the cache is an approximation; `refresh_every` trades speed for accuracy. Keys are stored after the
+rotary embedding, so their order in the cache does not matter; the 2D attention mask is reordered to
+match (prefix, suffix, query), and `position_ids` of the query keep its true positions.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+
+
+class Denoiser:
+    """Runs the model on the canvas and returns logits for a range of columns."""
+
+    def __init__(self, model: Any, mode: str = "none", refresh_every: int = 0) -> None:
+        self.model = model
+        self.mode = mode
+        self.refresh_every = refresh_every
+        params = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._can_keep = "logits_to_keep" in params
+        self.cache: Any = None
+        self.lo = self.hi = 0
+        self.since_refresh = 0
+        self.nfe = 0
+
+    def start_block(self, lo: int, hi: int) -> None:
+        """Query columns [lo, hi) for the coming block; the next call refreshes the cache."""
+        self.lo, self.hi = lo, hi
+        self.cache = None
+
+    def logits(
+        self, ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor, keep: tuple[int, int]
+    ) -> torch.Tensor:
+        """Logits [b, r1 - r0, V] of canvas columns keep = (r0, r1), which must lie inside [lo, hi)."""
+        self.nfe += 1
+        if self.mode == "none":
+            return self._forward(ids, attention, positions, keep, use_cache=False)
+        due = self.refresh_every and self.since_refresh >= self.refresh_every
+        if self.cache is None or due:
+            return self._refresh(ids, attention, positions, keep)
+        self.since_refresh += 1
+        return self._cached(ids, attention, positions, keep)
+
+    def _forward(
+        self,
+        ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        keep: tuple[int, int],
+        use_cache: bool,
+        **kw: Any,
+    ) -> Any:
+        r0, r1 = keep
+        if self._can_keep:
+            kw["logits_to_keep"] = torch.arange(r0, r1, device=ids.device)
+        out = self.model(
+            input_ids=ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache, **kw
+        )
+        logits = out.logits if self._can_keep else out.logits[:, r0:r1]
+        if use_cache:
+            self._last_cache = out["cache"] if "cache" in out else out["past_key_values"]
+        return logits
+
+    def _refresh(
+        self, ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor, keep: tuple[int, int]
+    ) -> torch.Tensor:
+        logits = self._forward(ids, attention, positions, keep, use_cache=True)
+        cache = self._last_cache
+        length = ids.shape[1]
+        if self.mode == "prefix":
+            cache.crop(-(length - self.lo))
+        else:
+            for layer in cache.layers:  # keep prefix [0, lo) and suffix [hi, l), in that order
+                layer.keys = torch.cat([layer.keys[..., : self.lo, :], layer.keys[..., self.hi :, :]], dim=-2)
+                layer.values = torch.cat(
+                    [layer.values[..., : self.lo, :], layer.values[..., self.hi :, :]], dim=-2
+                )
+        self.cache = cache
+        self.since_refresh = 1
+        return logits
+
+    def _cached(
+        self, ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor, keep: tuple[int, int]
+    ) -> torch.Tensor:
+        lo, hi = self.lo, (ids.shape[1] if self.mode == "prefix" else self.hi)
+        order = [attention[:, :lo], attention[:, hi:], attention[:, lo:hi]]
+        mask = torch.cat(order if self.mode == "dual" else [order[0], order[2]], dim=-1)
+        kw = {self._cache_kw: self.cache}
+        logits = self._forward(
+            ids[:, lo:hi], mask, positions[:, lo:hi], (keep[0] - lo, keep[1] - lo), use_cache=True, **kw
+        )
+        self.cache.crop(-(hi - lo))  # drop the query's keys; the cache is as it was
+        return logits

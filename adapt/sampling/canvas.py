@@ -1,0 +1,133 @@
+"""The canvas: prompts (or infilling templates) followed by mask tokens, left-padded into one batch.
+
+Left padding keeps every generated region right-aligned, so blocks line up across the batch; positions
+come from `adapt.attention.position_ids_from_mask`, so padding never shifts a row's positions.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from adapt.attention import position_ids_from_mask
+from adapt.checkpoint import DiffusionSettings
+from adapt.errors import AdaptError
+
+
+@dataclass
+class Canvas:
+    """A batch of rows being denoised."""
+
+    ids: torch.Tensor  # [b, l] token ids, mask_id where still undecided
+    attention_mask: torch.Tensor  # [b, l] 1 for real tokens, 0 for left padding
+    position_ids: torch.Tensor  # [b, l]
+    start: torch.Tensor  # [b] column of each row's first mask (start of its generated region)
+    infill: list[bool]  # per row: a template with masks inside (its text after the masks is kept)
+    prompts: list[list[int]]  # the unpadded rows as they started
+
+
+def parse_infill(text: str, tokenizer: Any, mask_token: str, mask_id: int) -> list[int]:
+    """Token ids of a template where `<|mask|>` or `<|mask|>*N` stands for one or N masks."""
+    pattern = re.compile(re.escape(mask_token) + r"(?:\*(\d+))?")
+    ids: list[int] = []
+    pos = 0
+    for m in pattern.finditer(text):
+        ids += encode(tokenizer, text[pos : m.start()])
+        ids += [mask_id] * int(m.group(1) or 1)
+        pos = m.end()
+    return ids + encode(tokenizer, text[pos:])
+
+
+def encode(tokenizer: Any, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+
+def encode_prompt(tokenizer: Any, prompt: str, chat: bool) -> list[int]:
+    """A text prompt as ids: through the chat template (as a user turn) or with the tokenizer's specials."""
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise AdaptError("this tokenizer has no chat template; drop --chat")
+        messages = [{"role": "user", "content": prompt}]
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return encode(tokenizer, text)
+    return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+
+def build_canvas(
+    prompts: list[str] | list[list[int]],
+    tokenizer: Any,
+    settings: DiffusionSettings,
+    gen_length: int,
+    chat: bool,
+    max_length: int | None,
+    device: torch.device,
+) -> Canvas:
+    """Rows = prompt + gen_length masks (or a template with masks), left-padded to one length."""
+    if not prompts:
+        raise AdaptError("no prompts given")
+    mask_id = settings.mask_token_id
+    rows: list[list[int]] = []
+    for p in prompts:
+        if isinstance(p, str):
+            has_mask = settings.mask_token in p
+            ids = parse_infill(p, tokenizer, settings.mask_token, mask_id) if has_mask else None
+            ids = ids if ids is not None else encode_prompt(tokenizer, p, chat)
+        else:
+            ids = [int(t) for t in p]
+        if mask_id not in ids:
+            ids = ids + [mask_id] * gen_length
+        rows.append(with_first_token(ids, tokenizer, settings))
+    for ids in rows:
+        if max_length is not None and len(ids) > max_length:
+            raise AdaptError(
+                f"prompt plus output is {len(ids)} tokens, longer than the model's context of {max_length}; "
+                "shorten the prompt or lower --gen-length"
+            )
+    return pad_left(rows, mask_id, pad_id(tokenizer), device)
+
+
+def with_first_token(ids: list[int], tokenizer: Any, settings: DiffusionSettings) -> list[int]:
+    """With shift, position 0 has no logits predicting it: it must be a given token (a prompt or BOS)."""
+    if ids and ids[0] != settings.mask_token_id:
+        return ids
+    if not settings.shift:
+        if not ids:
+            raise AdaptError("empty prompt")
+        return ids
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        raise AdaptError(
+            "this checkpoint reads each prediction from the previous position (shift), so the text must "
+            "start with a given token, and the tokenizer has no BOS; give a prompt"
+        )
+    return [bos, *ids]
+
+
+def pad_id(tokenizer: Any) -> int:
+    for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if t is not None:
+            return int(t)
+    return 0
+
+
+def pad_left(rows: list[list[int]], mask_id: int, pad: int, device: torch.device) -> Canvas:
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad, dtype=torch.long)
+    attention = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, length - len(r) :] = torch.tensor(r, dtype=torch.long)
+        attention[i, length - len(r) :] = 1
+    is_mask = ids == mask_id
+    start = is_mask.long().argmax(-1)  # [b] first mask column
+    infill = [bool((~is_mask[i, int(start[i]) :]).any()) for i in range(len(rows))]
+    return Canvas(
+        ids=ids.to(device),
+        attention_mask=attention.to(device),
+        position_ids=position_ids_from_mask(attention).to(device),
+        start=start.to(device),
+        infill=infill,
+        prompts=[list(r) for r in rows],
+    )

@@ -1,0 +1,150 @@
+"""What a sampling run is asked to do (`SamplingConfig`) and what it returns (`GenerationOutput`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from adapt.errors import AdaptError
+
+Strategy = Literal["low_confidence", "random", "margin", "entropy", "threshold", "entropy_bounded"]
+CacheMode = Literal["none", "prefix", "dual"]
+STRATEGIES: tuple[str, ...] = (
+    "low_confidence",
+    "random",
+    "margin",
+    "entropy",
+    "threshold",
+    "entropy_bounded",
+)
+CACHE_MODES: tuple[str, ...] = ("none", "prefix", "dual")
+
+
+@dataclass
+class SamplingConfig:
+    """How to denoise; every field is also an option of `adapt sample`."""
+
+    gen_length: int = 128
+    """Number of tokens to generate after each prompt (ignored for infilling templates)."""
+    steps: int | None = None
+    """Denoising steps over the whole output for scheduled strategies (default: gen_length)."""
+    block_length: int | None = None
+    """Semi-autoregressive block size: blocks are denoised left to right (default: gen_length)."""
+    strategy: Strategy = "low_confidence"
+    """Which masked positions to unmask at each step."""
+    threshold: float = 0.9
+    """Confidence threshold of `threshold` decoding (Fast-dLLM): unmask all above it, at least one."""
+    entropy_bound: float = 1.0
+    """Entropy budget (nats) per step of `entropy_bounded` decoding (EB-sampler)."""
+    temperature: float = 0.0
+    """0 is greedy (deterministic); > 0 samples with Gumbel noise."""
+    top_k: int = 0
+    """Keep only the k most likely tokens before sampling (0: off)."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens with this total probability (1: off)."""
+    cache: CacheMode = "none"
+    """KV cache: none, prefix (prompt and finished blocks) or dual (prefix and the masked suffix)."""
+    cache_refresh: int = 0
+    """Also recompute the cache every N steps inside a block (0: only when a block starts)."""
+    stop_at_eos: bool = True
+    """Cut each output at its first EOS, and stop once every output has one (checked when a block is done)."""
+    eos_penalty: float = 0.0
+    """Subtracted from the EOS logit at every step: fights EOS flooding the tail of the canvas."""
+    eos_confidence_cap: float | None = None
+    """Cap the confidence of positions that chose EOS, so they are decided last (None: off)."""
+    stop: tuple[str, ...] = ()
+    """Stop strings: each output is cut before the first one, and generation stops once all have one."""
+    chat: bool = False
+    """Wrap each text prompt in the tokenizer's chat template as a user turn."""
+    seed: int = 0
+    """Seed of the Gumbel noise and of `random` remasking."""
+
+    def __post_init__(self) -> None:
+        self.stop = tuple(self.stop)
+        if self.gen_length < 1:
+            raise AdaptError(f"gen_length must be >= 1, not {self.gen_length}")
+        if self.strategy not in STRATEGIES:
+            raise AdaptError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        if self.cache not in CACHE_MODES:
+            raise AdaptError(f"unknown cache mode {self.cache!r}; choose one of {', '.join(CACHE_MODES)}")
+        block = self.block_length if self.block_length is not None else self.gen_length
+        if not 1 <= block <= self.gen_length or self.gen_length % block:
+            raise AdaptError(
+                f"block_length ({block}) must divide gen_length ({self.gen_length}) and be at most gen_length"
+            )
+        steps = self.steps if self.steps is not None else self.gen_length
+        blocks = self.gen_length // block
+        if not blocks <= steps <= self.gen_length or steps % blocks:
+            raise AdaptError(
+                f"steps ({steps}) must be a multiple of the number of blocks ({blocks}) "
+                f"and at most gen_length ({self.gen_length})"
+            )
+        _check_range("threshold", self.threshold, 0.0, 1.0)
+        _check_range("top_p", self.top_p, 0.0, 1.0, low_open=True)
+        if self.temperature < 0:
+            raise AdaptError(f"temperature must be >= 0, not {self.temperature}")
+        if self.top_k < 0:
+            raise AdaptError(f"top_k must be >= 0, not {self.top_k}")
+        if self.entropy_bound < 0:
+            raise AdaptError(f"entropy_bound must be >= 0, not {self.entropy_bound}")
+        if self.cache_refresh < 0:
+            raise AdaptError(f"cache_refresh must be >= 0, not {self.cache_refresh}")
+        if self.eos_confidence_cap is not None:
+            _check_range("eos_confidence_cap", self.eos_confidence_cap, 0.0, 1.0)
+        if any(not s for s in self.stop):
+            raise AdaptError("stop strings must not be empty")
+
+    @property
+    def blocks(self) -> int:
+        """Number of blocks of the generated part."""
+        return self.gen_length // self.block
+
+    @property
+    def block(self) -> int:
+        return self.block_length if self.block_length is not None else self.gen_length
+
+    @property
+    def steps_per_block(self) -> int:
+        return (self.steps if self.steps is not None else self.gen_length) // self.blocks
+
+
+def _check_range(name: str, value: float, low: float, high: float, low_open: bool = False) -> None:
+    ok = (low < value if low_open else low <= value) and value <= high
+    if not ok:
+        bracket = "(" if low_open else "["
+        raise AdaptError(f"{name} must be in {bracket}{low}, {high}], not {value}")
+
+
+@dataclass
+class GenerationOutput:
+    """Result of `adapt.generate`: one entry per prompt, plus counters for the whole batch."""
+
+    sequences: list[list[int]]
+    """Generated token ids per prompt (for infilling: the whole filled template)."""
+    texts: list[str]
+    """Decoded `sequences`, cut at stop strings."""
+    nfe: int
+    """Forward passes of the model (network function evaluations)."""
+    steps: int
+    """Denoising steps taken (each step is one forward pass)."""
+    seconds: float
+    """Wall-clock time of the denoising loop."""
+    tokens: int
+    """Positions the model decoded (masks filled by the model, summed over the batch)."""
+    prompts: list[list[int]] = field(default_factory=list)
+    """The token ids each canvas started from (prompt, or template with mask ids)."""
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "texts": self.texts,
+            "sequences": self.sequences,
+            "nfe": self.nfe,
+            "steps": self.steps,
+            "tokens": self.tokens,
+            "seconds": round(self.seconds, 4),
+            "tokens_per_second": round(self.tokens_per_second, 2),
+        }

@@ -1,0 +1,240 @@
+"""One denoising engine for every strategy: blocks left to right, steps inside a block.
+
+Each step runs the model once, reads the prediction of every masked position of the current block
+(from the previous column when the checkpoint has `shift`), proposes a token for each, and lets the
+strategy choose which to keep. Rows are independent: each has its own generated region (`Canvas.start`)
+and blocks count from there, so a batch gives the tokens each prompt gives alone.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from adapt.checkpoint import DiffusionSettings, read_settings
+from adapt.errors import AdaptError
+from adapt.sampling.cache import Denoiser
+from adapt.sampling.canvas import Canvas, build_canvas
+from adapt.sampling.config import GenerationOutput, SamplingConfig
+from adapt.sampling.strategies import Strategy, make_strategy, propose, schedule
+
+
+@dataclass
+class StepEvent:
+    """What a streaming display sees after every step."""
+
+    ids: torch.Tensor  # [b, l] the canvas
+    canvas: Canvas
+    block: int
+    nfe: int
+    mask_id: int
+
+
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str] | list[list[int]],
+    config: SamplingConfig | None = None,
+    settings: DiffusionSettings | None = None,
+    strategy: Strategy | None = None,
+    on_step: Callable[[StepEvent], None] | None = None,
+) -> GenerationOutput:
+    """Denoise one canvas per prompt. A prompt containing the mask token (`<|mask|>*N`) is an infill template.
+
+    `strategy` overrides `config.strategy` with any object following `adapt.sampling.strategies.Strategy`.
+    """
+    config = config or SamplingConfig()
+    settings = settings or read_settings(model.config)
+    if settings is None:
+        raise AdaptError(
+            "the model is not a diffusion checkpoint (no diffusion settings); run `adapt convert`"
+        )
+    device = next(model.parameters()).device
+    canvas = build_canvas(
+        prompts, tokenizer, settings, config.gen_length, config.chat, context_length(model.config), device
+    )
+    strategy = strategy or make_strategy(config)
+    eos_ids = eos_token_ids(tokenizer, model)
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    denoiser = Denoiser(model, config.cache, config.cache_refresh)
+    state = _Run(canvas, config, settings, strategy, eos_ids, generator, denoiser, on_step, tokenizer)
+    _sync(device)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        state.run()
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    sequences, texts = finish(canvas, state.ids, tokenizer, config, eos_ids, settings.mask_token_id)
+    return GenerationOutput(
+        sequences=sequences,
+        texts=texts,
+        nfe=denoiser.nfe,
+        steps=denoiser.nfe,
+        seconds=seconds,
+        tokens=state.decoded,
+        prompts=canvas.prompts,
+    )
+
+
+class _Run:
+    """The mutable state of one generate call."""
+
+    def __init__(
+        self,
+        canvas: Canvas,
+        config: SamplingConfig,
+        settings: DiffusionSettings,
+        strategy: Strategy,
+        eos_ids: list[int],
+        generator: torch.Generator,
+        denoiser: Denoiser,
+        on_step: Callable[[StepEvent], None] | None,
+        tokenizer: Any,
+    ) -> None:
+        self.canvas, self.config, self.strategy = canvas, config, strategy
+        self.mask_id, self.shift = settings.mask_token_id, int(settings.shift)
+        self.eos_ids, self.generator, self.denoiser = eos_ids, generator, denoiser
+        self.on_step, self.tokenizer = on_step, tokenizer
+        self.ids = canvas.ids.clone()  # [b, l]
+        self.done = torch.zeros(len(canvas.prompts), dtype=torch.bool, device=canvas.ids.device)  # [b]
+        self.decoded = 0
+
+    def run(self) -> None:
+        length = self.ids.shape[1]
+        block = self.config.block
+        blocks = max(-(-(length - int(s)) // block) for s in self.canvas.start.tolist())
+        for i in range(blocks):
+            begin = self.canvas.start + i * block  # [b] first column of each row's block
+            end = (begin + block).clamp(max=length)  # [b]
+            self.run_block(i, begin, end)
+            self.update_done(end)
+            if bool(self.done.all()):
+                break
+
+    def run_block(self, index: int, begin: torch.Tensor, end: torch.Tensor) -> None:
+        length = self.ids.shape[1]
+        window = begin[:, None] + torch.arange(self.config.block, device=begin.device)[None, :]  # [b, w]
+        valid = (window < end[:, None]) & ~self.done[:, None]  # [b, w]
+        window = window.clamp(max=length - 1)
+        lo = max(int(begin.min()) - self.shift, 0)
+        hi = int(end.max())
+        self.denoiser.start_block(lo, hi if self.config.cache == "dual" else length)
+        keep = (lo, hi - self.shift)  # readout columns of the block's positions
+        readout = window - self.shift - lo  # [b, w] index into the kept logits
+
+        candidates = valid & (self.ids.gather(1, window) == self.mask_id)  # [b, w]
+        masked = candidates.sum(-1)  # [b]
+        if self.strategy.scheduled:
+            steps = self.config.steps_per_block
+            k_table = row_schedule(masked, steps)  # [b, steps]
+            max_steps = int(torch.minimum(masked, torch.tensor(steps)).max())
+        else:
+            k_table, max_steps = None, int(masked.max())
+        for step in range(max_steps):
+            if not bool(candidates.any()):
+                break
+            canvas = self.canvas
+            logits = self.denoiser.logits(self.ids, canvas.attention_mask, canvas.position_ids, keep)
+            logits = logits.gather(1, readout[..., None].expand(-1, -1, logits.shape[-1]))  # [b, w, V]
+            proposal = propose(logits, self.config, self.mask_id, self.eos_ids, self.generator)
+            k = k_table[:, step] if k_table is not None else masked.new_zeros(masked.shape)
+            transfer = self.strategy.select(proposal, candidates, k, self.generator) & candidates
+            rows, slots = transfer.nonzero(as_tuple=True)
+            self.ids[rows, window[rows, slots]] = proposal.tokens[rows, slots]
+            self.decoded += int(transfer.sum())
+            candidates &= ~transfer
+            if self.on_step is not None:
+                self.on_step(StepEvent(self.ids, self.canvas, index, self.denoiser.nfe, self.mask_id))
+
+    def update_done(self, end: torch.Tensor) -> None:
+        """Rows whose decided part already holds an EOS or a stop string need no further blocks."""
+        for r in range(self.ids.shape[0]):
+            if self.done[r] or self.canvas.infill[r]:
+                continue
+            region = self.ids[r, int(self.canvas.start[r]) : int(end[r])].tolist()
+            hit = self.config.stop_at_eos and any(t in self.eos_ids for t in region)
+            if not hit and self.config.stop:
+                text = self.tokenizer.decode(region, skip_special_tokens=True)
+                hit = any(s in text for s in self.config.stop)
+            if hit or int(end[r]) >= self.ids.shape[1]:
+                self.done[r] = True
+
+
+def row_schedule(masked: torch.Tensor, steps: int) -> torch.Tensor:
+    """Per-row LLaDA schedule over min(steps, masked[b]) steps, zero-padded to `steps`. [b] -> [b, steps]"""
+    row_steps = masked.clamp(max=steps).clamp(min=1)  # [b]
+    table = torch.zeros(masked.shape[0], steps, dtype=torch.long, device=masked.device)
+    for s in row_steps.unique().tolist():
+        rows = row_steps == s
+        table[rows, :s] = schedule(masked[rows], s)
+    return table
+
+
+def finish(
+    canvas: Canvas,
+    ids: torch.Tensor,
+    tokenizer: Any,
+    config: SamplingConfig,
+    eos_ids: list[int],
+    mask_id: int,
+) -> tuple[list[list[int]], list[str]]:
+    """Per row: the generated tokens (cut at EOS) or the filled template, and its text (cut at stops)."""
+    sequences, texts = [], []
+    for r in range(ids.shape[0]):
+        if canvas.infill[r]:
+            seq = ids[r, ids.shape[1] - len(canvas.prompts[r]) :].tolist()
+        else:
+            seq = ids[r, int(canvas.start[r]) :].tolist()
+            if config.stop_at_eos:
+                seq = cut_at(seq, lambda t: t in eos_ids)
+            seq = cut_at(seq, lambda t: t == mask_id)  # masks left by rows that stopped early
+        seq, text = cut_at_stop(seq, tokenizer, config.stop)
+        sequences.append(seq)
+        texts.append(text)
+    return sequences, texts
+
+
+def cut_at(seq: list[int], stop: Callable[[int], bool]) -> list[int]:
+    for i, t in enumerate(seq):
+        if stop(t):
+            return seq[:i]
+    return seq
+
+
+def cut_at_stop(seq: list[int], tokenizer: Any, stops: tuple[str, ...]) -> tuple[list[int], str]:
+    """Text cut before the first stop string, and the shortest token prefix that still covers it."""
+    text = tokenizer.decode(seq, skip_special_tokens=True)
+    hits = [text.find(s) for s in stops if s in text]
+    if not hits:
+        return seq, text
+    cut = min(hits)
+    for n in range(len(seq) + 1):
+        if len(tokenizer.decode(seq[:n], skip_special_tokens=True)) >= cut:
+            return seq[:n], text[:cut]
+    return seq, text[:cut]
+
+
+def eos_token_ids(tokenizer: Any, model: Any) -> list[int]:
+    """EOS ids of the tokenizer and of the model's generation config (chat models often have several)."""
+    ids = {tokenizer.eos_token_id}
+    gen = getattr(model, "generation_config", None)
+    extra = getattr(gen, "eos_token_id", None)
+    ids.update(extra if isinstance(extra, list) else [extra])
+    return sorted(int(i) for i in ids if i is not None)
+
+
+def context_length(config: Any) -> int | None:
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
