@@ -163,6 +163,135 @@ def finetune_cmd(
         typer.echo(f"exported {exported}")
 
 
+@app.command("eval")
+@reports_errors
+def eval_cmd(
+    models: Annotated[list[str], typer.Argument(help="Diffusion checkpoints and/or AR models to compare.")],
+    data: Annotated[str, typer.Option(help="Evaluation text: a local txt/jsonl/json/parquet/csv file.")],
+    seq_len: Annotated[int, typer.Option(help="Window length in tokens.")] = 128,
+    max_sequences: Annotated[int, typer.Option(help="Evaluate at most this many windows.")] = 64,
+    mc_samples: Annotated[int, typer.Option(help="Monte Carlo samples of t per window (ELBO).")] = 8,
+    batch_size: Annotated[int, typer.Option(help="Rows per forward pass.")] = 16,
+    text_column: Annotated[str, typer.Option(help="Text column of json/parquet/csv data.")] = "text",
+    seed: Annotated[int, typer.Option(help="Seed of t and masks.")] = 0,
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    device: Annotated[str | None, typer.Option(help="Device (default cuda if available).")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here.")] = None,
+    save: Annotated[
+        bool, typer.Option(help="Write eval_results.json into the first diffusion checkpoint.")
+    ] = False,
+    plot: Annotated[Path | None, typer.Option(help="Write a PNG plot here (needs matplotlib).")] = None,
+    gen_steps: Annotated[
+        str, typer.Option(help="Comma-separated step counts for generative perplexity (empty: skip).")
+    ] = "",
+    gen_samples: Annotated[int, typer.Option(help="Samples per step count.")] = 8,
+    gen_length: Annotated[int, typer.Option(help="Tokens per sample.")] = 32,
+    judge: Annotated[
+        str | None, typer.Option(help="AR judge for generative perplexity (default: source).")
+    ] = None,
+) -> None:
+    """ELBO perplexity bound and masked accuracy of diffusion checkpoints beside AR models' perplexity."""
+    import json
+
+    from adapt import evaluate as ev
+
+    config = ev.EvalConfig(
+        data=data,
+        text_column=text_column,
+        seq_len=seq_len,
+        max_sequences=max_sequences,
+        mc_samples=mc_samples,
+        batch_size=batch_size,
+        seed=seed,
+        dtype=dtype,
+        device=device,
+    )
+    results = ev.evaluate(models, config)
+    diffusion = [r["model"] for r in results["models"] if r["kind"] == "diffusion"]
+    if gen_steps.strip():
+        if not diffusion:
+            raise AdaptError("--gen-steps needs a diffusion checkpoint among MODELS")
+        steps = tuple(int(s) for s in gen_steps.split(",") if s.strip())
+        gcfg = ev.GenPplConfig(
+            steps=steps, num_samples=gen_samples, gen_length=gen_length, judge=judge, seed=seed
+        )
+        results["gen_ppl"] = ev.generative_perplexity_of(diffusion[0], gcfg, dtype, device)
+    typer.echo(ev.format_table(results))
+    if json_out:
+        json_out.write_text(json.dumps(results, indent=2))
+        typer.echo(f"wrote {json_out}")
+    if save:
+        if not diffusion:
+            raise AdaptError("--save needs a diffusion checkpoint among MODELS")
+        typer.echo(f"wrote {ev.save_results(diffusion[0], results)}")
+    if plot:
+        typer.echo(f"wrote {ev.plot_results(results, plot)}")
+
+
+@app.command("sample")
+@reports_errors
+def sample_cmd(
+    checkpoint: Annotated[
+        Path, typer.Argument(help="Diffusion checkpoint directory (from `adapt convert`).")
+    ],
+    prompt: Annotated[list[str] | None, typer.Option(help="Prompt text; repeat for a batch.")] = None,
+    infill: Annotated[
+        list[str] | None, typer.Option(help="Template with masks to fill: 'a <|mask|>*20 b'; repeatable.")
+    ] = None,
+    chat: Annotated[bool, typer.Option(help="Wrap prompts in the tokenizer's chat template.")] = False,
+    gen_length: Annotated[int, typer.Option(help="Tokens to generate per prompt.")] = 128,
+    steps: Annotated[int | None, typer.Option(help="Denoising steps (scheduled strategies).")] = None,
+    block_length: Annotated[int | None, typer.Option(help="Semi-autoregressive block size.")] = None,
+    strategy: Annotated[
+        str, typer.Option(help="low_confidence, random, margin, entropy, threshold or entropy_bounded.")
+    ] = "low_confidence",
+    threshold: Annotated[float, typer.Option(help="Confidence threshold of `threshold` decoding.")] = 0.9,
+    entropy_bound: Annotated[float, typer.Option(help="Entropy budget of `entropy_bounded`.")] = 1.0,
+    temperature: Annotated[float, typer.Option(help="0: greedy; > 0: Gumbel sampling.")] = 0.0,
+    top_k: Annotated[int, typer.Option(help="Top-k filtering (0: off).")] = 0,
+    top_p: Annotated[float, typer.Option(help="Nucleus filtering (1: off).")] = 1.0,
+    cache: Annotated[str, typer.Option(help="KV cache: none, prefix or dual (approximate).")] = "none",
+    cache_refresh: Annotated[int, typer.Option(help="Recompute the cache every N steps (0: per block).")] = 0,
+    stop_at_eos: Annotated[bool, typer.Option(help="Cut at EOS; stop once every output has one.")] = True,
+    eos_penalty: Annotated[float, typer.Option(help="Subtract from the EOS logit (EOS flooding).")] = 0.0,
+    eos_confidence_cap: Annotated[
+        float | None, typer.Option(help="Cap the confidence of EOS predictions.")
+    ] = None,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop string; repeatable.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of sampling noise.")] = 0,
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto.")] = "float32",
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, ... (default: cpu).")] = None,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print one JSON record: texts, tokens, NFE, steps, tokens/s.")
+    ] = False,
+    stream: Annotated[bool, typer.Option(help="Show the canvas filling in.")] = True,
+) -> None:
+    """Generate text (or fill masks) with a diffusion checkpoint."""
+    from adapt.sampling.command import sample
+    from adapt.sampling.config import SamplingConfig
+
+    config = SamplingConfig(
+        gen_length=gen_length,
+        steps=steps,
+        block_length=block_length,
+        strategy=strategy,  # type: ignore[arg-type]
+        threshold=threshold,
+        entropy_bound=entropy_bound,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        cache=cache,  # type: ignore[arg-type]
+        cache_refresh=cache_refresh,
+        stop_at_eos=stop_at_eos,
+        eos_penalty=eos_penalty,
+        eos_confidence_cap=eos_confidence_cap,
+        stop=tuple(stop or ()),
+        chat=chat,
+        seed=seed,
+    )
+    sample(checkpoint, prompt or [], infill or [], config, dtype, device, json_output, stream)
+
+
 def main() -> None:
     """Entry point of the `adapt` console script."""
     app()
