@@ -7,6 +7,7 @@ and wrong types fail with an `AdaptError` that lists the valid keys of the secti
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import types
 import typing
@@ -274,12 +275,12 @@ def convert_value(tp: Any, value: Any, where: str, siblings: list[str]) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # Optional[X]: X's own, more precise message
+            return convert_value(options[0], value, where, siblings)
+        for arg in options:
+            with contextlib.suppress(AdaptError):
                 return convert_value(arg, value, where, siblings)
-            except AdaptError as e:
-                errors.append(str(e))
         raise AdaptError(f"{where} must be {_type_name(tp)}, got {_describe(value)}")
     if origin is Literal:
         if value not in args:
@@ -307,6 +308,9 @@ def convert_value(tp: Any, value: Any, where: str, siblings: list[str]) -> Any:
             raise AdaptError(f"{where} must be an integer, got {_describe(value)}")
         return value
     if tp is float:
+        if isinstance(value, str):  # PyYAML reads 3e-4 (no dot) as a string
+            with contextlib.suppress(ValueError):
+                value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise AdaptError(f"{where} must be a number, got {_describe(value)}")
         return float(value)

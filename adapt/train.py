@@ -339,13 +339,17 @@ def step_generator(session: Session, step: int, micro: int, device: torch.device
     return torch.Generator(device=device).manual_seed(key % (2**63 - 1))
 
 
-def open_fraction(attention_mask: torch.Tensor) -> float:
-    """Share of future (upper-triangle) edges open in the first sample's mask; 1.0 for a 2D mask."""
+def open_fraction(attention_mask: torch.Tensor, real: torch.Tensor) -> float:
+    """Share of future edges between real tokens that are open, over the batch; 1.0 for a 2D mask.
+
+    attention_mask: the model's mask ([b, l] or additive [b, 1, l, l]); real: [b, l] padding mask.
+    """
     if attention_mask.ndim == 2:
         return 1.0
-    m = attention_mask[0, 0] == 0  # [l, l]
-    upper = torch.ones_like(m).triu(1)
-    return float((m & upper).sum() / upper.sum().clamp(min=1))
+    opened = attention_mask[:, 0] == 0  # [b, l, l]
+    real = real.bool()
+    pairs = real[:, :, None] & real[:, None, :] & torch.ones_like(opened[0]).triu(1)  # [b, l, l]
+    return float((opened & pairs).sum() / pairs.sum().clamp(min=1))
 
 
 def train_step(session: Session, batches: Any) -> tuple[torch.Tensor, int, float]:
@@ -363,7 +367,7 @@ def train_step(session: Session, batches: Any) -> tuple[torch.Tensor, int, float
             acc.backward(loss / ga)
         total += loss.detach() / ga
         tokens += int(batch["attention_mask"].sum())
-        opened += open_fraction(inputs["attention_mask"]) / ga
+        opened += open_fraction(inputs["attention_mask"], batch["attention_mask"]) / ga
     return total, tokens, opened
 
 
@@ -421,9 +425,25 @@ def fit(session: Session) -> TrainState:
             if t.checkpoint_every and state.step % t.checkpoint_every == 0:
                 save_checkpoint(session)
     bar.close()
+    check_ranks_agree(session)
     if not state.interrupted:
         log_metrics(session, {"eval_loss": evaluate(session)})
     return state
+
+
+@torch.no_grad()
+def check_ranks_agree(session: Session) -> None:
+    """With several processes, every rank must hold the same weights; logged and enforced."""
+    acc = session.accelerator
+    if acc.num_processes == 1 or acc.distributed_type.name in ("FSDP", "DEEPSPEED"):
+        return  # sharded parameters differ by design
+    total = torch.zeros((), dtype=torch.float64, device=acc.device)
+    for i, p in enumerate(session.objective.parameters()):
+        total += p.detach().double().sum() * (1 + (i % 7))
+    sums = acc.gather(total[None]).tolist()
+    log_metrics(session, {"rank_weight_checksums": sums})
+    if any(s != sums[0] for s in sums):
+        raise AdaptError(f"processes ended with different weights (checksums {sums}); training diverged")
 
 
 def reduce_step(acc: Any, loss: torch.Tensor, tokens: int) -> tuple[float, int]:
