@@ -4,4 +4,13 @@ from adapt.errors import AdaptError
 
 __version__ = "0.1.0"
 
-__all__ = ["AdaptError", "__version__"]
+__all__ = ["AdaptError", "SamplingConfig", "__version__", "generate"]
+
+
+def __getattr__(name: str) -> object:
+    # Lazy: `import adapt` stays light; torch loads on first use of the sampler.
+    if name in ("generate", "SamplingConfig"):
+        import adapt.sampling
+
+        return getattr(adapt.sampling, name)
+    raise AttributeError(f"module 'adapt' has no attribute {name!r}")

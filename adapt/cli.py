@@ -292,6 +292,19 @@ def sample_cmd(
     sample(checkpoint, prompt or [], infill or [], config, dtype, device, json_output, stream)
 
 
+@app.command("quickstart")
+@reports_errors
+def quickstart_cmd(
+    tiny: Annotated[bool, typer.Option(help="Use a tiny random llama and the embedded text (seconds).")] = False,
+    steps: Annotated[int | None, typer.Option(help="Override the recipe's training steps.")] = None,
+    out: Annotated[Path, typer.Option(help="Working directory of the job.")] = Path("out/quickstart"),
+) -> None:
+    """Convert a real pretrained model, diffusion-fine-tune it, evaluate and sample (offline, CPU)."""
+    from adapt.quickstart import report, run_quickstart
+
+    typer.echo(report(run_quickstart(out, tiny=tiny, steps=steps)))
+
+
 def main() -> None:
     """Entry point of the `adapt` console script."""
     app()

@@ -1,0 +1,65 @@
+"""What `adapt sample` / `python sample.py` do: load a checkpoint, generate, stream, print."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+
+from adapt.errors import AdaptError
+from adapt.sampling.config import SamplingConfig
+
+
+def sample(
+    checkpoint: Path,
+    prompts: list[str],
+    infills: list[str],
+    config: SamplingConfig,
+    dtype: str = "float32",
+    device: str | None = None,
+    as_json: bool = False,
+    stream: bool = True,
+) -> None:
+    """Generate from every prompt and template; print texts (or JSON) and the counters."""
+    from adapt.checkpoint import load_diffusion_model, load_settings
+    from adapt.sampling.display import LiveView, PlainStream
+    from adapt.sampling.engine import eos_token_ids, generate
+
+    settings = load_settings(checkpoint)  # a clear error before any weights are read
+    if not prompts and not infills:
+        raise AdaptError("give a --prompt or an --infill template")
+    for t in infills:
+        if settings.mask_token not in t:
+            raise AdaptError(
+                f"--infill template has no {settings.mask_token} (write {settings.mask_token}*N)"
+            )
+    model, tokenizer, settings = load_diffusion_model(checkpoint, dtype=dtype, device=device)
+    inputs = list(prompts) + list(infills)
+    view = None
+    if stream and not as_json:
+        if sys.stderr.isatty():
+            view = LiveView(tokenizer)
+        elif len(inputs) == 1:
+            view = PlainStream(tokenizer, eos_token_ids(tokenizer, model))
+    if view is None:
+        out = generate(model, tokenizer, inputs, config, settings)
+    else:
+        with view:
+            out = generate(model, tokenizer, inputs, config, settings, on_step=view)
+    if as_json:
+        record = {"checkpoint": str(checkpoint), "prompts": inputs, **out.to_dict()}
+        typer.echo(json.dumps(record, ensure_ascii=False))
+        return
+    if isinstance(view, PlainStream):
+        view.finish(out.texts[0])
+    else:
+        for prompt, text in zip(inputs, out.texts, strict=True):
+            if len(inputs) > 1:
+                typer.echo(f"--- {prompt}")
+            typer.echo(text)
+    typer.echo(
+        f"NFE {out.nfe} · {out.tokens} tokens · {out.seconds:.2f} s · {out.tokens_per_second:.1f} tokens/s",
+        err=True,
+    )
