@@ -116,17 +116,19 @@ def elbo_samples(
     batch_size: int = 16,
     eps: float = 1e-3,
     generator: torch.Generator | None = None,
+    prompt_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-window, per-sample ELBO estimates of the NLL per token, and the token counts.
 
     windows [n, l] -> (estimates [n, k] in nats per predicted token, tokens [n]). Sample j of window i
     masks each maskable token with probability t_ij and gives (1/t_ij) * sum_masked CE / tokens_i; the
-    k values of t for one window are stratified over (eps, 1).
+    k values of t for one window are stratified over (eps, 1). Tokens under `prompt_mask` [n, l] are
+    context only: never masked, never scored (the lm-eval continuation likelihood).
     """
     device = next(model.parameters()).device
     n, length = windows.shape
     ones = torch.ones(n, length, dtype=torch.long)
-    maskable = maskable_positions(ones, settings.shift)  # [n, l]
+    maskable = maskable_positions(ones, settings.shift, prompt_mask)  # [n, l]
     tokens = maskable.sum(-1)  # [n]
     t = torch.stack([sample_t(mc_samples, eps, True, generator) for _ in range(n)])  # [n, k]
     ids = windows.repeat_interleave(mc_samples, 0)  # [n*k, l]

@@ -156,3 +156,47 @@ def test_cli_eval_bad_input_is_one_line_error(llama_diffusion: Path, tmp_path: P
     short.write_text("tiny\n")
     res = CliRunner().invoke(app, ["eval", str(llama_diffusion), "--data", str(short), "--seq-len", "64"])
     assert res.exit_code == 1 and "fewer than one window" in res.output
+
+
+TASKS = Path(__file__).parent / "lm_eval_tasks"
+
+
+def test_lm_eval_model_on_local_tasks(llama_diffusion: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    import adapt.lm_eval_model  # noqa: F401  (registers model type "adapt")
+
+    monkeypatch.chdir(TASKS.parent.parent)  # the task files name their data relative to the repo root
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    tm = TaskManager(include_path=str(TASKS), include_defaults=False)
+    tasks = ["adapt_tiny_mc", "adapt_tiny_rolling", "adapt_tiny_gen"]
+    out = lm_eval.simple_evaluate(
+        model="adapt", model_args=f"pretrained={llama_diffusion},mc_samples=2,max_gen_toks=8",
+        tasks=tasks, task_manager=tm, bootstrap_iters=0,
+    )  # fmt: skip
+    res = out["results"]
+    assert 0.0 <= res["adapt_tiny_mc"]["acc,none"] <= 1.0 and res["adapt_tiny_mc"]["sample_len"] == 3
+    assert math.isfinite(res["adapt_tiny_rolling"]["bits_per_byte,none"])
+    assert res["adapt_tiny_rolling"]["bits_per_byte,none"] > 0
+    assert res["adapt_tiny_gen"]["exact_match,none"] in (0.0, 1 / 3, 2 / 3, 1.0)
+
+
+def test_lm_eval_loglikelihood_of_one_token_is_its_masked_nll(llama_diffusion: Path) -> None:
+    pytest.importorskip("lm_eval")
+    from types import SimpleNamespace
+
+    from adapt.lm_eval_model import AdaptLM
+
+    lm = AdaptLM(str(llama_diffusion), mc_samples=4096, batch_size=512)
+    ctx, cont = lm.split_pair("The river ran", " slowly")
+    cont = cont[:1]
+    # one scored token: every mask pattern is "that token masked", so the ELBO is exact
+    x = torch.tensor([ctx + [lm.settings.mask_token_id]])
+    with torch.no_grad():
+        logp = lm.model(input_ids=x).logits[0, -2].log_softmax(-1)  # shift: read at the previous position
+    exact = float(logp[cont[0]])
+    text = lm.tokenizer.decode(cont)
+    ((ll, greedy),) = lm.loglikelihood([SimpleNamespace(args=("The river ran", text))])
+    assert ll == pytest.approx(exact, rel=0.15)
+    assert greedy == (int(logp.argmax()) == cont[0])
