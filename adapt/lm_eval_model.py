@@ -17,6 +17,7 @@ runs lm-eval's own command line with the model registered.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -26,6 +27,8 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from adapt.checkpoint import load_diffusion_model
 from adapt.evaluate import elbo_samples
+
+log = logging.getLogger(__name__)
 
 
 @register_model("adapt")
@@ -47,6 +50,9 @@ class AdaptLM(LM):
         **_: Any,
     ) -> None:
         super().__init__()
+        if device and device.startswith("cuda") and not torch.cuda.is_available():
+            log.warning("device %s requested (lm-eval's default) but CUDA is unavailable; using cpu", device)
+            device = "cpu"
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model, self.tokenizer, self.settings = load_diffusion_model(pretrained, dtype, device)
         self.mc_samples = int(mc_samples)
