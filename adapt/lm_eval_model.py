@@ -1,11 +1,13 @@
 """An lm-evaluation-harness model for diffusion checkpoints, registered as model type `adapt`.
 
     pip install 'adapt[eval]'
-    lm_eval --model adapt --model_args pretrained=CKPT,mc_samples=32 --tasks hellaswag \\
-        --include_path /path/with/adapt_registration   # or: python -m adapt.lm_eval_model ...
+    python -m adapt.lm_eval_model --model adapt --model_args pretrained=CKPT,mc_samples=32 \
+        --tasks hellaswag --device cpu
 
-Importing this module registers the model (it needs lm-eval installed). `python -m adapt.lm_eval_model`
-runs lm-eval's own command line with the model registered.
+`python -m adapt.lm_eval_model` is lm-eval's own command line with this model registered; in Python,
+`import adapt.lm_eval_model` registers it for `lm_eval.simple_evaluate(model="adapt", ...)`.
+Model args: pretrained, mc_samples, batch_size, max_length, gen_steps, gen_strategy, max_gen_toks,
+dtype, device, seed.
 
 - `loglikelihood`: Monte Carlo ELBO of the continuation given the context (LLaDA-style): only
   continuation tokens are masked and scored, `mc_samples` stratified t values per request; the
