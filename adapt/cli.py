@@ -295,7 +295,7 @@ def sample_cmd(
 @app.command("quickstart")
 @reports_errors
 def quickstart_cmd(
-    tiny: Annotated[bool, typer.Option(help="Use a tiny random llama and the embedded text (seconds).")] = False,
+    tiny: Annotated[bool, typer.Option(help="A tiny random llama on the embedded text (seconds).")] = False,
     steps: Annotated[int | None, typer.Option(help="Override the recipe's training steps.")] = None,
     out: Annotated[Path, typer.Option(help="Working directory of the job.")] = Path("out/quickstart"),
 ) -> None:
