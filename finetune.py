@@ -4,7 +4,7 @@ python finetune.py recipes/adapt_text.yaml
 python finetune.py recipes/adapt_text.yaml model.path=Qwen/Qwen2.5-0.5B training.max_steps=1000
 python finetune.py recipes/sft_chat.yaml training.lr=5e-5 diffusion.train_on_padding=true
 python finetune.py recipes/lora_chat.yaml lora.r=8 lora.export=adapter --print-config
-accelerate launch --num_processes 2 --cpu finetune.py recipes/multi_process.yaml
+ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 finetune.py recipes/multi_process.yaml
 adapt finetune recipes/adapt_text.yaml training.output_dir=out/run2
 """
 

@@ -97,6 +97,8 @@ def setup(recipe: Recipe) -> Session:
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, set_seed
 
+    from adapt.convert import ordinary_token_ids
+
     t = recipe.training
     accelerator = Accelerator(
         mixed_precision=t.mixed_precision,
@@ -107,6 +109,7 @@ def setup(recipe: Recipe) -> Session:
     )
     set_seed(t.seed)
     model, tokenizer, settings = load_model(recipe.model)
+    probe_ids = ordinary_token_ids(model, tokenizer)
     if recipe.lora is not None:
         check_adapter_export(recipe)
         model = apply_lora(model, recipe.lora, settings.mask_token_id)
@@ -114,9 +117,7 @@ def setup(recipe: Recipe) -> Session:
         causal_lm_of(model).gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False}
         )
-    from adapt.convert import ordinary_token_ids
-
-    fast = check_fast_path(model, ordinary_token_ids(causal_lm_of(model), tokenizer))
+    fast = check_fast_path(model, probe_ids)
     objective = MaskedDiffusionObjective(model, fast=fast).train()
     train_loader, eval_loader = build_loaders(recipe, tokenizer)
     optimizer = build_optimizer(objective, recipe)
