@@ -23,7 +23,7 @@ from torch import nn
 
 from adapt.attention import position_ids_from_mask
 from adapt.checkpoint import DiffusionSettings, atomic_dir, read_settings
-from adapt.config import LoraSettings, ModelConfig, Recipe, recipe_to_dict, save_recipe
+from adapt.config import DiffusionConfig, LoraSettings, ModelConfig, Recipe, recipe_to_dict, save_recipe
 from adapt.diffusion import (
     build_attention_mask,
     complementary_mask,
@@ -277,23 +277,39 @@ def build_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, total: int
 def make_inputs(
     session: Session, batch: dict[str, torch.Tensor], step: int, generator: torch.Generator
 ) -> dict:
-    """Noise a clean batch into the objective's inputs (both views with complementary masking)."""
-    d, shift = session.recipe.diffusion, session.settings.shift
+    """Noise a clean batch into the objective's inputs, as the session's recipe says."""
+    d = session.recipe.diffusion
+    return noise_batch(batch, step, generator, d, session.settings, mask_dtype(session))
+
+
+def noise_batch(
+    batch: dict[str, torch.Tensor],
+    step: int,
+    generator: torch.Generator,
+    d: DiffusionConfig,
+    settings: DiffusionSettings,
+    dtype: torch.dtype,
+) -> dict[str, torch.Tensor | None]:
+    """A clean batch -> the inputs of `MaskedDiffusionObjective` (both views with complementary masking).
+
+    batch: input_ids, attention_mask [b, l], optional prompt_mask, segment_ids, position_ids [b, l].
+    """
+    shift, mask_id = settings.shift, settings.mask_token_id
     ids, am = batch["input_ids"], batch["attention_mask"]  # [b, l]
     prompt = batch.get("prompt_mask")
     maskable = maskable_positions(am, shift, prompt, d.train_on_padding)  # [b, l]
     t = sample_t(ids.shape[0], d.eps, d.low_discrepancy, generator, ids.device)  # [b]
-    noisy, masked = mask_tokens(ids, t, session.settings.mask_token_id, maskable, generator)
+    noisy, masked = mask_tokens(ids, t, mask_id, maskable, generator)
     if d.complementary_masking:
         other = complementary_mask(masked, maskable)
-        noisy = torch.cat([noisy, ids.masked_fill(other, session.settings.mask_token_id)])  # [2b, l]
+        noisy = torch.cat([noisy, ids.masked_fill(other, mask_id)])  # [2b, l]
         masked, t = torch.cat([masked, other]), torch.cat([t, (1.0 - t).clamp(min=d.eps)])
         ids, am, maskable = ids.repeat(2, 1), am.repeat(2, 1), maskable.repeat(2, 1)
         prompt = None if prompt is None else prompt.repeat(2, 1)
     # SFT normalises by the response length, pretraining by the sequence length
     norm = maskable.sum(-1).clamp(min=1).float() if prompt is not None else torch.full_like(t, ids.shape[1])
     segments = segment_allowed(batch, repeat=2 if d.complementary_masking else 1)
-    attn = build_attention_mask(am, mask_dtype(session), step, d.anneal_steps, segments, generator)
+    attn = build_attention_mask(am, dtype, step, d.anneal_steps, segments, generator)
     position_ids = batch.get("position_ids")
     if position_ids is None and not bool(am.all()):
         position_ids = position_ids_from_mask(am)
