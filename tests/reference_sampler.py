@@ -11,9 +11,19 @@ import torch
 
 @torch.no_grad()
 def reference_generate(
-    model, prompt_ids: list[int], mask_id: int, shift: bool, gen_length: int, steps: int, block_length: int
+    model,
+    prompt_ids: list[int],
+    mask_id: int,
+    shift: bool,
+    gen_length: int,
+    steps: int,
+    block_length: int,
+    vocab_size: int,
 ) -> list[int]:
-    """Greedy LLaDA sampling of `gen_length` tokens after `prompt_ids`; returns the generated ids."""
+    """Greedy LLaDA sampling of `gen_length` tokens after `prompt_ids`; returns the generated ids.
+
+    Never picks the mask token or an embedding row beyond the tokenizer (`vocab_size`).
+    """
     x = torch.tensor([list(prompt_ids) + [mask_id] * gen_length])
     p = len(prompt_ids)
     num_blocks = gen_length // block_length
@@ -30,6 +40,7 @@ def reference_generate(
             if shift:
                 logits = torch.cat([logits[:1], logits[:-1]])  # prediction for j sits at j - 1
             logits[:, mask_id] = float("-inf")
+            logits[:, vocab_size:] = float("-inf")
             x0 = logits.argmax(-1)  # [l]
             conf = torch.softmax(logits, -1).gather(-1, x0[:, None])[:, 0]  # [l]
             conf[:lo] = float("-inf")

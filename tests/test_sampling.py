@@ -154,7 +154,8 @@ def test_engine_matches_plain_reference_loop(llama, gpt2, arch: str, blocks) -> 
     config = cfg(gen_length=gen_length, steps=steps, block_length=block)
     ids = [tok(p)["input_ids"] for p in PROMPTS]
     engine = generate(model, tok, ids, config).sequences
-    ref = [reference_generate(model, p, settings.mask_token_id, True, gen_length, steps, block) for p in ids]
+    mask_id = settings.mask_token_id
+    ref = [reference_generate(model, p, mask_id, True, gen_length, steps, block, len(tok)) for p in ids]
     assert engine == ref
 
 
@@ -163,7 +164,7 @@ def test_shift_is_read_from_the_checkpoint(llama) -> None:
     ids = [tok(p)["input_ids"] for p in PROMPTS[:2]]
     unshifted = dataclasses.replace(settings, shift=False)
     out = generate(model, tok, ids, cfg(), settings=unshifted).sequences
-    ref = [reference_generate(model, p, settings.mask_token_id, False, 16, 8, 8) for p in ids]
+    ref = [reference_generate(model, p, settings.mask_token_id, False, 16, 8, 8, len(tok)) for p in ids]
     assert out == ref
     assert out != generate(model, tok, ids, cfg()).sequences
 

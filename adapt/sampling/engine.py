@@ -102,6 +102,7 @@ class _Run:
         self.ids = canvas.ids.clone()  # [b, l]
         self.done = torch.zeros(len(canvas.prompts), dtype=torch.bool, device=canvas.ids.device)  # [b]
         self.decoded = 0
+        self.vocab = max(len(tokenizer), settings.mask_token_id + 1)
 
     def run(self) -> None:
         length = self.ids.shape[1]
@@ -140,7 +141,7 @@ class _Run:
             canvas = self.canvas
             logits = self.denoiser.logits(self.ids, canvas.attention_mask, canvas.position_ids, keep)
             logits = logits.gather(1, readout[..., None].expand(-1, -1, logits.shape[-1]))  # [b, w, V]
-            proposal = propose(logits, self.config, self.mask_id, self.eos_ids, self.generator)
+            proposal = propose(logits, self.config, self.mask_id, self.eos_ids, self.generator, self.vocab)
             k = k_table[:, step] if k_table is not None else masked.new_zeros(masked.shape)
             transfer = self.strategy.select(proposal, candidates, k, self.generator) & candidates
             rows, slots = transfer.nonzero(as_tuple=True)

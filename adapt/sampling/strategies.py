@@ -47,10 +47,16 @@ def propose(
     mask_id: int,
     eos_ids: list[int],
     generator: torch.Generator | None,
+    vocab_size: int | None = None,
 ) -> Proposal:
-    """Pick a token for every window position: argmax (greedy) or a Gumbel-max sample. logits [b, w, V]"""
+    """Pick a token for every window position: argmax (greedy) or a Gumbel-max sample. logits [b, w, V]
+
+    Never proposed: the mask token, and embedding rows beyond the tokenizer (`vocab_size`; padding rows).
+    """
     logits = logits.float()
-    logits[..., mask_id] = NEG_INF  # the mask token is never a prediction
+    logits[..., mask_id] = NEG_INF
+    if vocab_size is not None:
+        logits[..., vocab_size:] = NEG_INF
     if eos_ids and config.eos_penalty:
         logits[..., eos_ids] -= config.eos_penalty
     logits = filter_logits(logits, config.top_k, config.top_p)
