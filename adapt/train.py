@@ -107,6 +107,11 @@ def setup(recipe: Recipe) -> Session:
         step_scheduler_with_optimizer=False,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=t.seed),
     )
+    if accelerator.distributed_type.name == "DEEPSPEED" and t.grad_accumulation > 1:
+        raise AdaptError(
+            "under DeepSpeed set training.grad_accumulation=1 (DeepSpeed steps the optimizer itself); "
+            "raise training.batch_size or the number of processes instead"
+        )
     set_seed(t.seed)
     model, tokenizer, settings = load_model(recipe.model)
     probe_ids = ordinary_token_ids(model, tokenizer)

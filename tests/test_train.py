@@ -335,3 +335,59 @@ def test_recipes_run_end_to_end_through_the_cli(llama_src: Path, tmp_path: Path)
     assert result.exit_code == 1 and "unknown key 'training.bogus'" in result.output
     result = runner.invoke(app, ["finetune", "recipes/lora_chat.yaml", "lora.r=4", "--print-config"])
     assert result.exit_code == 0 and "r: 4" in result.output
+
+
+@pytest.mark.parametrize(
+    "arch", ["llama", "qwen2", "qwen3", "mistral", "gemma", "gpt2", "olmo2", "phi3", "granite"]
+)
+def test_fast_objective_equals_reference_loss_on_every_architecture(converted: dict, arch: str) -> None:
+    from adapt.checkpoint import load_diffusion_model
+    from adapt.config import DiffusionConfig
+    from adapt.convert import ordinary_token_ids
+    from adapt.objective import MaskedDiffusionObjective, check_fast_path
+    from adapt.train import noise_batch
+
+    model, tokenizer, settings = load_diffusion_model(converted[arch])
+    assert check_fast_path(model, ordinary_token_ids(model, tokenizer)), arch
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, len(tokenizer) - 1, (3, 12), generator=gen)
+    am = torch.ones_like(ids)
+    am[2, 9:] = 0  # a right-padded row
+    inputs = noise_batch(
+        {"input_ids": ids, "attention_mask": am}, 0, gen, DiffusionConfig(), settings, torch.float32
+    )
+    masked = inputs["input_ids"] == settings.mask_token_id
+    rows = masked.nonzero(as_tuple=True)[0]
+    t = torch.zeros(3).index_put((rows,), 1.0 / (inputs["weights"] * 3 * 12))
+    with torch.no_grad():
+        fast, _ = MaskedDiffusionObjective(model, fast=True)(**inputs)
+        full, _ = MaskedDiffusionObjective(model, fast=False)(**inputs)
+        logits = model(
+            input_ids=inputs["input_ids"], attention_mask=am, position_ids=inputs["position_ids"]
+        ).logits
+    reference = diffusion_loss(logits, ids, masked, t, settings.shift)
+    assert fast.item() == pytest.approx(reference.item(), rel=1e-4)
+    assert full.item() == pytest.approx(reference.item(), rel=1e-4)
+
+
+def test_fast_path_handles_soft_capped_heads() -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from adapt.objective import MaskedDiffusionObjective, check_fast_path, head_logits
+
+    config = AutoConfig.for_model(
+        "gemma2", vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, final_logit_softcapping=0.05,
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_config(config).eval()
+    assert check_fast_path(model, list(range(3, 90)))
+    ids = torch.arange(3, 11)[None]
+    hidden = model.get_decoder()(input_ids=ids).last_hidden_state[0]
+    assert head_logits(model, hidden).abs().max() <= 0.05  # capped
+    bare = model.get_output_embeddings()(hidden)
+    assert bare.abs().max() > 0.1, "the probe must exceed the cap for the check to mean anything"
+    torch.testing.assert_close(
+        MaskedDiffusionObjective(model).logits_at(ids, torch.ones_like(ids), None, torch.zeros(8).long(),
+                                                  torch.arange(8)),
+        model(input_ids=ids).logits[0],
+    )  # fmt: skip
