@@ -321,11 +321,13 @@ def test_recipes_run_end_to_end_through_the_cli(llama_src: Path, tmp_path: Path)
     runner = CliRunner()
     first = tmp_path / "adapt_text"
     args = [f"model.path={llama_src}", *QUIET, "training.max_steps=2", "data.max_length=32"]
+    tensorboard = "logging.report_to=[tensorboard]"
     result = runner.invoke(
-        app, ["finetune", "recipes/adapt_text.yaml", f"training.output_dir={first}", *args]
+        app, ["finetune", "recipes/adapt_text.yaml", f"training.output_dir={first}", *args, tensorboard]
     )
     assert result.exit_code == 0, result.output
     assert "trained 2 steps" in result.output and (first / "final/config.json").is_file()
+    assert list(first.rglob("events.out.tfevents.*")), "metrics reach the tensorboard tracker"
     # SFT from the first recipe's export, as the shipped recipes chain
     args[0] = f"model.path={first / 'final'}"
     second = tmp_path / "sft"
@@ -391,3 +393,25 @@ def test_fast_path_handles_soft_capped_heads() -> None:
                                                   torch.arange(8)),
         model(input_ids=ids).logits[0],
     )  # fmt: skip
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma", "gpt2", "phi3", "olmo2"])
+def test_lora_targets_are_found_per_architecture(converted: dict, arch: str) -> None:
+    from adapt.checkpoint import load_diffusion_model
+    from adapt.config import LoraSettings
+    from adapt.train import apply_lora, lora_target_modules
+
+    model, _, settings = load_diffusion_model(converted[arch])
+    targets = lora_target_modules(model)
+    expected = {
+        "gpt2": {"c_attn", "c_fc", "c_proj"},
+        "phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
+    }
+    assert set(targets) == expected.get(arch, {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                               "down_proj"})  # fmt: skip
+    peft_model = apply_lora(model.train(), LoraSettings(r=2), settings.mask_token_id)
+    ids = torch.tensor([[2, 5, settings.mask_token_id, 9, 4]])
+    peft_model(input_ids=ids).logits.square().mean().backward()
+    trainable = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert trainable and all(p.grad is not None for p in trainable.values())
+    assert all("lora_" in n or "trainable_tokens" in n for n in trainable)
