@@ -448,7 +448,8 @@ def fit(session: Session) -> TrainState:
                 save_checkpoint(session)
     bar.close()
     check_ranks_agree(session)
-    if not state.interrupted:
+    just_evaluated = t.eval_every and state.step % t.eval_every == 0 and state.eval_loss is not None
+    if not state.interrupted and not just_evaluated:
         log_metrics(session, {"eval_loss": evaluate(session)})
     return state
 
