@@ -57,8 +57,9 @@ class DataConfig:
     """Response column in chat mode when there is no messages column."""
     max_length: int = 512
     """Block length in text mode; longest sample in chat mode."""
-    overflow: Literal["truncate", "skip", "split"] = "truncate"
-    """Samples longer than max_length: cut them, drop them, or (text mode) continue in the next block."""
+    overflow: Literal["auto", "truncate", "skip", "split"] = "auto"
+    """Samples longer than max_length: cut them, drop them, or (text mode) continue in the next block.
+    auto: split in text mode (packing keeps every token), truncate in chat mode."""
     eval_fraction: float = 0.0
     """Held-out share of `path` (< 1) or number of examples (>= 1); 0 for no eval split."""
     allow_cross_document: bool = False
@@ -77,6 +78,8 @@ class DataConfig:
             raise AdaptError(f"data.max_length must be at least 2, got {self.max_length}")
         if self.eval_fraction < 0:
             raise AdaptError(f"data.eval_fraction must be >= 0, got {self.eval_fraction}")
+        if self.overflow == "auto":
+            self.overflow = "split" if self.mode == "text" else "truncate"
         if self.mode == "chat" and self.overflow == "split":
             raise AdaptError("data.overflow=split only applies to text mode; use truncate or skip")
         if self.mode == "text" and self.pad_to_max_length_with_eos:

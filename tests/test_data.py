@@ -293,3 +293,8 @@ def test_errors(tmp_path: Path, tok) -> None:
         load_raw("nobody/no-such-dataset")
     with pytest.raises(AdaptError, match="split"):
         DataConfig(path="x", mode="chat", overflow="split")
+
+
+def test_overflow_auto_splits_text_and_truncates_chat(tmp_path):
+    assert DataConfig(path="x.txt", mode="text").overflow == "split"
+    assert DataConfig(path="x.jsonl", mode="chat").overflow == "truncate"
