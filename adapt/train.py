@@ -23,7 +23,7 @@ from torch import nn
 
 from adapt.attention import position_ids_from_mask
 from adapt.checkpoint import DiffusionSettings, atomic_dir, read_settings
-from adapt.config import DiffusionConfig, LoraSettings, ModelConfig, Recipe, recipe_to_dict, save_recipe
+from adapt.config import DiffusionConfig, ModelConfig, Recipe, recipe_to_dict, save_recipe
 from adapt.diffusion import (
     build_attention_mask,
     complementary_mask,
@@ -32,6 +32,7 @@ from adapt.diffusion import (
     sample_t,
 )
 from adapt.errors import AdaptError
+from adapt.lora import apply_lora, check_adapter_export
 from adapt.objective import MaskedDiffusionObjective, causal_lm_of, check_fast_path
 
 log = logging.getLogger(__name__)
@@ -187,54 +188,6 @@ def load_model(cfg: ModelConfig) -> tuple[Any, Any, DiffusionSettings]:
             "remove model.shift (it only applies when converting an AR model)"
         )
     return model.train(), tokenizer, settings
-
-
-def lora_target_modules(model: nn.Module) -> list[str]:
-    """Names of every linear layer inside the decoder blocks (the LM head excluded)."""
-    lm = causal_lm_of(model)
-    head = lm.get_output_embeddings()
-    names = set()
-    for name, module in lm.get_decoder().named_modules():
-        if module is head or not name:
-            continue
-        if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
-            names.add(name.rsplit(".", 1)[-1])
-    if not names:
-        raise AdaptError(f"found no linear layers to adapt in {type(lm).__name__}; set lora.target_modules")
-    return sorted(names)
-
-
-def apply_lora(model: nn.Module, cfg: LoraSettings, mask_token_id: int) -> nn.Module:
-    """Wrap `model` with peft LoRA adapters; the mask token's embedding row stays trainable."""
-    from peft import LoraConfig, get_peft_model
-
-    targets = lora_target_modules(model) if cfg.target_modules == "auto" else list(cfg.target_modules)
-    gpt2_style = any(type(m).__name__ == "Conv1D" for m in model.modules())
-    config = LoraConfig(
-        r=cfg.r,
-        lora_alpha=cfg.alpha,
-        lora_dropout=cfg.dropout,
-        target_modules=targets,
-        fan_in_fan_out=gpt2_style,
-        trainable_token_indices=[mask_token_id] if cfg.train_mask_token else None,
-        task_type="CAUSAL_LM",
-    )
-    try:
-        return get_peft_model(model, config)
-    except ValueError as e:
-        raise AdaptError(f"cannot apply LoRA: {str(e).splitlines()[0]}") from e
-
-
-def check_adapter_export(recipe: Recipe) -> None:
-    """An adapter alone is only usable on top of a diffusion checkpoint, not of an AR source."""
-    if recipe.lora is not None and recipe.lora.export == "adapter":
-        from adapt.convert import load_config
-
-        if read_settings(load_config(recipe.model.path, None)) is None:
-            raise AdaptError(
-                "lora.export=adapter needs model.path to be a converted diffusion checkpoint "
-                "(run `adapt convert` first) or use lora.export=merged"
-            )
 
 
 def build_loaders(recipe: Recipe, tokenizer: Any) -> tuple[Any, Any | None]:

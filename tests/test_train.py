@@ -399,7 +399,7 @@ def test_fast_path_handles_soft_capped_heads() -> None:
 def test_lora_targets_are_found_per_architecture(converted: dict, arch: str) -> None:
     from adapt.checkpoint import load_diffusion_model
     from adapt.config import LoraSettings
-    from adapt.train import apply_lora, lora_target_modules
+    from adapt.lora import apply_lora, lora_target_modules
 
     model, _, settings = load_diffusion_model(converted[arch])
     targets = lora_target_modules(model)
