@@ -115,7 +115,11 @@ def load_diffusion_model(
     device: str | None = None,
     attn_implementation: str | None = None,
 ) -> tuple[Any, Any, DiffusionSettings]:
-    """Load a converted checkpoint with stock transformers: (model in eval mode, tokenizer, settings)."""
+    """Load a converted checkpoint with stock transformers: (model in eval mode, tokenizer, settings).
+
+    `device` defaults to cuda when available, else cpu.
+    """
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     settings = load_settings(path)
@@ -123,8 +127,7 @@ def load_diffusion_model(
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    if device:
-        model.to(device)
+    model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model.eval(), tokenizer, settings
 

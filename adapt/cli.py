@@ -260,7 +260,7 @@ def sample_cmd(
     stop: Annotated[list[str] | None, typer.Option(help="Stop string; repeatable.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of sampling noise.")] = 0,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto.")] = "float32",
-    device: Annotated[str | None, typer.Option(help="cpu, cuda, ... (default: cpu).")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, ... (default: cuda if available).")] = None,
     json_output: Annotated[
         bool, typer.Option("--json", help="Print one JSON record: texts, tokens, NFE, steps, tokens/s.")
     ] = False,
