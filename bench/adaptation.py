@@ -8,7 +8,7 @@
 then report held-out ELBO perplexity bound and masked-token accuracy, plus the held-out diffusion loss
 curve of each run (PNG + JSON + markdown table). Slow: a script, not a test.
 
-    python bench/adaptation.py --steps 60                       # all variants
+    python bench/adaptation.py --steps 100 --set training.lr=5e-5   # the README's figures
     python bench/adaptation.py --steps 30 --variants adapted,scratch
 """
 
@@ -60,6 +60,7 @@ def run_variant(name: str, args: argparse.Namespace, source: Path, data: tuple[P
         "training.resume=false",
         "logging.progress_bar=false",
         *extra,
+        *args.set,
     ]
     clock = time.perf_counter()
     _, exported = run(load_recipe(args.recipe, overrides))
@@ -117,6 +118,7 @@ def main() -> None:
         "--recipe", default=str(Path(__file__).resolve().parents[1] / "recipes/quickstart.yaml")
     )
     parser.add_argument("--out", type=Path, default=Path("bench/out/adaptation"))
+    parser.add_argument("--set", nargs="*", default=[], help="extra recipe overrides, key.sub=value")
     args = parser.parse_args()
     source, data = smollm2(), write_corpus("wiki")
     rows = {name: run_variant(name, args, source, data) for name in args.variants.split(",")}
