@@ -18,7 +18,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from adapt.data import DataConfig
-from adapt.errors import AdaptError
+from adapt.errors import AdaptError, first_line
 
 
 @dataclass
@@ -206,7 +206,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     try:
         raw = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
-        raise AdaptError(f"{p} is not valid YAML: {str(e).splitlines()[0]}") from e
+        raise AdaptError(f"{p} is not valid YAML: {first_line(e)}") from e
     if not isinstance(raw, dict):
         raise AdaptError(f"{p} must hold a mapping of sections, got {type(raw).__name__}")
     return recipe_from_dict(apply_overrides(raw, overrides))

@@ -26,8 +26,8 @@ from adapt.checkpoint import (
     resolve_dtype,
     write_settings,
 )
-from adapt.errors import AdaptError
-from adapt.verify import make_probe, record_source, verify_converted
+from adapt.errors import AdaptError, first_line
+from adapt.verify import check_source_is_causal, make_probe, record_source, verify_converted
 
 log = logging.getLogger(__name__)
 
@@ -132,13 +132,13 @@ def load_config(source: str, revision: str | None) -> Any:
                 f"{source} needs remote code (trust_remote_code); "
                 "adapt converts transformers' own architectures only"
             ) from e
-        raise AdaptError(f"cannot read the config of {source}: {_first_line(e)}") from e
+        raise AdaptError(f"cannot read the config of {source}: {first_line(e)}") from e
     except OSError as e:
         if Path(source).exists():
-            raise AdaptError(f"cannot read the config of {source}: {_first_line(e)}") from e
+            raise AdaptError(f"cannot read the config of {source}: {first_line(e)}") from e
         raise AdaptError(
             f"{source!r} is not a local directory and could not be fetched from the Hugging Face Hub "
-            f"(offline or unknown id): {_first_line(e)}"
+            f"(offline or unknown id): {first_line(e)}"
         ) from e
 
 
@@ -184,7 +184,7 @@ def load_model_and_tokenizer(source: str, options: ConvertOptions) -> tuple[Any,
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, revision=options.revision)
     except (OSError, ValueError, TypeError) as e:
-        raise AdaptError(f"cannot load a tokenizer from {source}: {_first_line(e)}") from e
+        raise AdaptError(f"cannot load a tokenizer from {source}: {first_line(e)}") from e
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source,
@@ -193,7 +193,7 @@ def load_model_and_tokenizer(source: str, options: ConvertOptions) -> tuple[Any,
             attn_implementation=options.attn_implementation,
         )
     except (OSError, ValueError, RuntimeError) as e:
-        raise AdaptError(f"cannot load the weights of {source}: {_first_line(e)}") from e
+        raise AdaptError(f"cannot load the weights of {source}: {first_line(e)}") from e
     return model, tokenizer
 
 
@@ -205,17 +205,6 @@ def ordinary_token_ids(model: Any, tokenizer: Any) -> list[int]:
     if len(ids) < 2:
         raise AdaptError("the tokenizer has fewer than two ordinary tokens")
     return ids
-
-
-def check_source_is_causal(model: Any, probe: Any) -> None:
-    """The source must be causal: a future token must not reach position 0."""
-    from adapt.verify import forward_logits
-
-    ids = probe.long[:1]
-    changed = ids.clone()
-    changed[0, -1] = probe.long[1, -1] if probe.long[1, -1] != ids[0, -1] else probe.long[1, 0]
-    if (forward_logits(model, ids)[0, 0] - forward_logits(model, changed)[0, 0]).abs().max() > 0:
-        raise AdaptError("check 'source is causal' failed: the source model already attends to future tokens")
 
 
 def ensure_pad_token(model: Any, tokenizer: Any) -> None:
@@ -287,8 +276,3 @@ def _check_source_path(source: str) -> None:
         check_model_dir(path)
     elif not _HUB_ID.match(source) or source.startswith((".", "/", "~")):
         raise AdaptError(f"no such model directory: {source}")
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import torch
 
-from adapt.errors import AdaptError
+from adapt.errors import AdaptError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +137,7 @@ def load_raw(path: str, format: str = "auto", sample_by: str = "paragraph") -> A
     try:
         ds = datasets.load_dataset(path, split="train")
     except Exception as e:  # the Hub raises many types (offline, missing, gated)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise AdaptError(f"could not load dataset {path!r} from the Hugging Face Hub: {first}") from e
+        raise AdaptError(f"could not load dataset {path!r} from the Hugging Face Hub: {first_line(e)}") from e
     return ds
 
 
@@ -164,8 +163,7 @@ def _load_local(p: Path, format: str, sample_by: str) -> Any:
     try:
         ds = datasets.load_dataset(format, data_files=data_files, split="train", **kwargs)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise AdaptError(f"could not read {p} as {format}: {first}") from e
+        raise AdaptError(f"could not read {p} as {format}: {first_line(e)}") from e
     if len(ds) == 0:
         raise AdaptError(f"{p} is empty: no examples")
     return ds

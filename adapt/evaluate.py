@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from adapt.checkpoint import DiffusionSettings, read_settings, resolve_dtype
 from adapt.diffusion import mask_tokens, maskable_positions, masked_token_nll, sample_t
-from adapt.errors import AdaptError
+from adapt.errors import AdaptError, first_line
 
 RESULTS_NAME = "eval_results.json"
 
@@ -212,8 +212,7 @@ def load_any(path: str, dtype: str = "float32", device: str | None = None) -> tu
     try:
         config = AutoConfig.from_pretrained(path)
     except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise AdaptError(f"cannot load model {path!r}: {first}") from None
+        raise AdaptError(f"cannot load model {path!r}: {first_line(e)}") from None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype)).to(device).eval()
     return model, AutoTokenizer.from_pretrained(path), read_settings(config)

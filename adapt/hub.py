@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from adapt.checkpoint import DiffusionSettings, load_settings
-from adapt.errors import AdaptError
+from adapt.errors import AdaptError, first_line
 
 TAGS = ["diffusion", "masked-diffusion", "adapt", "text-generation"]
 CARD_NAME = "README.md"
@@ -76,7 +76,7 @@ def check_repo_id(repo_id: str) -> None:
     try:
         validate_repo_id(repo_id)
     except Exception as e:
-        raise AdaptError(f"invalid repo id {repo_id!r}: {str(e).splitlines()[0]}") from None
+        raise AdaptError(f"invalid repo id {repo_id!r}: {first_line(e)}") from None
     if "/" not in repo_id:
         raise AdaptError(f"invalid repo id {repo_id!r}: expected NAMESPACE/NAME")
 

@@ -6,7 +6,7 @@ from torch import nn
 
 from adapt.checkpoint import read_settings
 from adapt.config import LoraSettings, Recipe
-from adapt.errors import AdaptError
+from adapt.errors import AdaptError, first_line
 from adapt.objective import causal_lm_of
 
 
@@ -43,7 +43,7 @@ def apply_lora(model: nn.Module, cfg: LoraSettings, mask_token_id: int) -> nn.Mo
     try:
         return get_peft_model(model, config)
     except ValueError as e:
-        raise AdaptError(f"cannot apply LoRA: {str(e).splitlines()[0]}") from e
+        raise AdaptError(f"cannot apply LoRA: {first_line(e)}") from e
 
 
 def check_adapter_export(recipe: Recipe) -> None:

@@ -59,13 +59,23 @@ def record_source(model, probe: Probe) -> None:
     probe.source_logits = forward_logits(model, probe.long)
 
 
-def check_bidirectional(model, probe: Probe) -> None:
-    """Changing the last token must change the logits at position 0."""
+def future_token_effect(model, probe: Probe) -> float:
+    """How much changing the last token moves the logits at position 0 (exactly 0 for a causal model)."""
     ids = probe.long[:1]
     changed = ids.clone()
     changed[0, -1] = probe.long[1, -1] if probe.long[1, -1] != ids[0, -1] else probe.long[1, 0]
-    diff = (forward_logits(model, ids)[0, 0] - forward_logits(model, changed)[0, 0]).abs().max().item()
-    if not diff > 0:
+    return (forward_logits(model, ids)[0, 0] - forward_logits(model, changed)[0, 0]).abs().max().item()
+
+
+def check_source_is_causal(model, probe: Probe) -> None:
+    """The source must be causal: a future token must not reach position 0."""
+    if future_token_effect(model, probe) > 0:
+        raise AdaptError("check 'source is causal' failed: the source model already attends to future tokens")
+
+
+def check_bidirectional(model, probe: Probe) -> None:
+    """Changing the last token must change the logits at position 0."""
+    if not future_token_effect(model, probe) > 0:
         raise AdaptError(
             "check 'bidirectional attention' failed: changing a future token did not change the logits at "
             "position 0, so this architecture ignores config.is_causal=False"
