@@ -34,12 +34,13 @@ class MaskedDiffusionObjective(nn.Module):
         cols: torch.Tensor,
         targets: torch.Tensor,
         weights: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """input_ids [b, l] (noisy), attention_mask [b, l] or additive [b, 1, l, l], rows/cols [n]
-        (where the prediction is read: already shifted), targets [n], weights [n] -> (loss [], nll [n])."""
+        (where the prediction is read: already shifted), targets [n], weights [n]
+        -> (loss [], nll [n], correct [n]: argmax == target)."""
         logits = self.logits_at(input_ids, attention_mask, position_ids, rows, cols)  # [n, V]
         nll = F.cross_entropy(logits.float(), targets, reduction="none")  # [n]
-        return (nll * weights).sum(), nll.detach()
+        return (nll * weights).sum(), nll.detach(), (logits.detach().argmax(-1) == targets)
 
     def logits_at(
         self,

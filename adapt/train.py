@@ -57,6 +57,8 @@ class TrainState:
     """Mean loss over the last logging window."""
     eval_loss: float | None = None
     """Diffusion loss on the held-out split at the last evaluation."""
+    eval_accuracy: float | None = None
+    """Share of held-out masked tokens predicted right (argmax) at the last evaluation."""
     interrupted: bool = False
     """The run stopped on Ctrl-C (after saving a checkpoint)."""
     checkpoint: str | None = None
@@ -338,7 +340,7 @@ def train_step(session: Session, batches: Any) -> tuple[torch.Tensor, int, float
         inputs = make_inputs(session, batch, step, step_generator(session, step, micro, acc.device))
         sync = contextlib.nullcontext() if micro == ga - 1 else acc.no_sync(session.objective)
         with sync:
-            loss, _ = session.objective(**inputs)
+            loss, _, _ = session.objective(**inputs)
             acc.backward(loss / ga)
         total += loss.detach() / ga
         tokens += int(batch["attention_mask"].sum())
@@ -392,7 +394,7 @@ def fit(session: Session) -> TrainState:
             if state.step % session.recipe.logging.log_every == 0 or state.step == session.total_steps:
                 log_metrics(session, window.flush(session))
             if t.eval_every and state.step % t.eval_every == 0:
-                log_metrics(session, {"eval_loss": evaluate(session)})
+                log_evaluation(session)
             if interrupt.requested(acc):
                 state.interrupted = True
                 save_checkpoint(session)
@@ -403,8 +405,15 @@ def fit(session: Session) -> TrainState:
     check_ranks_agree(session)
     just_evaluated = t.eval_every and state.step % t.eval_every == 0 and state.eval_loss is not None
     if not state.interrupted and not just_evaluated:
-        log_metrics(session, {"eval_loss": evaluate(session)})
+        log_evaluation(session)
     return state
+
+
+def log_evaluation(session: Session) -> None:
+    """Evaluate on the held-out split and log loss and masked-token accuracy."""
+    loss = evaluate(session)
+    if loss is not None:
+        log_metrics(session, {"eval_loss": loss, "eval_accuracy": session.state.eval_accuracy})
 
 
 @torch.no_grad()
@@ -462,25 +471,30 @@ class Window:
 
 @torch.no_grad()
 def evaluate(session: Session) -> float | None:
-    """Mean diffusion loss on the held-out split, fully bidirectional, with a fixed masking seed."""
+    """Mean diffusion loss on the held-out split, fully bidirectional, with a fixed masking seed.
+
+    Also sets `state.eval_accuracy`: the share of masked tokens whose argmax is right (t ~ U(eps, 1)).
+    """
     if session.eval_loader is None:
         return None
     acc, objective = session.accelerator, session.objective
     objective.eval()
     limit = session.recipe.training.eval_batches
-    total = torch.zeros(2, device=acc.device)
+    total = torch.zeros(4, device=acc.device)  # loss * rows, rows, correct, masked
     final_step = max(session.recipe.diffusion.anneal_steps, 0)
     for i, batch in enumerate(session.eval_loader):
         if limit is not None and i >= limit:
             break
         gen = step_generator(session, -1, i, acc.device)
         inputs = make_inputs(session, batch, final_step, gen)
-        loss, _ = objective(**inputs)
-        size = batch["input_ids"].shape[0]
-        total += torch.stack([loss.float() * size, torch.tensor(float(size), device=acc.device)])
+        loss, _, correct = objective(**inputs)
+        size = float(batch["input_ids"].shape[0])
+        counts = [loss.float() * size, size, correct.sum().float(), float(correct.numel())]
+        total += torch.stack([torch.as_tensor(c, device=acc.device, dtype=torch.float32) for c in counts])
     objective.train()
     total = acc.reduce(total, reduction="sum") if acc.num_processes > 1 else total
     session.state.eval_loss = float(total[0] / total[1].clamp(min=1))
+    session.state.eval_accuracy = float(total[2] / total[3].clamp(min=1))
     return session.state.eval_loss
 
 

@@ -47,7 +47,7 @@ def diffusion_step(objective, opt, ids: torch.Tensor, step: int, settings, diffu
     gen = torch.Generator().manual_seed(step)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     inputs = noise_batch(batch, step, gen, diffusion, settings, torch.float32)
-    loss, _ = objective(**inputs)
+    loss, _, _ = objective(**inputs)
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)

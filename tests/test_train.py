@@ -70,6 +70,9 @@ def test_loss_decreases_on_a_repeated_corpus(llama_diffusion: Path, tmp_path: Pa
     first, last = sum(curve[s] for s in range(1, 6)) / 5, sum(curve[s] for s in range(36, 41)) / 5
     assert last < 0.6 * first, curve
     assert state.step == 40 and state.eval_loss is not None and state.eval_loss < first
+    logged = [m for m in metrics(out) if "eval_accuracy" in m]
+    assert logged and logged[-1]["eval_accuracy"] == state.eval_accuracy
+    assert 0.3 < state.eval_accuracy <= 1.0  # the repeated sentence is largely learned
 
     # the export: stock transformers loads it, bidirectional, with the diffusion block and our files
     model = AutoModelForCausalLM.from_pretrained(exported)
@@ -120,7 +123,7 @@ def test_fast_step_matches_reference_loss_and_sft_never_masks_prompts(
         t = 1.0 / (inputs["weights"] * ids.shape[0] * (real & ~prompt).sum(-1)[rows])
         t_per_sample = torch.zeros(ids.shape[0]).index_put((rows,), t)
         with torch.no_grad():
-            fast, _ = session.objective(**inputs)
+            fast, _, _ = session.objective(**inputs)
             logits = model(input_ids=noisy, attention_mask=inputs["attention_mask"]).logits
         response_len = (real & ~prompt).sum(-1)
         reference = diffusion_loss(logits, ids, masked, t_per_sample.clamp(min=1e-3), shift, response_len)
@@ -362,14 +365,15 @@ def test_fast_objective_equals_reference_loss_on_every_architecture(converted: d
     rows = masked.nonzero(as_tuple=True)[0]
     t = torch.zeros(3).index_put((rows,), 1.0 / (inputs["weights"] * 3 * 12))
     with torch.no_grad():
-        fast, _ = MaskedDiffusionObjective(model, fast=True)(**inputs)
-        full, _ = MaskedDiffusionObjective(model, fast=False)(**inputs)
+        fast, _, fast_correct = MaskedDiffusionObjective(model, fast=True)(**inputs)
+        full, _, full_correct = MaskedDiffusionObjective(model, fast=False)(**inputs)
         logits = model(
             input_ids=inputs["input_ids"], attention_mask=am, position_ids=inputs["position_ids"]
         ).logits
     reference = diffusion_loss(logits, ids, masked, t, settings.shift)
     assert fast.item() == pytest.approx(reference.item(), rel=1e-4)
     assert full.item() == pytest.approx(reference.item(), rel=1e-4)
+    assert torch.equal(fast_correct, full_correct)
 
 
 def test_fast_path_handles_soft_capped_heads() -> None:
