@@ -69,6 +69,7 @@ def run_variant(name: str, args: argparse.Namespace, source: Path, data: tuple[P
     row = evaluate_model(str(exported), cfg)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     row["eval_curve"] = [(m["step"], m["eval_loss"]) for m in metrics if "eval_loss" in m]
+    row["accuracy_curve"] = [(m["step"], m["eval_accuracy"]) for m in metrics if "eval_accuracy" in m]
     row["train_seconds"] = seconds
     return row
 
@@ -79,14 +80,18 @@ def plot(rows: dict[str, dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
     for name, row in rows.items():
-        steps, losses = zip(*row["eval_curve"], strict=True) if row["eval_curve"] else ((), ())
-        ax.plot(steps, losses, marker="o", label=name)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("held-out diffusion loss (nats/token, ELBO)")
-    ax.set_title("SmolLM2-135M: diffusion adaptation vs from scratch")
-    ax.legend()
+        for ax, key in ((loss_ax, "eval_curve"), (acc_ax, "accuracy_curve")):
+            if row.get(key):
+                steps, values = zip(*row[key], strict=True)
+                ax.plot(steps, values, marker="o", label=name)
+    loss_ax.set_ylabel("held-out diffusion loss (nats/token, ELBO)")
+    acc_ax.set_ylabel("held-out masked-token accuracy")
+    for ax in (loss_ax, acc_ax):
+        ax.set_xlabel("optimizer step")
+        ax.legend()
+    fig.suptitle("SmolLM2-135M: diffusion adaptation vs from scratch")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
