@@ -226,31 +226,34 @@ def add_mask_token(model: Any, tokenizer: Any, init: MaskInit = "mean") -> tuple
         tokenizer.add_special_tokens({"mask_token": MASK_TOKEN})
     mask_id = tokenizer.mask_token_id
     reused = mask_id < rows
+    new_rows = [mask_id]
     if not reused:
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64, mean_resizing=False)
-    init_embedding_row(model, mask_id, n_real=min(n_vocab, rows), how=init)
+        # The padding rows beyond the mask token come back randomly initialised; they still enter
+        # every softmax, so give them the same deterministic init (conversion is then reproducible).
+        new_rows = list(range(rows, model.get_input_embeddings().num_embeddings))
+    init_embedding_rows(model, new_rows, n_real=min(n_vocab, rows), how=init)
     return mask_id, reused
 
 
 @torch.no_grad()
-def init_embedding_row(model: Any, row: int, n_real: int, how: MaskInit) -> None:
-    """Initialise one input (and untied output) embedding row from the statistics of the real rows."""
+def init_embedding_rows(model: Any, rows: list[int], n_real: int, how: MaskInit) -> None:
+    """Initialise input (and untied output) embedding rows from the statistics of the real rows."""
+    if how not in ("mean", "normal", "zero"):
+        raise AdaptError(f"unknown mask init {how!r}; choose mean, normal or zero")
     weights = [model.get_input_embeddings().weight]
     out = model.get_output_embeddings()
     if out is not None and out.weight.data_ptr() != weights[0].data_ptr():
         weights.append(out.weight)
     for w in weights:
         real = w[:n_real].float()
-        if how == "mean":
-            value = real.mean(0)
-        elif how == "normal":
-            gen = torch.Generator().manual_seed(row)
-            value = real.mean(0) + real.std(0) * torch.randn(real.shape[1], generator=gen)
-        elif how == "zero":
-            value = torch.zeros(real.shape[1])
-        else:
-            raise AdaptError(f"unknown mask init {how!r}; choose mean, normal or zero")
-        w[row] = value.to(w.dtype)
+        mean = torch.zeros(real.shape[1]) if how == "zero" else real.mean(0)
+        std = real.std(0) if how == "normal" else None
+        for row in rows:
+            value = mean
+            if std is not None:
+                value = mean + std * torch.randn(real.shape[1], generator=torch.Generator().manual_seed(row))
+            w[row] = value.to(w.dtype)
 
 
 def weights_hash(source: str) -> str | None:

@@ -220,3 +220,19 @@ def test_cli_subprocess(tiny_models, tmp_path):
         text=True,
     )
     assert bad.returncode == 1 and bad.stderr.strip().count("\n") == 0 and "error:" in bad.stderr
+
+
+def test_conversion_is_reproducible(tiny_models, tmp_path):
+    """Two conversions give identical weights: the resize's padding rows are initialised too."""
+    from safetensors.torch import load_file
+
+    torch.manual_seed(1)
+    a = convert(str(tiny_models["llama"]), tmp_path / "a").out
+    torch.manual_seed(2)
+    b = convert(str(tiny_models["llama"]), tmp_path / "b").out
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    emb = wa["model.embed_tokens.weight"]
+    mask_id = load_settings(a).mask_token_id
+    assert emb.shape[0] > mask_id + 1  # padding rows exist beyond the mask token
+    torch.testing.assert_close(emb[mask_id + 1 :], emb[mask_id].expand_as(emb[mask_id + 1 :]))
