@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import subprocess
@@ -18,6 +19,7 @@ from adapt.cli import app
 from adapt.errors import AdaptError
 from adapt.sampling import SamplingConfig, generate
 from adapt.sampling.cache import Denoiser
+from adapt.sampling.display import PlainStream
 from adapt.sampling.strategies import (
     filter_logits,
     schedule,
@@ -251,6 +253,27 @@ def test_stop_strings_cut_the_text(llama) -> None:
     out = generate(model, tok, PROMPTS[:1], cfg(stop=(stop,)))
     assert out.texts[0] == full[: full.find(stop)]
     assert tok.decode(out.sequences[0], skip_special_tokens=True).startswith(out.texts[0])
+
+
+def test_plain_stream_holds_back_a_possible_stop_string(llama) -> None:
+    stream = PlainStream(llama[1], [], stops=("END", "##"))
+    assert stream.safe_prefix("abc EN") == "abc "
+    assert stream.safe_prefix("abc #") == "abc "
+    assert stream.safe_prefix("abc END more ## x") == "abc "
+    assert stream.safe_prefix("abc E x") == "abc E x"
+
+
+def test_plain_stream_never_prints_past_a_stop_string(llama) -> None:
+    model, tok, _ = llama
+    full = generate(model, tok, PROMPTS[:1], cfg()).texts[0]
+    stop = full[5:8]
+    printed = io.StringIO()
+    stream = PlainStream(tok, [], stops=(stop,), out=printed)
+    out = generate(model, tok, PROMPTS[:1], cfg(stop=(stop,)), on_step=stream)
+    streamed_before_finish = printed.getvalue()
+    stream.finish(out.texts[0])
+    assert stop not in streamed_before_finish
+    assert printed.getvalue() == out.texts[0] + "\n"
 
 
 def test_output_counters(llama) -> None:

@@ -42,7 +42,7 @@ def sample(
         if sys.stderr.isatty():
             view = LiveView(tokenizer)
         elif len(inputs) == 1:
-            view = PlainStream(tokenizer, eos_token_ids(tokenizer, model))
+            view = PlainStream(tokenizer, eos_token_ids(tokenizer, model), config.stop)
     if view is None:
         out = generate(model, tokenizer, inputs, config, settings)
     else:

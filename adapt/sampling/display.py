@@ -61,10 +61,16 @@ class LiveView:
 
 
 class PlainStream:
-    """Prints the decided left part of the first row as it grows (for pipes and logs)."""
+    """Prints the decided left part of the first row as it grows (for pipes and logs).
 
-    def __init__(self, tokenizer: Any, eos_ids: list[int], out: TextIO | None = None) -> None:
-        self.tokenizer, self.eos_ids = tokenizer, set(eos_ids)
+    Text that could be the start of a stop string is held back until it is decided, and nothing at or
+    after a stop string is ever printed, so the stream never shows what the final text cuts.
+    """
+
+    def __init__(
+        self, tokenizer: Any, eos_ids: list[int], stops: tuple[str, ...] = (), out: TextIO | None = None
+    ) -> None:
+        self.tokenizer, self.eos_ids, self.stops = tokenizer, set(eos_ids), stops
         self.out = out or sys.stdout
         self.printed = ""
 
@@ -80,7 +86,17 @@ class PlainStream:
             if t == event.mask_id or t in self.eos_ids:
                 break
             decided.append(t)
-        text = self.tokenizer.decode(decided, skip_special_tokens=True)
+        self._show(self.safe_prefix(self.tokenizer.decode(decided, skip_special_tokens=True)))
+
+    def safe_prefix(self, text: str) -> str:
+        """`text` cut before its first stop string, less any tail that may grow into one."""
+        hits = [text.find(s) for s in self.stops if s in text]
+        if hits:
+            return text[: min(hits)]
+        hold = max((n for s in self.stops for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+        return text[: len(text) - hold]
+
+    def _show(self, text: str) -> None:
         if text.startswith(self.printed) and len(text) > len(self.printed):
             self.out.write(text[len(self.printed) :])
             self.out.flush()
