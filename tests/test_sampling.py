@@ -138,11 +138,14 @@ def test_greedy_is_deterministic_and_sampling_follows_the_seed(llama) -> None:
     assert a != generate(model, tok, PROMPTS, cfg(seed=2, **hot)).sequences
 
 
+@pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("strategy", ["low_confidence", "threshold"])
-def test_batch_with_left_padding_equals_each_prompt_alone(llama, gpt2, arch: str, strategy: str) -> None:
+def test_batch_with_left_padding_equals_each_prompt_alone(
+    llama, gpt2, arch: str, strategy: str, cache: str
+) -> None:
     model, tok, _ = llama if arch == "llama" else gpt2
-    config = cfg(strategy=strategy, threshold=0.02)
+    config = cfg(strategy=strategy, threshold=0.02, cache=cache)
     batch = generate(model, tok, PROMPTS, config).sequences
     assert len({len(tok(p)["input_ids"]) for p in PROMPTS}) > 1  # the batch really is padded
     assert batch == [generate(model, tok, [p], config).sequences[0] for p in PROMPTS]
