@@ -39,9 +39,12 @@ class Denoiser:
         self.cache = None
 
     def logits(
-        self, ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor, keep: tuple[int, int]
+        self, ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor
     ) -> torch.Tensor:
-        """Logits [b, r1 - r0, V] of canvas columns keep = (r0, r1), which must lie inside [lo, hi)."""
+        """Logits [b, k, V] of the canvas columns `keep` [k] (sorted), which must lie inside [lo, hi).
+
+        The LM head runs only on those columns (`logits_to_keep`), which matters with a large vocabulary.
+        """
         self.nfe += 1
         if self.mode == "none":
             return self._forward(ids, attention, positions, keep, use_cache=False)
@@ -56,23 +59,22 @@ class Denoiser:
         ids: torch.Tensor,
         attention_mask: torch.Tensor,
         position_ids: torch.Tensor,
-        keep: tuple[int, int],
+        keep: torch.Tensor,
         use_cache: bool,
         **kw: Any,
     ) -> Any:
-        r0, r1 = keep
         if self._can_keep:
-            kw["logits_to_keep"] = torch.arange(r0, r1, device=ids.device)
+            kw["logits_to_keep"] = keep
         out = self.model(
             input_ids=ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache, **kw
         )
-        logits = out.logits if self._can_keep else out.logits[:, r0:r1]
+        logits = out.logits if self._can_keep else out.logits[:, keep]
         if use_cache:
             self._last_cache = out["cache"] if "cache" in out else out["past_key_values"]
         return logits
 
     def _refresh(
-        self, ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor, keep: tuple[int, int]
+        self, ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor
     ) -> torch.Tensor:
         logits = self._forward(ids, attention, positions, keep, use_cache=True)
         cache = self._last_cache
@@ -90,14 +92,12 @@ class Denoiser:
         return logits
 
     def _cached(
-        self, ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor, keep: tuple[int, int]
+        self, ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor
     ) -> torch.Tensor:
         lo, hi = self.lo, (ids.shape[1] if self.mode == "prefix" else self.hi)
         order = [attention[:, :lo], attention[:, hi:], attention[:, lo:hi]]
         mask = torch.cat(order if self.mode == "dual" else [order[0], order[2]], dim=-1)
         kw = {self._cache_kw: self.cache}
-        logits = self._forward(
-            ids[:, lo:hi], mask, positions[:, lo:hi], (keep[0] - lo, keep[1] - lo), use_cache=True, **kw
-        )
+        logits = self._forward(ids[:, lo:hi], mask, positions[:, lo:hi], keep - lo, use_cache=True, **kw)
         self.cache.crop(-(hi - lo))  # drop the query's keys; the cache is as it was
         return logits

@@ -124,8 +124,7 @@ class _Run:
         lo = max(int(begin.min()) - self.shift, 0)
         hi = int(end.max())
         self.denoiser.start_block(lo, hi if self.config.cache == "dual" else length)
-        keep = (lo, hi - self.shift)  # readout columns of the block's positions
-        readout = window - self.shift - lo  # [b, w] index into the kept logits
+        source = window - self.shift  # [b, w] the column whose logits predict each window position
 
         candidates = valid & (self.ids.gather(1, window) == self.mask_id)  # [b, w]
         masked = candidates.sum(-1)  # [b]
@@ -139,7 +138,9 @@ class _Run:
             if not bool(candidates.any()):
                 break
             canvas = self.canvas
+            keep = source[candidates].unique()  # [k] sorted: only still-masked positions need logits
             logits = self.denoiser.logits(self.ids, canvas.attention_mask, canvas.position_ids, keep)
+            readout = torch.searchsorted(keep, source).clamp(max=keep.numel() - 1)  # [b, w] into keep
             logits = logits.gather(1, readout[..., None].expand(-1, -1, logits.shape[-1]))  # [b, w, V]
             proposal = propose(logits, self.config, self.mask_id, self.eos_ids, self.generator, self.vocab)
             k = k_table[:, step] if k_table is not None else masked.new_zeros(masked.shape)
