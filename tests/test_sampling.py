@@ -197,6 +197,17 @@ def test_infill_keeps_the_given_text_and_fills_every_mask(llama) -> None:
     )
 
 
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_cached_batch_of_templates_and_prompts_equals_each_alone(llama, cache: str) -> None:
+    model, tok, _ = llama
+    inputs = ["def f(x):<|mask|>*6 return y", "The river", "The <|mask|>*3 ran past the <|mask|>*9 mill"]
+    config = cfg(block_length=4, steps=None, cache=cache)
+    batch = generate(model, tok, inputs, config)
+    alone = [generate(model, tok, [x], config) for x in inputs]
+    assert batch.sequences == [a.sequences[0] for a in alone]
+    assert batch.nfe == sum(a.nfe for a in alone) and batch.tokens == sum(a.tokens for a in alone)
+
+
 @pytest.mark.parametrize("mode", ["prefix", "dual"])
 def test_first_cached_pass_equals_the_full_pass(llama, mode: str) -> None:
     model, tok, _ = llama

@@ -57,6 +57,13 @@ def generate(
     canvas = build_canvas(
         prompts, tokenizer, settings, config.gen_length, config.chat, context_length(model.config), device
     )
+    groups = cache_groups(canvas) if config.cache != "none" else [list(range(len(prompts)))]
+    if len(groups) > 1:
+        parts = [
+            generate(model, tokenizer, [prompts[i] for i in g], config, settings, strategy, on_step)
+            for g in groups
+        ]
+        return merge_outputs(parts, groups)
     strategy = strategy or make_strategy(config)
     eos_ids = eos_token_ids(tokenizer, model)
     generator = torch.Generator(device=device).manual_seed(config.seed)
@@ -77,6 +84,38 @@ def generate(
         seconds=seconds,
         tokens=state.decoded,
         prompts=canvas.prompts,
+    )
+
+
+def cache_groups(canvas: Canvas) -> list[list[int]]:
+    """Rows whose generated regions start at the same distance from the end, in first-seen order.
+
+    Plain prompts all share one region; infilling templates with masks in different places do not.
+    The KV cache is shared by the batch and holds the columns before the earliest block, so rows whose
+    blocks do not line up would see a different approximation than alone: they are decoded apart.
+    """
+    groups: dict[int, list[int]] = {}
+    for r, start in enumerate(canvas.start.tolist()):
+        groups.setdefault(canvas.ids.shape[1] - int(start), []).append(r)
+    return list(groups.values())
+
+
+def merge_outputs(parts: list[GenerationOutput], groups: list[list[int]]) -> GenerationOutput:
+    """One output in the original row order from the outputs of row groups; counters add up."""
+    n = sum(len(g) for g in groups)
+    sequences: list[list[int]] = [[] for _ in range(n)]
+    texts, prompts = [""] * n, [[] for _ in range(n)]
+    for part, rows in zip(parts, groups, strict=True):
+        for j, r in enumerate(rows):
+            sequences[r], texts[r], prompts[r] = part.sequences[j], part.texts[j], part.prompts[j]
+    return GenerationOutput(
+        sequences=sequences,
+        texts=texts,
+        nfe=sum(p.nfe for p in parts),
+        steps=sum(p.steps for p in parts),
+        seconds=sum(p.seconds for p in parts),
+        tokens=sum(p.tokens for p in parts),
+        prompts=prompts,
     )
 
 
