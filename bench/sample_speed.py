@@ -31,7 +31,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from reference_sampler import reference_generate  # noqa: E402
 
 from adapt.checkpoint import load_diffusion_model  # noqa: E402
-from adapt.evaluate import unigram_entropy  # noqa: E402
+from adapt.evaluate import summarize, unigram_entropy  # noqa: E402
 from adapt.sampling import SamplingConfig, generate  # noqa: E402
 
 TARGET = 3.0
@@ -187,11 +187,10 @@ def score(rows: dict[str, dict], judge, prompts, exact: dict[str, str], device: 
     reference_speed = None
     for name, r in rows.items():
         tokens = sum(len(o) for o in r["outputs"])
-        nlls = judge_nlls(judge, prompts, r["outputs"], device)
-        mean = sum(nlls) / len(nlls)
-        se = (sum((v - mean) ** 2 for v in nlls) / max(len(nlls) - 1, 1) / len(nlls)) ** 0.5
+        nlls = torch.tensor(judge_nlls(judge, prompts, r["outputs"], device), dtype=torch.float64)
+        judged = summarize(nlls, torch.tensor([len(o) for o in r["outputs"]]))  # s.e. across prompts
         r.update(tokens_per_second=tokens / r["seconds"], nfe_per_token=r["nfe"] / tokens)
-        r.update(judge_ppl=math.exp(mean), judge_nll=mean, judge_nll_se=se)
+        r.update(judge_ppl=judged["ppl"], judge_nll=judged["nll"], judge_nll_se=judged["nll_stderr"])
         r["entropy"] = sum(unigram_entropy(o) for o in r["outputs"]) / len(r["outputs"])
         if name in exact:
             pairs = zip(r["outputs"], rows[exact[name]]["outputs"], strict=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from typing import Any, TextIO
 
-from adapt.sampling.engine import StepEvent
+from adapt.sampling.engine import StepEvent, first_stop
 
 MASK_GLYPH = "░"
 
@@ -90,9 +90,9 @@ class PlainStream:
 
     def safe_prefix(self, text: str) -> str:
         """`text` cut before its first stop string, less any tail that may grow into one."""
-        hits = [text.find(s) for s in self.stops if s in text]
-        if hits:
-            return text[: min(hits)]
+        cut = first_stop(text, self.stops)
+        if cut is not None:
+            return text[:cut]
         hold = max((n for s in self.stops for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
         return text[: len(text) - hold]
 

@@ -200,7 +200,7 @@ class _Run:
             hit = self.config.stop_at_eos and any(t in self.eos_ids for t in region)
             if not hit and self.config.stop:
                 text = self.tokenizer.decode(region, skip_special_tokens=True)
-                hit = any(s in text for s in self.config.stop)
+                hit = first_stop(text, self.config.stop) is not None
             if hit or int(end[r]) >= self.ids.shape[1]:
                 self.done[r] = True
 
@@ -246,13 +246,18 @@ def cut_at(seq: list[int], stop: Callable[[int], bool]) -> list[int]:
     return seq
 
 
+def first_stop(text: str, stops: tuple[str, ...]) -> int | None:
+    """Index in `text` where the earliest stop string begins, or None when none occurs."""
+    hits = [text.find(s) for s in stops if s in text]
+    return min(hits) if hits else None
+
+
 def cut_at_stop(seq: list[int], tokenizer: Any, stops: tuple[str, ...]) -> tuple[list[int], str]:
     """Text cut before the first stop string, and the shortest token prefix that still covers it."""
     text = tokenizer.decode(seq, skip_special_tokens=True)
-    hits = [text.find(s) for s in stops if s in text]
-    if not hits:
+    cut = first_stop(text, stops)
+    if cut is None:
         return seq, text
-    cut = min(hits)
     for n in range(len(seq) + 1):
         if len(tokenizer.decode(seq[:n], skip_special_tokens=True)) >= cut:
             return seq[:n], text[:cut]
