@@ -58,8 +58,8 @@ def read_documents(path: Path | None) -> list[str]:
 
 
 def prompts_from(tokenizer, documents: list[str], n: int, length: int) -> list[list[int]]:
-    """The first `length` tokens of the first `n` documents that have that many (one long document
-    is cut into consecutive windows instead)."""
+    """The first `length` tokens of the first `n` documents that have that many; when too few do,
+    windows starting every 37 tokens of the longest document make up the rest."""
     docs = [tokenizer(d, add_special_tokens=False)["input_ids"] for d in documents]
     long = [d[:length] for d in docs if len(d) >= length]
     if len(long) < n and docs:
