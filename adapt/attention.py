@@ -43,3 +43,47 @@ def _keep_diagonal(allowed: torch.Tensor) -> torch.Tensor:
     # itself keeps rows finite and changes nothing for real tokens.
     eye = torch.eye(allowed.shape[-1], dtype=torch.bool, device=allowed.device)
     return allowed | eye
+
+
+def block_ids(positions: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Block of every token: its position // block_size, so blocks follow positions, not columns. [b, l]"""
+    return torch.div(positions, block_size, rounding_mode="floor")
+
+
+def block_causal_allowed(
+    positions: torch.Tensor, block_size: int, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Block-causal pattern of one sequence: query block b sees key blocks <= b. -> bool [b, 1, l, l]
+
+    Inside a block attention is bidirectional; `attention_mask` [b, l] (0/1) hides padding keys.
+    This is how a block-diffusion model runs at sampling time: committed blocks and the block being
+    denoised, never the (masked) blocks after it.
+    """
+    blocks = block_ids(positions, block_size)  # [b, l]
+    allowed = blocks[:, None, :] <= blocks[:, :, None]  # [b, q, k]
+    if attention_mask is not None:
+        allowed = allowed & attention_mask.bool()[:, None, :]
+    return _keep_diagonal(allowed[:, None])
+
+
+def block_pair_allowed(
+    positions: torch.Tensor,
+    block_size: int,
+    attention_mask: torch.Tensor,
+    segment_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """BD3-LM's training pattern over the pair [x_t ; x_0] (length 2l). -> bool [b, 1, 2l, 2l]
+
+    Noisy block b sees noisy block b and clean blocks < b; clean block b sees clean blocks <= b; clean
+    tokens never see noisy ones. positions, attention_mask (0/1 padding) and segment_ids (packed
+    documents: tokens see their own document only) are [b, l] and shared by both halves.
+    """
+    blocks = block_ids(positions, block_size)  # [b, l]
+    q, k = blocks[:, :, None], blocks[:, None, :]  # [b, l, 1], [b, 1, l]
+    same = (
+        torch.ones_like(q == k) if segment_ids is None else segment_ids[:, :, None] == segment_ids[:, None, :]
+    )
+    noisy = torch.cat([(q == k) & same, (k < q) & same], dim=-1)  # [b, l, 2l] noisy queries
+    clean = torch.cat([torch.zeros_like(same), (k <= q) & same], dim=-1)  # [b, l, 2l] clean queries
+    real = attention_mask.bool().repeat(1, 2)[:, None, :]  # [b, 1, 2l] keys
+    return _keep_diagonal((torch.cat([noisy, clean], dim=1) & real)[:, None])

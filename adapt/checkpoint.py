@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +41,15 @@ class DiffusionSettings:
     adapt_version: str = ""
     """Version of adapt that wrote the checkpoint."""
     format_version: int = FORMAT_VERSION
+    block_size: int | None = None
+    """Block diffusion: trained autoregressive over blocks of this many tokens (None: full attention)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def with_block_size(self, block_size: int | None) -> DiffusionSettings:
+        """A copy recording `block_size` (None: a full-attention checkpoint)."""
+        return replace(self, block_size=block_size)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DiffusionSettings:

@@ -51,12 +51,60 @@ class DiffusionConfig:
     """Also train on the complement of each mask (rate 1 - t): two views of every sample per step."""
     train_on_padding: bool = False
     """Let padding positions be masked and enter the loss (teaches EOS/length, as LLaDA SFT does)."""
+    block_size: int | None = None
+    """Block diffusion (BD3-LM): autoregressive over blocks of this many tokens, diffusion inside each;
+    null: the full-attention objective. Must divide data.max_length."""
+    block_schedule: list[list[int]] | None = None
+    """Block size by step while adapting, as [[step, size], ...] from step 0, ending at block_size
+    (LLaDA2: start near 1 = AR, grow, settle). null: block_size throughout."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.eps < 1.0:
             raise AdaptError(f"diffusion.eps must be in (0, 1), got {self.eps}")
         if self.anneal_steps < 0:
             raise AdaptError(f"diffusion.anneal_steps must be >= 0, got {self.anneal_steps}")
+        if self.block_size is None:
+            if self.block_schedule is not None:
+                raise AdaptError(
+                    "diffusion.block_schedule needs diffusion.block_size (the block size it ends at)"
+                )
+            return
+        if self.block_size < 1:
+            raise AdaptError(
+                f"diffusion.block_size must be >= 1 (or null for full attention), got {self.block_size}"
+            )
+        if self.anneal_steps:
+            raise AdaptError(
+                "diffusion.anneal_steps does not apply to block diffusion (its attention is block-causal "
+                "from the start); set anneal_steps=0 and grow the block with diffusion.block_schedule, "
+                f"e.g. [[0, 1], [100, {self.block_size}]]"
+            )
+        if self.block_schedule is not None:
+            check_block_schedule(self.block_schedule, self.block_size)
+
+    def block_sizes(self) -> list[int]:
+        """Every block size training will use (the schedule's and the target)."""
+        if self.block_size is None:
+            return []
+        return sorted({self.block_size, *(size for _, size in self.block_schedule or [])})
+
+
+def check_block_schedule(schedule: list[list[int]], block_size: int) -> None:
+    """[[step, size], ...]: starts at step 0, steps strictly increasing, sizes >= 1, ends at block_size."""
+    form = "a list of [step, block_size] pairs, e.g. [[0, 1], [100, 4], [200, 32]]"
+    if not schedule or any(len(pair) != 2 for pair in schedule):
+        raise AdaptError(f"diffusion.block_schedule must be {form}, got {schedule}")
+    steps = [step for step, _ in schedule]
+    if steps[0] != 0:
+        raise AdaptError(f"diffusion.block_schedule must start at step 0, got {schedule}")
+    if any(b <= a for a, b in zip(steps, steps[1:], strict=False)):
+        raise AdaptError(f"diffusion.block_schedule steps must be strictly increasing, got {steps}")
+    if any(size < 1 for _, size in schedule):
+        raise AdaptError(f"diffusion.block_schedule sizes must be >= 1, got {schedule}")
+    if schedule[-1][1] != block_size:
+        raise AdaptError(
+            f"diffusion.block_schedule must end at diffusion.block_size ({block_size}), got {schedule[-1][1]}"
+        )
 
 
 @dataclass
@@ -193,6 +241,16 @@ class Recipe:
     """Metrics and progress."""
     push_to_hub: str | None = None
     """Hub repo id to publish the exported checkpoint to (needs adapt.hub and a token)."""
+
+    def __post_init__(self) -> None:
+        length = self.data.max_length
+        for size in self.diffusion.block_sizes():
+            if size > length or length % size:
+                valid = [b for b in range(1, length + 1) if length % b == 0]
+                raise AdaptError(
+                    f"block size {size} must divide data.max_length ({length}); valid block sizes: "
+                    f"{', '.join(map(str, valid))}"
+                )
 
 
 # ----------------------------------------------------------------------------- loading

@@ -49,8 +49,8 @@ def maskable_positions(
 ) -> torch.Tensor:
     """Positions that may be masked (and so enter the loss). [b, l] -> bool [b, l]
 
-    Real tokens (padding too when `train_on_padding`), never prompt tokens, never position 0 with
-    `shift` (nothing before it could predict it).
+    Real tokens (padding too when `train_on_padding`), never prompt tokens, never column 0 or a row's
+    first real token with `shift` (nothing before it could predict it).
     """
     if train_on_padding:
         allowed = torch.ones_like(attention_mask, dtype=torch.bool)
@@ -60,6 +60,8 @@ def maskable_positions(
         allowed &= ~prompt_mask.bool()
     if shift:
         allowed[:, 0] = False
+        real = attention_mask.bool()
+        allowed &= ~(real & (real.long().cumsum(-1) == 1))  # a left-padded row's first real token
     return allowed
 
 

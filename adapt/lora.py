@@ -7,7 +7,7 @@ from torch import nn
 from adapt.checkpoint import read_settings
 from adapt.config import LoraSettings, Recipe
 from adapt.errors import AdaptError, first_line
-from adapt.objective import causal_lm_of
+from adapt.objectives.loss import causal_lm_of
 
 
 def lora_target_modules(model: nn.Module) -> list[str]:

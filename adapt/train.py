@@ -21,19 +21,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from adapt.attention import position_ids_from_mask
 from adapt.checkpoint import DiffusionSettings, atomic_dir, read_settings
-from adapt.config import DiffusionConfig, ModelConfig, Recipe, recipe_to_dict, save_recipe
-from adapt.diffusion import (
-    build_attention_mask,
-    complementary_mask,
-    mask_tokens,
-    maskable_positions,
-    sample_t,
-)
+from adapt.config import ModelConfig, Recipe, recipe_to_dict, save_recipe
 from adapt.errors import AdaptError
 from adapt.lora import apply_lora, check_adapter_export
-from adapt.objective import MaskedDiffusionObjective, causal_lm_of, check_fast_path
+from adapt.objectives import Objective, make_objective
+from adapt.objectives.loss import TokenLoss, causal_lm_of, check_fast_path
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +65,12 @@ class Session:
     recipe: Recipe
     accelerator: Any
     objective: Any
-    """The prepared `MaskedDiffusionObjective` (wrapped for DDP/FSDP when distributed)."""
+    """The prepared `TokenLoss` around the model (wrapped for DDP/FSDP when distributed)."""
     tokenizer: Any
     settings: DiffusionSettings
+    """What the export records (the objective's settings applied)."""
+    noiser: Objective
+    """The training objective: turns clean batches into `TokenLoss` inputs."""
     optimizer: Any
     scheduler: Any
     train_loader: Any
@@ -126,7 +122,9 @@ def setup(recipe: Recipe) -> Session:
             gradient_checkpointing_kwargs={"use_reentrant": False}
         )
     fast = check_fast_path(model, probe_ids)
-    objective = MaskedDiffusionObjective(model, fast=fast).train()
+    noiser = make_objective(recipe.diffusion, settings)
+    warn_objective_change(settings, recipe)
+    objective = TokenLoss(model, fast=fast).train()
     train_loader, eval_loader = build_loaders(recipe, tokenizer)
     optimizer = build_optimizer(objective, recipe)
     per_epoch = max(1, len(train_loader) // accelerator.num_processes // t.grad_accumulation)
@@ -142,7 +140,8 @@ def setup(recipe: Recipe) -> Session:
         accelerator,
         objective,
         tokenizer,
-        settings,
+        noiser.record(settings),
+        noiser,
         optimizer,
         scheduler,
         train_loader,
@@ -235,68 +234,24 @@ def build_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, total: int
 
 
 def make_inputs(
-    session: Session, batch: dict[str, torch.Tensor], step: int, generator: torch.Generator
+    session: Session, batch: dict[str, torch.Tensor], step: int | None, generator: torch.Generator
 ) -> dict:
-    """Noise a clean batch into the objective's inputs, as the session's recipe says."""
-    d = session.recipe.diffusion
-    return noise_batch(batch, step, generator, d, session.settings, mask_dtype(session))
+    """Noise a clean batch into the loss's inputs with the session's objective (step None: final setting)."""
+    return session.noiser.inputs(batch, step, generator, mask_dtype(session))
 
 
-def noise_batch(
-    batch: dict[str, torch.Tensor],
-    step: int,
-    generator: torch.Generator,
-    d: DiffusionConfig,
-    settings: DiffusionSettings,
-    dtype: torch.dtype,
-) -> dict[str, torch.Tensor | None]:
-    """A clean batch -> the inputs of `MaskedDiffusionObjective` (both views with complementary masking).
-
-    batch: input_ids, attention_mask [b, l], optional prompt_mask, segment_ids, position_ids [b, l].
-    """
-    shift, mask_id = settings.shift, settings.mask_token_id
-    ids, am = batch["input_ids"], batch["attention_mask"]  # [b, l]
-    prompt = batch.get("prompt_mask")
-    maskable = maskable_positions(am, shift, prompt, d.train_on_padding)  # [b, l]
-    t = sample_t(ids.shape[0], d.eps, d.low_discrepancy, generator, ids.device)  # [b]
-    noisy, masked = mask_tokens(ids, t, mask_id, maskable, generator)
-    if d.complementary_masking:
-        other = complementary_mask(masked, maskable)
-        noisy = torch.cat([noisy, ids.masked_fill(other, mask_id)])  # [2b, l]
-        masked, t = torch.cat([masked, other]), torch.cat([t, (1.0 - t).clamp(min=d.eps)])
-        ids, am, maskable = ids.repeat(2, 1), am.repeat(2, 1), maskable.repeat(2, 1)
-        prompt = None if prompt is None else prompt.repeat(2, 1)
-    # SFT normalises by the response length, pretraining by the sequence length
-    norm = maskable.sum(-1).clamp(min=1).float() if prompt is not None else torch.full_like(t, ids.shape[1])
-    segments = segment_allowed(batch, repeat=2 if d.complementary_masking else 1)
-    attn = build_attention_mask(am, dtype, step, d.anneal_steps, segments, generator)
-    position_ids = batch.get("position_ids")
-    if position_ids is None and not bool(am.all()):
-        position_ids = position_ids_from_mask(am)
-    elif position_ids is not None and d.complementary_masking:
-        position_ids = position_ids.repeat(2, 1)
-    rows, cols = masked.nonzero(as_tuple=True)  # [n], [n]
-    weights = 1.0 / (t[rows] * norm[rows] * ids.shape[0])  # [n]: 1/t, per-sample normaliser, batch mean
-    return {
-        "input_ids": noisy,
-        "attention_mask": attn,
-        "position_ids": position_ids,
-        "rows": rows,
-        "cols": cols - 1 if shift else cols,
-        "targets": ids[rows, cols],
-        "weights": weights,
-    }
-
-
-def segment_allowed(batch: dict[str, torch.Tensor], repeat: int = 1) -> torch.Tensor | None:
-    """Block-diagonal document pattern [b, 1, l, l] for packed batches that carry document ids."""
-    docs = batch.get("segment_ids")
-    if docs is None:
-        return None
-    from adapt.data import document_mask
-
-    allowed = document_mask(docs)
-    return allowed.repeat(repeat, 1, 1, 1) if repeat > 1 else allowed
+def warn_objective_change(settings: DiffusionSettings, recipe: Recipe) -> None:
+    """Say so when the recipe trains a block checkpoint with another objective or block size."""
+    wanted = recipe.diffusion.block_size
+    if settings.block_size is not None and settings.block_size != wanted:
+        now = f"block size {wanted}" if wanted else "the full-attention objective"
+        log.warning(
+            "the model is a block-diffusion checkpoint (block size %d); training it with %s, and the export "
+            "records that (set diffusion.block_size=%d to keep its blocks)",
+            settings.block_size,
+            now,
+            settings.block_size,
+        )
 
 
 def mask_dtype(session: Session) -> torch.dtype:
@@ -316,25 +271,12 @@ def step_generator(session: Session, step: int, micro: int, device: torch.device
     return torch.Generator(device=device).manual_seed(key % (2**63 - 1))
 
 
-def open_fraction(attention_mask: torch.Tensor, real: torch.Tensor) -> float:
-    """Share of future edges between real tokens that are open, over the batch; 1.0 for a 2D mask.
-
-    attention_mask: the model's mask ([b, l] or additive [b, 1, l, l]); real: [b, l] padding mask.
-    """
-    if attention_mask.ndim == 2:
-        return 1.0
-    opened = attention_mask[:, 0] == 0  # [b, l, l]
-    real = real.bool()
-    pairs = real[:, :, None] & real[:, None, :] & torch.ones_like(opened[0]).triu(1)  # [b, l, l]
-    return float((opened & pairs).sum() / pairs.sum().clamp(min=1))
-
-
-def train_step(session: Session, batches: Any) -> tuple[torch.Tensor, int, float]:
-    """Forward/backward over grad_accumulation micro-batches: (mean loss, real tokens, open fraction)."""
+def train_step(session: Session, batches: Any) -> tuple[torch.Tensor, int, dict[str, float]]:
+    """Forward/backward over grad_accumulation micro-batches: (mean loss, real tokens, step metrics)."""
     acc, ga = session.accelerator, session.recipe.training.grad_accumulation
     step = session.state.step
     total = torch.zeros((), device=acc.device)
-    tokens, opened = 0, 0.0
+    tokens, metrics = 0, {}
     for micro in range(ga):
         batch = next(batches)
         inputs = make_inputs(session, batch, step, step_generator(session, step, micro, acc.device))
@@ -344,8 +286,9 @@ def train_step(session: Session, batches: Any) -> tuple[torch.Tensor, int, float
             acc.backward(loss / ga)
         total += loss.detach() / ga
         tokens += int(batch["attention_mask"].sum())
-        opened += open_fraction(inputs["attention_mask"], batch["attention_mask"]) / ga
-    return total, tokens, opened
+        for name, value in session.noiser.step_metrics(step, batch, inputs).items():
+            metrics[name] = metrics.get(name, 0.0) + value / ga
+    return total, tokens, metrics
 
 
 def micro_batches(session: Session) -> Any:
@@ -375,7 +318,7 @@ def fit(session: Session) -> TrainState:
     batches, bar, window = micro_batches(session), progress_bar(session), Window()
     with InterruptFlag() as interrupt:
         while state.step < session.total_steps:
-            loss, tokens, opened = train_step(session, batches)
+            loss, tokens, step_metrics = train_step(session, batches)
             loss, tokens = reduce_step(acc, loss, tokens)
             if not math.isfinite(loss):
                 raise AdaptError(
@@ -388,7 +331,7 @@ def fit(session: Session) -> TrainState:
             session.scheduler.step()
             session.optimizer.zero_grad(set_to_none=True)
             state.step, state.tokens_seen = state.step + 1, state.tokens_seen + tokens
-            window.add(loss, tokens, opened)
+            window.add(loss, tokens, step_metrics)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{window.rate():.0f}")
             if state.step % session.recipe.logging.log_every == 0 or state.step == session.total_steps:
@@ -444,11 +387,13 @@ class Window:
     """Running averages between two log lines."""
 
     def __init__(self) -> None:
-        self.start, self.losses, self.tokens, self.opened = time.perf_counter(), [], 0, []
+        self.start, self.losses, self.tokens = time.perf_counter(), [], 0
+        self.metrics: dict[str, list[float]] = {}
 
-    def add(self, loss: float, tokens: int, opened: float) -> None:
+    def add(self, loss: float, tokens: int, metrics: dict[str, float]) -> None:
         self.losses.append(loss)
-        self.opened.append(opened)
+        for name, value in metrics.items():
+            self.metrics.setdefault(name, []).append(value)
         self.tokens += tokens
 
     def rate(self) -> float:
@@ -463,15 +408,15 @@ class Window:
             "tokens_per_s": self.rate(),
             "tokens_seen": state.tokens_seen,
             "epoch": state.epoch,
-            "attention_open": sum(self.opened) / max(1, len(self.opened)),
         }
+        metrics.update({name: sum(v) / len(v) for name, v in self.metrics.items()})
         self.__init__()
         return metrics
 
 
 @torch.no_grad()
 def evaluate(session: Session) -> float | None:
-    """Mean diffusion loss on the held-out split, fully bidirectional, with a fixed masking seed.
+    """Mean diffusion loss on the held-out split at the objective's final setting, with a fixed masking seed.
 
     Also sets `state.eval_accuracy`: the share of masked tokens whose argmax is right (t ~ U(eps, 1)).
     """
@@ -481,12 +426,11 @@ def evaluate(session: Session) -> float | None:
     objective.eval()
     limit = session.recipe.training.eval_batches
     total = torch.zeros(4, device=acc.device)  # loss * rows, rows, correct, masked
-    final_step = max(session.recipe.diffusion.anneal_steps, 0)
     for i, batch in enumerate(session.eval_loader):
         if limit is not None and i >= limit:
             break
         gen = step_generator(session, -1, i, acc.device)
-        inputs = make_inputs(session, batch, final_step, gen)
+        inputs = make_inputs(session, batch, None, gen)
         loss, _, correct = objective(**inputs)
         size = float(batch["input_ids"].shape[0])
         counts = [loss.float() * size, size, correct.sum().float(), float(correct.numel())]

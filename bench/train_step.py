@@ -5,7 +5,7 @@ python bench/train_step.py --vocab 32000 --steps 20 --threads 2
 
 Both steps run the same architecture and weights with AdamW: the AR step is stock transformers
 (`model(input_ids, labels=input_ids).loss`, causal attention); the diffusion step is adapt's
-(`adapt.train.noise_batch` + `MaskedDiffusionObjective`: t, masking, bidirectional attention,
+(`adapt.objectives.masked.noise_batch` + `TokenLoss`: t, masking, bidirectional attention,
 LM head on the masked positions only, 1/t-weighted loss). The two are timed in interleaved rounds
 and the median step time of each is reported. The diffusion step with full [b, l, V] logits is
 timed too, to show what computing the head only where the loss lives buys.
@@ -42,7 +42,7 @@ def ar_step(model: torch.nn.Module, opt: torch.optim.Optimizer, ids: torch.Tenso
 
 
 def diffusion_step(objective, opt, ids: torch.Tensor, step: int, settings, diffusion) -> float:  # noqa: ANN001
-    from adapt.train import noise_batch
+    from adapt.objectives.masked import noise_batch
 
     gen = torch.Generator().manual_seed(step)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -80,15 +80,15 @@ def main() -> None:
 
     from adapt.checkpoint import DiffusionSettings
     from adapt.config import DiffusionConfig
-    from adapt.objective import MaskedDiffusionObjective
+    from adapt.objectives.loss import TokenLoss
 
     ar = build(args.vocab, args.hidden, args.layers, args.seq)
     diff_model = copy.deepcopy(ar)
     diff_model.config.is_causal = False
     settings = DiffusionSettings(mask_token_id=args.vocab - 1, shift=True)
     diffusion = DiffusionConfig(low_discrepancy=True)
-    fast = MaskedDiffusionObjective(diff_model, fast=True)
-    full = MaskedDiffusionObjective(diff_model, fast=False)
+    fast = TokenLoss(diff_model, fast=True)
+    full = TokenLoss(diff_model, fast=False)
     opts = {"ar": torch.optim.AdamW(ar.parameters(), lr=1e-4)}
     opts["diff"] = torch.optim.AdamW(diff_model.parameters(), lr=1e-4)
     gen = torch.Generator().manual_seed(0)

@@ -349,8 +349,8 @@ def test_fast_objective_equals_reference_loss_on_every_architecture(converted: d
     from adapt.checkpoint import load_diffusion_model
     from adapt.config import DiffusionConfig
     from adapt.convert import ordinary_token_ids
-    from adapt.objective import MaskedDiffusionObjective, check_fast_path
-    from adapt.train import noise_batch
+    from adapt.objectives.loss import TokenLoss, check_fast_path
+    from adapt.objectives.masked import noise_batch
 
     model, tokenizer, settings = load_diffusion_model(converted[arch])
     assert check_fast_path(model, ordinary_token_ids(model, tokenizer)), arch
@@ -365,8 +365,8 @@ def test_fast_objective_equals_reference_loss_on_every_architecture(converted: d
     rows = masked.nonzero(as_tuple=True)[0]
     t = torch.zeros(3).index_put((rows,), 1.0 / (inputs["weights"] * 3 * 12))
     with torch.no_grad():
-        fast, _, fast_correct = MaskedDiffusionObjective(model, fast=True)(**inputs)
-        full, _, full_correct = MaskedDiffusionObjective(model, fast=False)(**inputs)
+        fast, _, fast_correct = TokenLoss(model, fast=True)(**inputs)
+        full, _, full_correct = TokenLoss(model, fast=False)(**inputs)
         logits = model(
             input_ids=inputs["input_ids"], attention_mask=am, position_ids=inputs["position_ids"]
         ).logits
@@ -379,7 +379,7 @@ def test_fast_objective_equals_reference_loss_on_every_architecture(converted: d
 def test_fast_path_handles_soft_capped_heads() -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from adapt.objective import MaskedDiffusionObjective, check_fast_path, head_logits
+    from adapt.objectives.loss import TokenLoss, check_fast_path, head_logits
 
     config = AutoConfig.for_model(
         "gemma2", vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -393,7 +393,7 @@ def test_fast_path_handles_soft_capped_heads() -> None:
     bare = model.get_output_embeddings()(hidden)
     assert bare.abs().max() > 0.1, "the probe must exceed the cap for the check to mean anything"
     torch.testing.assert_close(
-        MaskedDiffusionObjective(model).logits_at(ids, torch.ones_like(ids), None, torch.zeros(8).long(),
+        TokenLoss(model).logits_at(ids, torch.ones_like(ids), None, torch.zeros(8).long(),
                                                   torch.arange(8)),
         model(input_ids=ids).logits[0],
     )  # fmt: skip

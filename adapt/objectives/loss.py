@@ -1,7 +1,9 @@
-"""The diffusion training step as one module: noisy tokens in, weighted masked-token loss out.
+"""The loss every objective shares: the model's prediction at chosen positions, weighted cross-entropy.
 
-`MaskedDiffusionObjective` wraps a (converted, possibly peft) causal LM so that Accelerate can
-prepare it as a whole (DDP/FSDP see one forward). Its fast path runs the decoder for hidden states
+An objective (`adapt.objectives`) decides what the model sees (noisy tokens, attention mask, positions)
+and where each target's prediction is read (rows, cols, already shifted); `TokenLoss` runs the model
+once and scores those positions. It wraps a (converted, possibly peft) causal LM so that Accelerate
+can prepare it as a whole (DDP/FSDP see one forward). Its fast path runs the decoder for hidden states
 and applies the LM head only at the masked positions, which is where the loss lives; computing the
 full [b, l, V] logits is the dominant cost of a small model's step. Architectures whose head is more
 than a linear layer (logit soft-capping, scaling) are handled, and a model whose fast path does not
@@ -17,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class MaskedDiffusionObjective(nn.Module):
-    """Loss of one diffusion training view, computed at the masked positions only."""
+class TokenLoss(nn.Module):
+    """Weighted cross-entropy of the model's predictions at chosen positions (the masked ones)."""
 
     def __init__(self, model: nn.Module, fast: bool = True) -> None:
         super().__init__()
@@ -98,7 +100,7 @@ def check_fast_path(model: nn.Module, vocab_ids: list[int], length: int = 8) -> 
         rows = torch.tensor([0, 0, 1, 1], device=ids.device)
         cols = torch.tensor([0, length - 1, 1, length // 2], device=ids.device)
         full = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[rows, cols]
-        fast = MaskedDiffusionObjective(model).logits_at(ids, mask, None, rows, cols)
+        fast = TokenLoss(model).logits_at(ids, mask, None, rows, cols)
         return bool(torch.allclose(full.float(), fast.float(), atol=1e-4, rtol=1e-3))
     except (AttributeError, TypeError, NotImplementedError):
         return False
