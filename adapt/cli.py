@@ -250,7 +250,10 @@ def sample_cmd(
     temperature: Annotated[float, typer.Option(help="0: greedy; > 0: Gumbel sampling.")] = 0.0,
     top_k: Annotated[int, typer.Option(help="Top-k filtering (0: off).")] = 0,
     top_p: Annotated[float, typer.Option(help="Nucleus filtering (1: off).")] = 1.0,
-    cache: Annotated[str, typer.Option(help="KV cache: none, prefix or dual (approximate).")] = "none",
+    cache: Annotated[
+        str,
+        typer.Option(help="KV cache: auto, none, prefix or dual (auto: exact prefix for block checkpoints)."),
+    ] = "auto",
     cache_refresh: Annotated[int, typer.Option(help="Recompute the cache every N steps (0: per block).")] = 0,
     stop_at_eos: Annotated[bool, typer.Option(help="Cut at EOS; stop once every output has one.")] = True,
     eos_penalty: Annotated[float, typer.Option(help="Subtract from the EOS logit (EOS flooding).")] = 0.0,

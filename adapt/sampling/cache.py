@@ -101,3 +101,85 @@ class Denoiser:
         logits = self._forward(ids[:, lo:hi], mask, positions[:, lo:hi], keep - lo, use_cache=True, **kw)
         self.cache.crop(-(hi - lo))  # drop the query's keys; the cache is as it was
         return logits
+
+
+class BlockDenoiser:
+    """Forward passes of a block-diffusion checkpoint, block-causal, with or without its exact KV cache.
+
+    The canvas is decoded in model blocks of `block_size` columns (rows are right-padded so that column
+    = position). A query in block c sees blocks <= c, never the masked blocks after it.
+    - uncached (the reference): every step recomputes columns [0, hi) under the block-causal mask.
+    - cached: committed blocks never change, so their keys/values are exact. A block's first step feeds
+      the columns not yet cached (the block just committed, clean, and the new block) and keeps the
+      committed ones in the cache; later steps feed the block alone. With shift, the prediction for the
+      block's first token comes from the previous block's last column, computed in that first step.
+    """
+
+    def __init__(self, model: Any, block_size: int, cached: bool) -> None:
+        self.model = model
+        self.block_size = block_size
+        self.cached = cached
+        params = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._can_keep = "logits_to_keep" in params
+        self.cache: Any = None
+        self.committed = 0  # columns [0, committed) are in the cache
+        self.lo = self.hi = 0
+        self.first_step = True
+        self.earlier: dict[int, torch.Tensor] = {}  # logits [b, V] of committed columns, from the first step
+        self.nfe = 0
+
+    def start_block(self, lo: int, hi: int) -> None:
+        """The coming steps denoise columns up to `hi` of the model block that holds column hi - 1."""
+        self.hi = hi
+        self.lo = (hi - 1) // self.block_size * self.block_size
+        self.first_step, self.earlier = True, {}
+
+    def logits(
+        self, ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits [b, k, V] of the canvas columns `keep` [k] (sorted, < hi)."""
+        self.nfe += 1
+        if not self.cached:
+            return self._forward(ids, attention, positions, 0, keep)
+        # the first step also feeds the committed columns not cached yet; later steps the block alone
+        first = self.committed if self.first_step else self.lo
+        self.first_step = False
+        fresh = keep[keep >= first]
+        logits = self._forward(ids, attention, positions, first, fresh)  # [b, f, V]
+        index = {c: i for i, c in enumerate(fresh.tolist())}
+        for c, i in index.items():
+            if c < self.lo:  # committed: what it predicts never changes within the block
+                self.earlier[c] = logits[:, i]
+        self.cache.crop(-(self.hi - self.lo))  # drop the block: the cache holds the committed columns
+        self.committed = self.lo
+        parts = [self.earlier[c] if c < self.lo else logits[:, index[c]] for c in keep.tolist()]
+        return torch.stack(parts, dim=1)
+
+    def _forward(
+        self,
+        ids: torch.Tensor,
+        attention: torch.Tensor,
+        positions: torch.Tensor,
+        first: int,
+        keep: torch.Tensor,
+    ) -> torch.Tensor:
+        """Logits at `keep` of queries [first, hi) attending block-causally to columns [0, hi)."""
+        from transformers import DynamicCache
+
+        from adapt.attention import block_causal_allowed, to_additive
+
+        dtype = next(self.model.parameters()).dtype
+        hi = self.hi
+        allowed = block_causal_allowed(positions[:, :hi], self.block_size, attention[:, :hi])
+        kw: dict[str, Any] = {"attention_mask": to_additive(allowed[:, :, first:hi], dtype)}
+        if self.cached:
+            if self.cache is None:
+                self.cache = DynamicCache(config=self.model.config)
+            kw[self._cache_kw] = self.cache
+        if self._can_keep:
+            kw["logits_to_keep"] = keep - first
+        out = self.model(
+            input_ids=ids[:, first:hi], position_ids=positions[:, first:hi], use_cache=self.cached, **kw
+        )
+        return out.logits if self._can_keep else out.logits[:, keep - first]

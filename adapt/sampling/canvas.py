@@ -1,7 +1,9 @@
-"""The canvas: prompts (or infilling templates) followed by mask tokens, left-padded into one batch.
+"""The canvas: prompts (or infilling templates) followed by mask tokens, padded into one batch.
 
-Left padding keeps every generated region right-aligned, so blocks line up across the batch; positions
-come from `adapt.attention.position_ids_from_mask`, so padding never shifts a row's positions.
+Full-attention checkpoints pad on the left: every generated region is right-aligned, so blocks line up
+across the batch. Block-diffusion checkpoints pad on the right: every row starts at column 0, so column
+= position and the model's blocks (position // B) share their columns across the batch. Positions come
+from `adapt.attention.position_ids_from_mask`, so padding never shifts a row's positions.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class Canvas:
     attention_mask: torch.Tensor  # [b, l] 1 for real tokens, 0 for left padding
     position_ids: torch.Tensor  # [b, l]
     start: torch.Tensor  # [b] column of each row's first mask (start of its generated region)
+    end: torch.Tensor  # [b] column after each row's last token (the canvas length with left padding)
     infill: list[bool]  # per row: a template with masks inside (its text after the masks is kept)
     prompts: list[list[int]]  # the unpadded rows as they started
 
@@ -64,8 +67,9 @@ def build_canvas(
     chat: bool,
     max_length: int | None,
     device: torch.device,
+    side: str = "left",
 ) -> Canvas:
-    """Rows = prompt + gen_length masks (or a template with masks), left-padded to one length."""
+    """Rows = prompt + gen_length masks (or a template with masks), padded on `side` to one length."""
     if not prompts:
         raise AdaptError("no prompts given")
     mask_id = settings.mask_token_id
@@ -86,7 +90,7 @@ def build_canvas(
                 f"prompt plus output is {len(ids)} tokens, longer than the model's context of {max_length}; "
                 "shorten the prompt or lower --gen-length"
             )
-    return pad_left(rows, mask_id, pad_id(tokenizer), device)
+    return pad_rows(rows, mask_id, pad_id(tokenizer), device, side)
 
 
 def with_first_token(ids: list[int], tokenizer: Any, settings: DiffusionSettings) -> list[int]:
@@ -113,21 +117,27 @@ def pad_id(tokenizer: Any) -> int:
     return 0
 
 
-def pad_left(rows: list[list[int]], mask_id: int, pad: int, device: torch.device) -> Canvas:
+def pad_rows(
+    rows: list[list[int]], mask_id: int, pad: int, device: torch.device, side: str = "left"
+) -> Canvas:
+    """One [b, l] canvas from rows of different lengths, padded on the left or on the right."""
     length = max(len(r) for r in rows)
     ids = torch.full((len(rows), length), pad, dtype=torch.long)
     attention = torch.zeros((len(rows), length), dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, length - len(r) :] = torch.tensor(r, dtype=torch.long)
-        attention[i, length - len(r) :] = 1
+        span = slice(length - len(r), length) if side == "left" else slice(0, len(r))
+        ids[i, span] = torch.tensor(r, dtype=torch.long)
+        attention[i, span] = 1
     is_mask = ids == mask_id
     start = is_mask.long().argmax(-1)  # [b] first mask column
-    infill = [bool((~is_mask[i, int(start[i]) :]).any()) for i in range(len(rows))]
+    end = torch.tensor([length if side == "left" else len(r) for r in rows])
+    infill = [bool((~is_mask[i, int(start[i]) : int(end[i])]).any()) for i in range(len(rows))]
     return Canvas(
         ids=ids.to(device),
         attention_mask=attention.to(device),
         position_ids=position_ids_from_mask(attention).to(device),
         start=start.to(device),
+        end=end.to(device),
         infill=infill,
         prompts=[list(r) for r in rows],
     )

@@ -8,7 +8,7 @@ from typing import Literal
 from adapt.errors import AdaptError
 
 Strategy = Literal["low_confidence", "random", "margin", "entropy", "threshold", "entropy_bounded"]
-CacheMode = Literal["none", "prefix", "dual"]
+CacheMode = Literal["auto", "none", "prefix", "dual"]
 STRATEGIES: tuple[str, ...] = (
     "low_confidence",
     "random",
@@ -17,7 +17,7 @@ STRATEGIES: tuple[str, ...] = (
     "threshold",
     "entropy_bounded",
 )
-CACHE_MODES: tuple[str, ...] = ("none", "prefix", "dual")
+CACHE_MODES: tuple[str, ...] = ("auto", "none", "prefix", "dual")
 
 
 @dataclass
@@ -29,7 +29,8 @@ class SamplingConfig:
     steps: int | None = None
     """Denoising steps over the whole output for scheduled strategies (default: gen_length)."""
     block_length: int | None = None
-    """Semi-autoregressive block size: blocks are denoised left to right (default: gen_length)."""
+    """Semi-autoregressive block size: blocks are denoised left to right (default: gen_length; for a
+    block-diffusion checkpoint its own block size, and a multiple of it only groups the step budget)."""
     strategy: Strategy = "low_confidence"
     """Which masked positions to unmask at each step."""
     threshold: float = 0.9
@@ -42,8 +43,9 @@ class SamplingConfig:
     """Keep only the k most likely tokens before sampling (0: off)."""
     top_p: float = 1.0
     """Nucleus sampling: keep the smallest set of tokens with this total probability (1: off)."""
-    cache: CacheMode = "none"
-    """KV cache: none, prefix (prompt and finished blocks) or dual (prefix and the masked suffix)."""
+    cache: CacheMode = "auto"
+    """KV cache: none, prefix (prompt and finished blocks) or dual (prefix and the masked suffix); auto is
+    prefix for block-diffusion checkpoints (exact) and none for full-attention ones (approximate)."""
     cache_refresh: int = 0
     """Also recompute the cache every N steps inside a block (0: only when a block starts)."""
     stop_at_eos: bool = True

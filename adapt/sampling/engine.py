@@ -2,14 +2,16 @@
 
 Each step runs the model once, reads the prediction of every masked position of the current block
 (from the previous column when the checkpoint has `shift`), proposes a token for each, and lets the
-strategy choose which to keep. Rows are independent: each has its own generated region (`Canvas.start`)
-and blocks count from there, so a batch gives the tokens each prompt gives alone.
+strategy choose which to keep. Rows are independent, so a batch gives the tokens each prompt gives alone:
+- full-attention checkpoints: each row's blocks count from its own generated region (`Canvas.start`);
+- block-diffusion checkpoints (`block_size` recorded): the blocks are the model's own, position // B, the
+  attention is block-causal and the KV cache of committed blocks is exact (`BlockDenoiser`).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +19,7 @@ import torch
 
 from adapt.checkpoint import DiffusionSettings, read_settings
 from adapt.errors import AdaptError
-from adapt.sampling.cache import Denoiser
+from adapt.sampling.cache import BlockDenoiser, Denoiser
 from adapt.sampling.canvas import Canvas, build_canvas
 from adapt.sampling.config import GenerationOutput, SamplingConfig
 from adapt.sampling.strategies import Strategy, make_strategy, propose, schedule
@@ -53,11 +55,26 @@ def generate(
         raise AdaptError(
             "the model is not a diffusion checkpoint (no diffusion settings); run `adapt convert`"
         )
+    config = resolve_cache(config, settings)
     device = next(model.parameters()).device
+    side = "right" if settings.block_size else "left"
     canvas = build_canvas(
-        prompts, tokenizer, settings, config.gen_length, config.chat, context_length(model.config), device
+        prompts,
+        tokenizer,
+        settings,
+        config.gen_length,
+        config.chat,
+        context_length(model.config),
+        device,
+        side,
     )
-    groups = cache_groups(canvas) if config.cache != "none" else [list(range(len(prompts)))]
+    if settings.block_size and any(canvas.infill):
+        raise AdaptError(
+            f"infilling needs a full-attention checkpoint: this one is block-causal (block size "
+            f"{settings.block_size}), so a block never sees the text after it"
+        )
+    approximate = config.cache != "none" and not settings.block_size
+    groups = cache_groups(canvas) if approximate else [list(range(len(prompts)))]
     if len(groups) > 1:
         parts = [
             generate(model, tokenizer, [prompts[i] for i in g], config, settings, strategy, on_step)
@@ -67,7 +84,7 @@ def generate(
     strategy = strategy or make_strategy(config)
     eos_ids = eos_token_ids(tokenizer, model)
     generator = torch.Generator(device=device).manual_seed(config.seed)
-    denoiser = Denoiser(model, config.cache, config.cache_refresh)
+    denoiser = make_denoiser(model, config, settings)
     state = _Run(canvas, config, settings, strategy, eos_ids, generator, denoiser, on_step, tokenizer)
     _sync(device)
     t0 = time.perf_counter()
@@ -85,6 +102,35 @@ def generate(
         tokens=state.decoded,
         prompts=canvas.prompts,
     )
+
+
+def resolve_cache(config: SamplingConfig, settings: DiffusionSettings) -> SamplingConfig:
+    """`cache=auto` made concrete, and the sampling settings checked against a block checkpoint."""
+    import dataclasses
+
+    block = settings.block_size
+    if config.cache == "auto":
+        return resolve_cache(dataclasses.replace(config, cache="prefix" if block else "none"), settings)
+    if not block:
+        return config
+    if config.cache == "dual":
+        raise AdaptError(
+            f"--cache dual is for full-attention checkpoints; this block checkpoint (block size {block}) "
+            "has an exact cache: use --cache prefix (the default) or none"
+        )
+    if config.block_length is not None and config.block_length % block:
+        raise AdaptError(
+            f"--block-length {config.block_length} must be a multiple of the checkpoint's block size {block} "
+            f"(e.g. {block} or {2 * block}), or left out"
+        )
+    return config
+
+
+def make_denoiser(model: Any, config: SamplingConfig, settings: DiffusionSettings) -> Any:
+    """The forward passes a checkpoint needs: block-causal with an exact cache, or full attention."""
+    if settings.block_size:
+        return BlockDenoiser(model, settings.block_size, cached=config.cache == "prefix")
+    return Denoiser(model, config.cache, config.cache_refresh)
 
 
 def cache_groups(canvas: Canvas) -> list[list[int]]:
@@ -142,33 +188,52 @@ class _Run:
         self.done = torch.zeros(len(canvas.prompts), dtype=torch.bool, device=canvas.ids.device)  # [b]
         self.decoded = 0
         self.vocab = max(len(tokenizer), settings.mask_token_id + 1)
+        self.model_block = settings.block_size  # None: full attention, blocks are the config's
+        self.width = self.model_block or config.block  # columns of one block
+        steps = config.steps if config.steps is not None else config.gen_length
+        self.steps_per_block = (
+            max(1, steps * self.model_block // config.gen_length)
+            if self.model_block
+            else config.steps_per_block
+        )
 
     def run(self) -> None:
-        length = self.ids.shape[1]
-        block = self.config.block
-        blocks = max(-(-(length - int(s)) // block) for s in self.canvas.start.tolist())
-        for i in range(blocks):
-            begin = self.canvas.start + i * block  # [b] first column of each row's block
-            end = (begin + block).clamp(max=length)  # [b]
+        for i, (begin, end) in enumerate(self.plan()):
+            if not bool(((end > begin) & ~self.done).any()):
+                continue  # no row generates here (the prompts of other rows)
             self.run_block(i, begin, end)
             self.update_done(end)
             if bool(self.done.all()):
                 break
 
+    def plan(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(begin [b], end [b]) of every block, in order: each row's columns to decode in that block."""
+        start, stop = self.canvas.start, self.canvas.end
+        if self.model_block is None:  # semi-autoregressive blocks counted from each row's region
+            for i in range(
+                max(-(-(int(e) - int(s)) // self.width) for s, e in zip(start, stop, strict=True))
+            ):
+                begin = start + i * self.width
+                yield begin, (begin + self.width).clamp(max=stop)
+            return
+        size = self.model_block  # the model's blocks: the same columns for every row
+        for c in range(int(start.min()) // size, (int(stop.max()) - 1) // size + 1):
+            yield start.clamp(min=c * size), stop.clamp(max=(c + 1) * size)
+
     def run_block(self, index: int, begin: torch.Tensor, end: torch.Tensor) -> None:
         length = self.ids.shape[1]
-        window = begin[:, None] + torch.arange(self.config.block, device=begin.device)[None, :]  # [b, w]
+        window = begin[:, None] + torch.arange(self.width, device=begin.device)[None, :]  # [b, w]
         valid = (window < end[:, None]) & ~self.done[:, None]  # [b, w]
         window = window.clamp(max=length - 1)
         lo = max(int(begin.min()) - self.shift, 0)
         hi = int(end.max())
-        self.denoiser.start_block(lo, hi if self.config.cache == "dual" else length)
+        self.denoiser.start_block(lo, hi if self.config.cache == "dual" or self.model_block else length)
         source = window - self.shift  # [b, w] the column whose logits predict each window position
 
         candidates = valid & (self.ids.gather(1, window) == self.mask_id)  # [b, w]
         masked = candidates.sum(-1)  # [b]
         if self.strategy.scheduled:
-            steps = self.config.steps_per_block
+            steps = self.steps_per_block
             k_table = row_schedule(masked, steps)  # [b, steps]
             max_steps = int(torch.minimum(masked, torch.tensor(steps)).max())
         else:
@@ -201,7 +266,7 @@ class _Run:
             if not hit and self.config.stop:
                 text = self.tokenizer.decode(region, skip_special_tokens=True)
                 hit = first_stop(text, self.config.stop) is not None
-            if hit or int(end[r]) >= self.ids.shape[1]:
+            if hit or int(end[r]) >= int(self.canvas.end[r]):
                 self.done[r] = True
 
 
@@ -227,9 +292,9 @@ def finish(
     sequences, texts = [], []
     for r in range(ids.shape[0]):
         if canvas.infill[r]:
-            seq = ids[r, ids.shape[1] - len(canvas.prompts[r]) :].tolist()
+            seq = ids[r, int(canvas.end[r]) - len(canvas.prompts[r]) : int(canvas.end[r])].tolist()
         else:
-            seq = ids[r, int(canvas.start[r]) :].tolist()
+            seq = ids[r, int(canvas.start[r]) : int(canvas.end[r])].tolist()
             if config.stop_at_eos:
                 seq = cut_at(seq, lambda t: t in eos_ids)
             seq = cut_at(seq, lambda t: t == mask_id)  # masks left by rows that stopped early
