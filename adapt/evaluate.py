@@ -3,6 +3,8 @@
 - Diffusion models: the ELBO bound on the NLL, -log p(x) <= E_t [ (1/t) sum_{masked i} -log p(x_i | x_t) ],
   estimated per sequence by Monte Carlo over `mc_samples` stratified (low-discrepancy) t values, reported
   per token with its standard error over sequences; and masked-token accuracy at fixed mask ratios.
+  Block-diffusion checkpoints get their own bound: the sum over blocks of the same expectation for each
+  block given the clean blocks before it (one t per block), computed in one pass as in training.
 - AR models (no diffusion settings): the exact teacher-forced NLL on the same windows, so both sit in
   one table. With shift (the default), both predict tokens 1..L-1 of each window from what precedes.
 - Generative perplexity (MDLM protocol): samples from the diffusion model scored by the source AR
@@ -125,6 +127,10 @@ def elbo_samples(
     k values of t for one window are stratified over (eps, 1). Tokens under `prompt_mask` [n, l] are
     context only: never masked, never scored (the lm-eval continuation likelihood).
     """
+    if settings.block_size:
+        return block_elbo_samples(
+            model, windows, settings, mc_samples, batch_size, eps, generator, prompt_mask
+        )
     device = next(model.parameters()).device
     n, length = windows.shape
     ones = torch.ones(n, length, dtype=torch.long)
@@ -159,6 +165,8 @@ def masked_accuracy(
 
     -> (accuracy, number of masked positions), pooled over all windows.
     """
+    if settings.block_size:
+        return block_masked_accuracy(model, windows, settings, ratio, batch_size, generator)
     device = next(model.parameters()).device
     n, length = windows.shape
     maskable = maskable_positions(torch.ones(n, length, dtype=torch.long), settings.shift)
@@ -174,6 +182,90 @@ def masked_accuracy(
         hits += int(correct.sum())
         total += correct.numel()
     return (hits / total if total else float("nan")), total
+
+
+def block_elbo_samples(
+    model: Any,
+    windows: torch.Tensor,
+    settings: DiffusionSettings,
+    mc_samples: int,
+    batch_size: int = 16,
+    eps: float = 1e-3,
+    generator: torch.Generator | None = None,
+    prompt_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`elbo_samples` for a block-diffusion checkpoint: the k values of t of each block are stratified.
+
+    Each block of a window draws its own t (BD3-LM's bound sums one ELBO per block, given the clean
+    blocks before it); the model sees the pair [x_t ; x_0] under the block-pair mask, as in training.
+    """
+    n, length = windows.shape
+    block = int(settings.block_size or length)
+    maskable = maskable_positions(torch.ones(n, length, dtype=torch.long), settings.shift, prompt_mask)
+    tokens = maskable.sum(-1)  # [n]
+    blocks = -(-length // block)
+    t = torch.stack([sample_t(mc_samples, eps, True, generator) for _ in range(n * blocks)])  # [n*nb, k]
+    t = t.view(n, blocks, mc_samples).transpose(1, 2).reshape(n * mc_samples, blocks)  # [n*k, nb]
+    t_tok = t.repeat_interleave(block, dim=1)[:, :length]  # [n*k, l]
+    ids = windows.repeat_interleave(mc_samples, 0)  # [n*k, l]
+    rows_maskable = maskable.repeat_interleave(mc_samples, 0)
+    masked = (torch.rand(ids.shape, generator=generator) < t_tok) & rows_maskable
+    sums = block_masked_nll(model, ids, masked, t_tok, settings, batch_size)  # [n*k]
+    estimates = sums / tokens.repeat_interleave(mc_samples).double()
+    return estimates.view(n, mc_samples), tokens
+
+
+def block_masked_accuracy(
+    model: Any,
+    windows: torch.Tensor,
+    settings: DiffusionSettings,
+    ratio: float,
+    batch_size: int = 16,
+    generator: torch.Generator | None = None,
+) -> tuple[float, int]:
+    """`masked_accuracy` for a block-diffusion checkpoint (every block masked at `ratio`)."""
+    n, length = windows.shape
+    maskable = maskable_positions(torch.ones(n, length, dtype=torch.long), settings.shift)
+    masked = (torch.rand(windows.shape, generator=generator) < ratio) & maskable
+    t = torch.full(windows.shape, float(ratio))
+    correct = block_masked_nll(model, windows, masked, t, settings, batch_size, hits=True)
+    total = int(masked.sum())
+    return (float(correct.sum()) / total if total else float("nan")), total
+
+
+@torch.no_grad()
+def block_masked_nll(
+    model: Any,
+    ids: torch.Tensor,
+    masked: torch.Tensor,
+    t: torch.Tensor,
+    settings: DiffusionSettings,
+    batch_size: int,
+    hits: bool = False,
+) -> torch.Tensor:
+    """Per row: sum over masked tokens of CE / t (or, with `hits`, the number of argmax hits). -> [rows]"""
+    from adapt.objectives.block import pair_inputs
+    from adapt.objectives.loss import TokenLoss
+
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    loss = TokenLoss(model, fast=True)
+    rows_total, length = ids.shape
+    out = torch.zeros(rows_total, dtype=torch.float64)
+    positions = torch.arange(length)[None].expand(rows_total, length)
+    block = int(settings.block_size or length)
+    for s in range(0, rows_total, batch_size):
+        sl = slice(s, s + batch_size)
+        am = torch.ones_like(ids[sl])  # (the normaliser is not used: weights are applied here)
+        inputs = pair_inputs(
+            ids[sl], am, positions[sl], None, masked[sl], t[sl], masked[sl], block, settings, False, dtype
+        )
+        inputs = {k: v.to(device) if v is not None else v for k, v in inputs.items()}
+        _, nll, correct = loss(**inputs)
+        rows, cols = masked[sl].nonzero(as_tuple=True)
+        value = correct.double().cpu() if hits else nll.double().cpu() / t[sl][rows, cols].double()
+        out[sl] += torch.zeros(ids[sl].shape[0], dtype=torch.float64).index_add(0, rows, value)
+    return out
 
 
 def ar_nll(model: Any, windows: torch.Tensor, batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
@@ -232,6 +324,7 @@ def evaluate_model(path: str, config: EvalConfig) -> dict[str, Any]:
     row = {"model": path, "kind": "diffusion", **summarize(est.mean(1), tokens)}
     row["mc_samples"] = config.mc_samples
     row["shift"] = settings.shift
+    row["block_size"] = settings.block_size
     row["masked_accuracy"] = {
         str(r): masked_accuracy(model, windows, settings, r, config.batch_size, gen)[0]
         for r in config.mask_ratios
