@@ -8,7 +8,8 @@ Both steps run the same architecture and weights with AdamW: the AR step is stoc
 (`adapt.objectives.masked.noise_batch` + `TokenLoss`: t, masking, bidirectional attention,
 LM head on the masked positions only, 1/t-weighted loss). The two are timed in interleaved rounds
 and the median step time of each is reported. The diffusion step with full [b, l, V] logits is
-timed too, to show what computing the head only where the loss lives buys.
+timed too, to show what computing the head only where the loss lives buys, and so is the block-diffusion
+step (`adapt.objectives.block`, --block tokens per block): one pass over [x_t ; x_0], twice the tokens.
 """
 
 from __future__ import annotations
@@ -41,12 +42,10 @@ def ar_step(model: torch.nn.Module, opt: torch.optim.Optimizer, ids: torch.Tenso
     return float(loss.detach())
 
 
-def diffusion_step(objective, opt, ids: torch.Tensor, step: int, settings, diffusion) -> float:  # noqa: ANN001
-    from adapt.objectives.masked import noise_batch
-
+def diffusion_step(objective, opt, ids: torch.Tensor, step: int, noiser) -> float:  # noqa: ANN001
     gen = torch.Generator().manual_seed(step)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    inputs = noise_batch(batch, step, gen, diffusion, settings, torch.float32)
+    inputs = noiser.inputs(batch, step, gen, torch.float32)
     loss, _, _ = objective(**inputs)
     loss.backward()
     opt.step()
@@ -74,19 +73,22 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12, help="timed steps per variant")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--block", type=int, default=32, help="block size of the block-diffusion step")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     from adapt.checkpoint import DiffusionSettings
     from adapt.config import DiffusionConfig
+    from adapt.objectives import make_objective
     from adapt.objectives.loss import TokenLoss
 
     ar = build(args.vocab, args.hidden, args.layers, args.seq)
     diff_model = copy.deepcopy(ar)
     diff_model.config.is_causal = False
     settings = DiffusionSettings(mask_token_id=args.vocab - 1, shift=True)
-    diffusion = DiffusionConfig(low_discrepancy=True)
+    masked = make_objective(DiffusionConfig(low_discrepancy=True), settings)
+    block = make_objective(DiffusionConfig(low_discrepancy=True, block_size=args.block), settings)
     fast = TokenLoss(diff_model, fast=True)
     full = TokenLoss(diff_model, fast=False)
     opts = {"ar": torch.optim.AdamW(ar.parameters(), lr=1e-4)}
@@ -96,8 +98,9 @@ def main() -> None:
 
     variants = {
         "causal LM (HF labels=)": lambda s: ar_step(ar, opts["ar"], ids),
-        "diffusion (adapt)": lambda s: diffusion_step(fast, opts["diff"], ids, s, settings, diffusion),
-        "diffusion, full logits": lambda s: diffusion_step(full, opts["diff"], ids, s, settings, diffusion),
+        "diffusion (adapt)": lambda s: diffusion_step(fast, opts["diff"], ids, s, masked),
+        "diffusion, full logits": lambda s: diffusion_step(full, opts["diff"], ids, s, masked),
+        f"block diffusion, B={args.block}": lambda s: diffusion_step(fast, opts["diff"], ids, s, block),
     }
     for fn in variants.values():
         timed(fn, 0, args.warmup)
@@ -118,6 +121,8 @@ def main() -> None:
         print(f"  {name:<24} {rate:10.0f} tokens/s   ratio to causal LM {rate / base:5.2f}")
     ratio = rates["diffusion (adapt)"] / base
     print(f"diffusion / causal-LM training tokens/s: {ratio:.2f} (target >= 0.9)")
+    block_ratio = rates[f"block diffusion, B={args.block}"] / base
+    print(f"block diffusion / causal-LM training tokens/s: {block_ratio:.2f} (one pass over 2l tokens)")
 
 
 if __name__ == "__main__":

@@ -28,3 +28,23 @@ def test_sample_speed_bench_reports_every_row(tmp_path: Path) -> None:
     assert rows[names[1]]["judge_ppl"] == rows[names[0]]["judge_ppl"]
     assert rows["engine threshold 0.9, no cache"]["agreement"] == 1.0
     assert "target >= 3x" in proc.stdout and proc.stdout.count("| engine") == 7
+
+
+def test_block_speed_bench_compares_with_the_ar_source(tmp_path: Path) -> None:
+    out = tmp_path / "block.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "block_speed.py"), "--gen-length", "12", "--prompts", "2"]
+    cmd += ["--prompt-lengths", "16", "--batches", "1,2", "--thresholds", "0.9,0.0", "--block", "4"]
+    cmd += ["--threads", "1", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(out.read_text())
+    assert set(record["rows"]) == {"prompt 16 tokens, batch 1", "prompt 16 tokens, batch 2"}
+    for rows in record["rows"].values():
+        ar = rows["AR source, greedy generate + KV cache"]
+        assert ar["speedup"] == 1.0 and ar["passes_per_token"] == 1.0
+        # threshold 0 commits a whole block per step: prompt 17 tokens (BOS), blocks of 4 -> the 12 new
+        # tokens span columns 17-28: blocks [16, 20) [20, 24) [24, 28) [28, 32), 4 passes
+        assert rows["block, threshold 0.0 + exact cache"]["passes_per_token"] == 4 / 12
+        assert rows["block, 1 token/step + exact cache"]["passes_per_token"] == 1.0
+        assert rows["block, threshold 0.9, no cache (reference)"]["agreement"] == 1.0  # the cache is exact
+    assert proc.stdout.count("target (>= 1.0x the AR source's tokens/s") == 2
