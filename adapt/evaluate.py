@@ -491,7 +491,8 @@ def format_table(results: dict[str, Any]) -> str:
         acc = " ".join(f"{k}:{v:.3f}" for k, v in (r.get("masked_accuracy") or {}).items())
         ppl = ("<=" if r["kind"] == "diffusion" else "") + f"{r['ppl']:.2f}"
         name = Path(r["model"]).name[:28]
-        lines.append(f"{name:<28} {r['kind']:<10} {ppl:>10} {r['nll']:>8.4f} {r['nll_stderr']:>7.4f} "
+        kind = f"block {r['block_size']}" if r.get("block_size") else r["kind"]
+        lines.append(f"{name:<28} {kind:<10} {ppl:>10} {r['nll']:>8.4f} {r['nll_stderr']:>7.4f} "
                      f"{r['tokens']:>7}  {acc}")  # fmt: skip
     for g in results.get("gen_ppl") or []:
         lines.append(
