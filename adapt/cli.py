@@ -100,6 +100,24 @@ def convert_cmd(
     typer.echo(f"wrote {result.out}")
 
 
+@app.command("verify")
+@reports_errors
+def verify_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="Diffusion checkpoint directory.")],
+) -> None:
+    """Check a diffusion checkpoint loaded with stock transformers (CPU): settings, bidirectional
+    attention, padding and batch invariance; block causality and the exact KV cache for block checkpoints.
+
+    Example: adapt verify out/smollm2-diffusion
+    """
+    from adapt.verify import checkpoint_checks, describe, load_checkpoint
+
+    model, tokenizer, settings = load_checkpoint(checkpoint)
+    for name in checkpoint_checks(model, tokenizer, settings):
+        typer.echo(f"ok  {name}")
+    typer.echo(f"verified {checkpoint} ({describe(settings)})")
+
+
 @app.command("push")
 @reports_errors
 def push_cmd(
