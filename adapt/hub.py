@@ -20,6 +20,7 @@ from adapt.checkpoint import DiffusionSettings, load_settings
 from adapt.errors import AdaptError, first_line
 
 TAGS = ["diffusion", "masked-diffusion", "adapt", "text-generation"]
+BLOCK_TAG = "block-diffusion"
 CARD_NAME = "README.md"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _SKIP_DIRS = {"__pycache__", "runs", "logs"}
@@ -107,7 +108,7 @@ def build_card(ckpt: Path, repo_id: str, settings: DiffusionSettings, license: s
         base_model=base_model,
         library_name="transformers",
         pipeline_tag="text-generation",
-        tags=list(TAGS),
+        tags=card_tags(settings),
         license=license,
     )
     summary = read_json(ckpt / "training_summary.json")
@@ -127,6 +128,11 @@ def build_card(ckpt: Path, repo_id: str, settings: DiffusionSettings, license: s
     text = f"---\n{data.to_yaml()}\n---\n\n{body}"
     validate_card(text, ModelCard)
     return text
+
+
+def card_tags(settings: DiffusionSettings) -> list[str]:
+    """The card's tags: `block-diffusion` added for a block checkpoint."""
+    return [*TAGS, BLOCK_TAG] if settings.block_size else list(TAGS)
 
 
 def validate_card(text: str, card_cls: Any) -> None:
@@ -210,6 +216,7 @@ def settings_section(settings: DiffusionSettings) -> str:
     rows = [
         ("mask token", f"`{settings.mask_token}` (id {settings.mask_token_id})"),
         ("shift", f"{settings.shift} (logits at i predict token i+1)" if settings.shift else "False"),
+        *block_rows(settings),
         ("source model", f"`{settings.source_model}`" if settings.source_model else "unknown"),
         ("source revision", settings.source_revision or "-"),
         ("format version", str(settings.format_version)),
@@ -218,13 +225,63 @@ def settings_section(settings: DiffusionSettings) -> str:
     return f"## Diffusion settings\n\n| setting | value |\n|---|---|\n{table}"
 
 
+def block_rows(settings: DiffusionSettings) -> list[tuple[str, str]]:
+    """The settings row of a block checkpoint (none for full attention)."""
+    b = settings.block_size
+    if not b:
+        return []
+    how = f"autoregressive over blocks of {b} tokens, diffusion inside each block; exact KV cache"
+    return [("block size", f"{b} (block diffusion: {how})")]
+
+
 def usage_section(repo_id: str, settings: DiffusionSettings) -> str:
+    with_adapt = (
+        "import adapt\n"
+        "from adapt.checkpoint import load_diffusion_model\n\n"
+        f'model, tok, settings = load_diffusion_model("{repo_id}")\n'
+        'out = adapt.generate(model, tok, ["The river"], adapt.SamplingConfig(gen_length=64, steps=64))\n'
+        "print(out.texts[0])\n"
+    )
+    loop = "a minimal confidence-ordered unmasking loop"
+    sample = f'adapt sample {repo_id} "The river"'
+    cache = ""
+    if settings.block_size:
+        loop += f", block by block under the block-causal mask, blocks of {settings.block_size} tokens"
+        sample = f'adapt sample {repo_id} --prompt "The river" --cache prefix'
+        cache = (
+            "`--cache prefix` keeps the keys and values of committed blocks: they never change, so the cache "
+            "is exact (the same tokens as `--cache none`, with fewer tokens recomputed per step).\n\n"
+        )
+    cli = f"{sample}\nadapt eval {repo_id} --data text.txt"
+    return (
+        f"## Usage\n\nWith stock transformers ({loop}):\n\n"
+        f"```python\n{stock_snippet(repo_id, settings)}```\n\nWith adapt installed:\n\n"
+        f"```python\n{with_adapt}```\n\n{cache}```bash\n{cli}\n```"
+    )
+
+
+def stock_snippet(repo_id: str, settings: DiffusionSettings) -> str:
+    """Sampling with stock transformers; a block checkpoint runs block-causal, earliest open block first."""
+    block = settings.block_size
     shift = (
         "    logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)  # shift: token i is read at i-1\n"
         if settings.shift
         else ""
     )
-    stock = (
+    block_mask = (
+        'block = torch.arange(x.shape[1]) // model.config.diffusion["block_size"]\n'
+        "attn = torch.full((len(block), len(block)), torch.finfo(model.dtype).min, dtype=model.dtype)\n"
+        "attn = attn.masked_fill(block[None, :] <= block[:, None], 0.0)[None, None]  # block-causal\n"
+        if block
+        else ""
+    )
+    attend = ", attention_mask=attn" if block else ""
+    earliest = (
+        "    conf[:, block != block[x[0] == mask_id].min()] = -1.0  # the earliest unfinished block\n"
+        if block
+        else ""
+    )
+    return (
         "import torch\n"
         "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
         f'repo = "{repo_id}"\n'
@@ -233,28 +290,17 @@ def usage_section(repo_id: str, settings: DiffusionSettings) -> str:
         "mask_id = model.config.mask_token_id\n"
         'prompt = tok("The river", return_tensors="pt").input_ids\n'
         "x = torch.cat([prompt, torch.full((1, 16), mask_id)], dim=1)\n"
+        f"{block_mask}"
         "for _ in range(16):  # unmask the most confident masked position, one per step\n"
         "    with torch.no_grad():\n"
-        "        logits = model(x).logits\n"
+        f"        logits = model(x{attend}).logits\n"
         f"{shift}"
         "    conf, pred = logits.softmax(-1).max(-1)\n"
         "    conf[x != mask_id] = -1.0\n"
+        f"{earliest}"
         "    i = conf.view(-1).argmax()\n"
         "    x.view(-1)[i] = pred.view(-1)[i]\n"
         "print(tok.decode(x[0, prompt.shape[1]:]))\n"
-    )
-    with_adapt = (
-        "import adapt\n"
-        "from adapt.checkpoint import load_diffusion_model\n\n"
-        f'model, tok, settings = load_diffusion_model("{repo_id}")\n'
-        'out = adapt.generate(model, tok, ["The river"], adapt.SamplingConfig(gen_length=64, steps=64))\n'
-        "print(out.texts[0])\n"
-    )
-    cli = f'adapt sample {repo_id} "The river"\nadapt eval {repo_id} --data text.txt'
-    return (
-        "## Usage\n\nWith stock transformers (a minimal confidence-ordered unmasking loop):\n\n"
-        f"```python\n{stock}```\n\nWith adapt installed:\n\n```python\n{with_adapt}```\n\n"
-        f"```bash\n{cli}\n```"
     )
 
 

@@ -149,3 +149,48 @@ def test_unreachable_endpoint_gives_one_line_error_without_token(ckpt: Path) -> 
     assert SECRET not in res.stdout + res.stderr
     assert tree_digest(ckpt) == before
     assert not list(ckpt.parent.glob(".*"))  # no staging leftovers beside the checkpoint
+
+
+@pytest.fixture
+def block_ckpt(ckpt: Path) -> Path:
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["diffusion"]["block_size"] = 4
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    return ckpt
+
+
+BLOCK_ROW = (
+    "| block size | 4 (block diffusion: autoregressive over blocks of 4 tokens, diffusion inside each block; "
+    "exact KV cache) |"
+)
+
+
+def test_block_card_states_the_block_size_the_exact_cache_and_the_tag(block_ckpt: Path) -> None:
+    card = plan_push(block_ckpt, "me/x").card
+    meta = ModelCard(card, ignore_metadata_errors=False).data.to_dict()
+    assert "block-diffusion" in meta["tags"] and meta["library_name"] == "transformers"
+    assert BLOCK_ROW in card
+    assert 'adapt sample me/x --prompt "The river" --cache prefix' in card
+    assert "so the cache is exact" in card
+
+
+def test_full_attention_card_has_no_block_line(ckpt: Path) -> None:
+    card = plan_push(ckpt, "me/x").card
+    assert "block-diffusion" not in ModelCard(card).data.to_dict()["tags"]
+    assert "block" not in card.lower() and "--cache" not in card
+
+
+def test_block_card_stock_snippet_decodes_block_by_block_like_adapt(block_ckpt: Path) -> None:
+    import adapt
+    from adapt.checkpoint import load_diffusion_model
+
+    card = plan_push(block_ckpt, "me/x").card
+    code = re.findall(r"```python\n(.*?)```", card, flags=re.S)[0]
+    assert "attention_mask=attn" in code
+    scope: dict = {}
+    with contextlib.redirect_stdout(io.StringIO()):
+        exec(compile(code.replace('"me/x"', repr(str(block_ckpt))), "card_snippet", "exec"), scope)
+    x, n = scope["x"], scope["prompt"].shape[1]
+    model, tok, settings = load_diffusion_model(block_ckpt, device="cpu")
+    config = adapt.SamplingConfig(gen_length=16, steps=16, stop_at_eos=False, cache="prefix")
+    assert x[0, n:].tolist() == adapt.generate(model, tok, ["The river"], config, settings).sequences[0]
