@@ -20,6 +20,7 @@ from adapt.errors import AdaptError
 
 FORMAT_VERSION = 1
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+INFERENCE_DTYPES = (*DTYPES, "checkpoint")
 
 
 @dataclass
@@ -83,6 +84,29 @@ def resolve_dtype(name: str) -> Any:
     return getattr(torch, name)
 
 
+def default_device() -> str:
+    """cuda when available, else cpu."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def weights_dtype(name: str, device: str) -> tuple[Any, str]:
+    """A dtype name for loading a model to sample or evaluate -> (torch dtype or "auto", reason).
+
+    auto: bfloat16 where the device multiplies bf16 natively (CUDA with bf16, a CPU with AVX512_BF16 or
+    AMX), else float32; checkpoint: the dtype the checkpoint was saved in; or a dtype by name.
+    """
+    from adapt.precision import resolve_inference_dtype
+
+    if name == "checkpoint":
+        return "auto", "the checkpoint's saved dtype"
+    if name not in DTYPES:
+        raise AdaptError(f"unknown dtype {name!r}; choose one of {', '.join(INFERENCE_DTYPES)}")
+    chosen, why = resolve_inference_dtype(name, device)
+    return resolve_dtype(chosen), why
+
+
 def check_model_dir(path: str | os.PathLike) -> Path:
     """A local checkpoint directory that exists and has a config.json."""
     p = Path(path)
@@ -123,17 +147,18 @@ def load_diffusion_model(
 ) -> tuple[Any, Any, DiffusionSettings]:
     """Load a converted checkpoint with stock transformers: (model in eval mode, tokenizer, settings).
 
-    `device` defaults to cuda when available, else cpu.
+    `device` defaults to cuda when available, else cpu; `dtype` is read by `weights_dtype` (auto: bf16
+    where the device multiplies it natively).
     """
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     settings = load_settings(path)
-    kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype)}
+    device = device or default_device()
+    kwargs: dict[str, Any] = {"dtype": weights_dtype(dtype, device)[0]}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(device)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model.eval(), tokenizer, settings
 

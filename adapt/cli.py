@@ -192,7 +192,9 @@ def eval_cmd(
     batch_size: Annotated[int, typer.Option(help="Rows per forward pass.")] = 16,
     text_column: Annotated[str, typer.Option(help="Text column of json/parquet/csv data.")] = "text",
     seed: Annotated[int, typer.Option(help="Seed of t and masks.")] = 0,
-    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    dtype: Annotated[
+        str, typer.Option(help="float32 (default: bounds to compare), bfloat16, float16, auto or checkpoint.")
+    ] = "float32",
     device: Annotated[str | None, typer.Option(help="Device (default cuda if available).")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here.")] = None,
     save: Annotated[
@@ -280,7 +282,13 @@ def sample_cmd(
     ] = None,
     stop: Annotated[list[str] | None, typer.Option(help="Stop string; repeatable.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of sampling noise.")] = 0,
-    dtype: Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto.")] = "float32",
+    dtype: Annotated[
+        str,
+        typer.Option(
+            help="auto (bfloat16 where the device multiplies it natively, else float32), float32, bfloat16, "
+            "float16 or checkpoint (its saved dtype)."
+        ),
+    ] = "auto",
     device: Annotated[str | None, typer.Option(help="cpu, cuda, ... (default: cuda if available).")] = None,
     json_output: Annotated[
         bool, typer.Option("--json", help="Print one JSON record: texts, tokens, NFE, steps, tokens/s.")

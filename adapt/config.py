@@ -135,8 +135,9 @@ class TrainingConfig:
     """Final learning rate as a fraction of lr (cosine and linear)."""
     max_grad_norm: float | None = 1.0
     """Gradient clipping norm; None disables clipping."""
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    """Autocast precision through Accelerate (bf16/fp16 need supporting hardware)."""
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """Autocast precision through Accelerate; auto: bf16 where the device multiplies it natively (CUDA with
+    bf16, a CPU with AVX512_BF16 or AMX), else no (fp32)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
     seed: int = 0

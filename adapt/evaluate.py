@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from adapt.checkpoint import DiffusionSettings, read_settings, resolve_dtype
+from adapt.checkpoint import DiffusionSettings, default_device, read_settings, weights_dtype
 from adapt.diffusion import mask_tokens, maskable_positions, masked_token_nll, sample_t
 from adapt.errors import AdaptError, first_line
 
@@ -305,8 +305,9 @@ def load_any(path: str, dtype: str = "float32", device: str | None = None) -> tu
         config = AutoConfig.from_pretrained(path)
     except Exception as e:
         raise AdaptError(f"cannot load model {path!r}: {first_line(e)}") from None
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype)).to(device).eval()
+    device = device or default_device()
+    dtype_ = weights_dtype(dtype, device)[0]
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype_).to(device).eval()
     return model, AutoTokenizer.from_pretrained(path), read_settings(config)
 
 

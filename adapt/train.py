@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import signal
 import time
 from dataclasses import asdict, dataclass, field
@@ -94,13 +95,19 @@ class Session:
 def setup(recipe: Recipe) -> Session:
     """Accelerator, model, data, optimizer and schedule for `recipe`; resumes when a checkpoint exists."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import DataLoaderConfiguration, set_seed
 
     from adapt.convert import ordinary_token_ids
+    from adapt.precision import resolve_mixed_precision
 
     t = recipe.training
+    precision, why = resolve_mixed_precision(t.mixed_precision, launch_device())
+    # The precision is fixed per process by Accelerate's shared state: let a later run in the same
+    # process (a notebook, a sweep) choose its own. The process group (PartialState) is kept.
+    AcceleratorState._reset_state()
     accelerator = Accelerator(
-        mixed_precision=t.mixed_precision,
+        mixed_precision=precision,
         log_with=list(recipe.logging.report_to) or None,
         project_dir=t.output_dir,
         step_scheduler_with_optimizer=False,
@@ -111,6 +118,8 @@ def setup(recipe: Recipe) -> Session:
             "under DeepSpeed set training.grad_accumulation=1 (DeepSpeed steps the optimizer itself); "
             "raise training.batch_size or the number of processes instead"
         )
+    if accelerator.is_main_process:
+        log.info("mixed precision: %s (%s)", precision, why)
     set_seed(t.seed)
     model, tokenizer, settings = load_model(recipe.model)
     probe_ids = ordinary_token_ids(model, tokenizer)
@@ -254,8 +263,17 @@ def warn_objective_change(settings: DiffusionSettings, recipe: Recipe) -> None:
         )
 
 
+def launch_device() -> str:
+    """The device type Accelerate will train on, read before it starts (creating its state early would
+    fix the process group and the precision): cpu when forced or without CUDA, else cuda."""
+    from accelerate.utils import str_to_bool
+
+    forced = str_to_bool(os.environ.get("ACCELERATE_USE_CPU", "false")) == 1
+    return "cpu" if forced or not torch.cuda.is_available() else "cuda"
+
+
 def mask_dtype(session: Session) -> torch.dtype:
-    mp = session.recipe.training.mixed_precision
+    mp = session.accelerator.mixed_precision
     if mp == "bf16":
         return torch.bfloat16
     if mp == "fp16":

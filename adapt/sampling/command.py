@@ -17,15 +17,15 @@ def sample(
     prompts: list[str],
     infills: list[str],
     config: SamplingConfig,
-    dtype: str = "float32",
+    dtype: str = "auto",
     device: str | None = None,
     as_json: bool = False,
     stream: bool = True,
 ) -> None:
     """Generate from every prompt and template; print texts (or JSON) and the counters."""
-    from adapt.checkpoint import load_diffusion_model, load_settings
+    from adapt.checkpoint import default_device, load_diffusion_model, load_settings, weights_dtype
     from adapt.sampling.display import LiveView, PlainStream
-    from adapt.sampling.engine import eos_token_ids, generate
+    from adapt.sampling.engine import eos_token_ids, generate, resolve_cache
 
     settings = load_settings(checkpoint)  # a clear error before any weights are read
     if not prompts and not infills:
@@ -35,6 +35,11 @@ def sample(
             raise AdaptError(
                 f"--infill template has no {settings.mask_token} (write {settings.mask_token}*N)"
             )
+    resolve_cache(config, settings)  # settings that cannot run on this checkpoint fail before loading
+    device = device or default_device()
+    chosen, why = weights_dtype(dtype, device)
+    name = "saved dtype" if chosen == "auto" else str(chosen).removeprefix("torch.")
+    typer.echo(f"{checkpoint} on {device} in {name} ({why})", err=True)
     model, tokenizer, settings = load_diffusion_model(checkpoint, dtype=dtype, device=device)
     inputs = list(prompts) + list(infills)
     view = None
