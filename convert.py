@@ -5,9 +5,7 @@ python convert.py ./my-llama out/llama-diffusion --dtype bfloat16 --force
 adapt convert Qwen/Qwen2.5-0.5B out/qwen-diffusion
 """
 
-import typer
-
-from adapt.cli import convert_cmd
+from adapt.cli import convert_cmd, script
 
 if __name__ == "__main__":
-    typer.run(convert_cmd)
+    script(convert_cmd)()

@@ -8,9 +8,7 @@ ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 finetune.py
 adapt finetune recipes/adapt_text.yaml training.output_dir=out/run2
 """
 
-import typer
-
-from adapt.cli import finetune_cmd
+from adapt.cli import finetune_cmd, script
 
 if __name__ == "__main__":
-    typer.run(finetune_cmd)
+    script(finetune_cmd)()

@@ -7,9 +7,7 @@ python sample.py CKPT --prompt "a" --prompt "a longer prompt" --temperature 0.8 
 adapt sample CKPT --prompt "..."     # the same command
 """
 
-import typer
-
-from adapt.cli import sample_cmd
+from adapt.cli import sample_cmd, script
 
 if __name__ == "__main__":
-    typer.run(sample_cmd)
+    script(sample_cmd)()

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from adapt.boundary import about, check_writable, resolve_device
 from adapt.errors import AdaptError
 
 FORMAT_VERSION = 1
@@ -131,7 +132,34 @@ def load_settings(path: str | os.PathLike) -> DiffusionSettings:
         raise AdaptError(
             f"{p} is not a diffusion checkpoint (no diffusion settings); run `adapt convert` first"
         )
+    text = data.get("text_config") if isinstance(data.get("text_config"), dict) else data
+    check_settings(settings, text.get("vocab_size"), p / "config.json")
     return settings
+
+
+def checked_settings(config: Any, where: str | os.PathLike) -> DiffusionSettings | None:
+    """`read_settings` of a loaded config, checked against its vocabulary (None for an AR model)."""
+    settings = read_settings(config)
+    if settings is not None:
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        check_settings(settings, getattr(text, "vocab_size", None), where)
+    return settings
+
+
+def check_settings(settings: DiffusionSettings, vocab_size: int | None, where: str | os.PathLike) -> None:
+    """Refuse recorded settings that would crash or silently misbehave later (read from a file we did not
+    necessarily write)."""
+    mask = settings.mask_token_id
+    if isinstance(mask, bool) or not isinstance(mask, int) or mask < 0:
+        raise AdaptError(f"{where}: mask_token_id must be a token id (an integer >= 0), got {mask!r}")
+    if isinstance(vocab_size, int) and mask >= vocab_size:
+        raise AdaptError(
+            f"{where}: mask_token_id {mask} is outside the vocabulary of {vocab_size} rows; "
+            "the checkpoint is corrupt or was edited; convert the source model again"
+        )
+    block = settings.block_size
+    if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 1):
+        raise AdaptError(f"{where}: diffusion.block_size must be an integer >= 1 or null, got {block!r}")
 
 
 class _Namespace:
@@ -153,13 +181,14 @@ def load_diffusion_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     settings = load_settings(path)
-    device = device or default_device()
+    device = resolve_device(device)
     kwargs: dict[str, Any] = {"dtype": weights_dtype(dtype, device)[0]}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    with about(f"cannot load the model in {path}"):
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path)
     model.to(device)
-    tokenizer = AutoTokenizer.from_pretrained(path)
     return model.eval(), tokenizer, settings
 
 
@@ -170,6 +199,7 @@ def prepare_output_dir(out: str | os.PathLike, force: bool) -> Path:
         raise AdaptError(f"output path {p} exists and is not a directory")
     if p.exists() and any(p.iterdir()) and not force:
         raise AdaptError(f"output directory {p} is not empty; pass --force to overwrite it")
+    check_writable(p, "output directory")
     return p
 
 

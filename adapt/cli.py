@@ -6,13 +6,16 @@ Heavy imports (torch, transformers) happen inside the commands so that `--help` 
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+import click
 import typer
 
+from adapt.boundary import explain
 from adapt.errors import AdaptError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -26,27 +29,56 @@ app = typer.Typer(
 )
 
 
+DEBUG_ENV = "ADAPT_DEBUG"
+_debug = {"on": False}
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    debug: Annotated[bool, typer.Option(help="Show the full traceback of every error.")] = False,
+) -> None:
     """Turn pretrained autoregressive causal LMs into masked diffusion language models."""
+    _debug["on"] = debug
+
+
+def debugging() -> bool:
+    """`adapt --debug ...`, or ADAPT_DEBUG=1 (also for the convert.py/finetune.py/sample.py scripts)."""
+    return _debug["on"] or os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
 def reports_errors(fn: F) -> F:
-    """Turn `AdaptError` into a one-line message on stderr and exit code 1 (130 on Ctrl-C)."""
+    """The error boundary: expected failures become `error: ...` on stderr and exit code 1 (130 on Ctrl-C).
+
+    `adapt.boundary.explain` decides what is expected (our `AdaptError`, file system, corrupt weights,
+    blocked pickles, bad bytes, the Hub); anything else is a bug and keeps its traceback, as does
+    everything under --debug.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         quiet_libraries()
         try:
             return fn(*args, **kwargs)
-        except AdaptError as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(1) from None
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort, click.ClickException):
+            raise
+        except Exception as e:
+            message = explain(e)
+            if message is None or debugging():
+                raise
+            typer.echo(f"error: {message}", err=True)
+            raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def script(command: Callable[..., Any]) -> typer.Typer:
+    """A one-command app for the convert.py/finetune.py/sample.py scripts, with the same boundary."""
+    one = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    one.command()(command)
+    return one
 
 
 def quiet_libraries() -> None:
@@ -214,7 +246,12 @@ def eval_cmd(
     import json
 
     from adapt import evaluate as ev
+    from adapt.boundary import check_output_file, resolve_device
 
+    device = resolve_device(device)
+    for option, target in (("--json", json_out), ("--plot", plot)):
+        if target is not None:
+            check_output_file(target, option)
     config = ev.EvalConfig(
         data=data,
         text_column=text_column,

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 
 from adapt import __version__
+from adapt.boundary import about
 from adapt.checkpoint import (
     DiffusionSettings,
     atomic_dir,
@@ -182,17 +183,19 @@ def load_model_and_tokenizer(source: str, options: ConvertOptions) -> tuple[Any,
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, revision=options.revision)
-    except (OSError, ValueError, TypeError) as e:
+        with about(f"cannot load a tokenizer from {source}"):
+            tokenizer = AutoTokenizer.from_pretrained(source, revision=options.revision)
+    except (ValueError, TypeError) as e:
         raise AdaptError(f"cannot load a tokenizer from {source}: {first_line(e)}") from e
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            source,
-            revision=options.revision,
-            dtype=resolve_dtype(options.dtype),
-            attn_implementation=options.attn_implementation,
-        )
-    except (OSError, ValueError, RuntimeError) as e:
+        with about(f"cannot load the weights of {source}"):  # corrupt safetensors, blocked pickles, I/O
+            model = AutoModelForCausalLM.from_pretrained(
+                source,
+                revision=options.revision,
+                dtype=resolve_dtype(options.dtype),
+                attn_implementation=options.attn_implementation,
+            )
+    except (ValueError, RuntimeError) as e:
         raise AdaptError(f"cannot load the weights of {source}: {first_line(e)}") from e
     return model, tokenizer
 

@@ -159,6 +159,9 @@ def _load_local(p: Path, format: str, sample_by: str) -> Any:
         raise AdaptError(f"no {format} files in {p}")
     if all(Path(f).stat().st_size == 0 for f in data_files):
         raise AdaptError(f"{p} is empty: no examples")
+    if format in ("text", "json", "csv"):
+        for f in data_files:
+            check_utf8(Path(f))
     kwargs = {"sample_by": sample_by} if format == "text" else {}
     try:
         ds = datasets.load_dataset(format, data_files=data_files, split="train", **kwargs)
@@ -167,6 +170,29 @@ def _load_local(p: Path, format: str, sample_by: str) -> Any:
     if len(ds) == 0:
         raise AdaptError(f"{p} is empty: no examples")
     return ds
+
+
+def check_utf8(path: Path) -> None:
+    """Fail with the file, line and byte of its first invalid UTF-8 sequence.
+
+    datasets either hides the reason or reads JSON strings unchecked and fails much later, mid-tokenizing.
+    """
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    read, lines = 0, 1
+    with path.open("rb") as f:
+        for chunk in [*iter(lambda: f.read(1 << 20), b""), b""]:
+            pending = len(decoder.getstate()[0])  # bytes of a character split across chunks
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as e:
+                line = lines + e.object[: e.start].count(b"\n")
+                raise AdaptError(
+                    f"{path} is not UTF-8 text: {e.reason} at byte {read - pending + e.start} (line {line}); "
+                    "re-save it as UTF-8"
+                ) from None
+            read, lines = read + len(chunk), lines + chunk.count(b"\n")
 
 
 def split_eval(ds: Any, eval_fraction: float, seed: int) -> tuple[Any, Any | None]:

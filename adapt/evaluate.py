@@ -28,7 +28,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from adapt.checkpoint import DiffusionSettings, default_device, read_settings, weights_dtype
+from adapt.boundary import about, resolve_device
+from adapt.checkpoint import DiffusionSettings, checked_settings, read_settings, weights_dtype
 from adapt.diffusion import mask_tokens, maskable_positions, masked_token_nll, sample_t
 from adapt.errors import AdaptError, first_line
 
@@ -297,18 +298,34 @@ def summarize(per_window: torch.Tensor, tokens: torch.Tensor) -> dict[str, float
 # ---------------------------------------------------------------- models
 
 
-def load_any(path: str, dtype: str = "float32", device: str | None = None) -> tuple[Any, Any, Any]:
-    """A model directory or Hub id: (model in eval mode, tokenizer, diffusion settings or None for AR)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def model_config(path: str, seq_len: int | None = None) -> Any:
+    """The config of a model directory or Hub id, checked (settings, `seq_len` against its context)."""
+    from transformers import AutoConfig
+
+    from adapt.sampling.engine import context_length
 
     try:
         config = AutoConfig.from_pretrained(path)
     except Exception as e:
         raise AdaptError(f"cannot load model {path!r}: {first_line(e)}") from None
-    device = device or default_device()
+    checked_settings(config, path)
+    limit = context_length(config)
+    if seq_len is not None and limit is not None and seq_len > limit:
+        raise AdaptError(f"--seq-len {seq_len} is longer than the context of {path} ({limit} tokens)")
+    return config
+
+
+def load_any(path: str, dtype: str = "float32", device: str | None = None) -> tuple[Any, Any, Any]:
+    """A model directory or Hub id: (model in eval mode, tokenizer, diffusion settings or None for AR)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = model_config(path)
+    device = resolve_device(device)
     dtype_ = weights_dtype(dtype, device)[0]
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype_).to(device).eval()
-    return model, AutoTokenizer.from_pretrained(path), read_settings(config)
+    with about(f"cannot load the model {path}"):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype_)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    return model.to(device).eval(), tokenizer, read_settings(config)
 
 
 def evaluate_model(path: str, config: EvalConfig) -> dict[str, Any]:
@@ -339,6 +356,8 @@ def evaluate(models: Sequence[str], config: EvalConfig) -> dict[str, Any]:
 
     if not config.data:
         raise AdaptError("no evaluation data given (--data FILE)")
+    for m in models:  # every model checked before the first one is evaluated
+        model_config(m, config.seq_len)
     rows = [evaluate_model(m, config) for m in models]
     cfg = asdict(config)
     return {"adapt_version": __version__, "dataset": config.data, "seq_len": config.seq_len, "config": cfg,

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from adapt.checkpoint import DiffusionSettings, atomic_dir, read_settings
+from adapt.boundary import check_writable
+from adapt.checkpoint import DiffusionSettings, atomic_dir, checked_settings
 from adapt.config import ModelConfig, Recipe, recipe_to_dict, save_recipe
 from adapt.errors import AdaptError
 from adapt.lora import apply_lora, check_adapter_export
@@ -102,6 +103,7 @@ def setup(recipe: Recipe) -> Session:
     from adapt.precision import resolve_mixed_precision
 
     t = recipe.training
+    check_writable(t.output_dir, "training.output_dir")
     precision, why = resolve_mixed_precision(t.mixed_precision, launch_device())
     # The precision is fixed per process by Accelerate's shared state: let a later run in the same
     # process (a notebook, a sweep) choose its own. The process group (PartialState) is kept.
@@ -122,6 +124,7 @@ def setup(recipe: Recipe) -> Session:
         log.info("mixed precision: %s (%s)", precision, why)
     set_seed(t.seed)
     model, tokenizer, settings = load_model(recipe.model)
+    check_context(model.config, recipe)
     probe_ids = ordinary_token_ids(model, tokenizer)
     if recipe.lora is not None:
         check_adapter_export(recipe)
@@ -179,7 +182,7 @@ def load_model(cfg: ModelConfig) -> tuple[Any, Any, DiffusionSettings]:
     )
 
     config = load_config(cfg.path, None)
-    settings = read_settings(config)
+    settings = checked_settings(config, cfg.path)
     shift = settings.shift if settings is not None and cfg.shift is None else cfg.shift
     options = ConvertOptions(
         dtype=cfg.dtype,
@@ -198,6 +201,18 @@ def load_model(cfg: ModelConfig) -> tuple[Any, Any, DiffusionSettings]:
             "remove model.shift (it only applies when converting an AR model)"
         )
     return model.train(), tokenizer, settings
+
+
+def check_context(config: Any, recipe: Recipe) -> None:
+    """data.max_length must fit the model's positions (checked before the data is prepared)."""
+    from adapt.sampling.engine import context_length
+
+    limit = context_length(config)
+    if limit is not None and recipe.data.max_length > limit:
+        raise AdaptError(
+            f"data.max_length={recipe.data.max_length} is longer than the context of {recipe.model.path} "
+            f"({limit} tokens); lower data.max_length"
+        )
 
 
 def build_loaders(recipe: Recipe, tokenizer: Any) -> tuple[Any, Any | None]:

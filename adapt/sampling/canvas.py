@@ -32,16 +32,33 @@ class Canvas:
     prompts: list[list[int]]  # the unpadded rows as they started
 
 
-def parse_infill(text: str, tokenizer: Any, mask_token: str, mask_id: int) -> list[int]:
-    """Token ids of a template where `<|mask|>` or `<|mask|>*N` stands for one or N masks."""
+def parse_infill(
+    text: str, tokenizer: Any, mask_token: str, mask_id: int, max_length: int | None = None
+) -> list[int]:
+    """Token ids of a template where `<|mask|>` or `<|mask|>*N` stands for one or N masks.
+
+    With `max_length`, a template longer than that fails before its masks are expanded.
+    """
     pattern = re.compile(re.escape(mask_token) + r"(?:\*(\d+))?")
     ids: list[int] = []
     pos = 0
     for m in pattern.finditer(text):
         ids += encode(tokenizer, text[pos : m.start()])
-        ids += [mask_id] * int(m.group(1) or 1)
+        digits = m.group(1) or "1"
+        count = int(digits) if len(digits) <= 12 else 10**12
+        check_fits(len(ids) + count, max_length)
+        ids += [mask_id] * count
         pos = m.end()
     return ids + encode(tokenizer, text[pos:])
+
+
+def check_fits(length: int, max_length: int | None) -> None:
+    """Refuse a row longer than the model's context (checked before the row is built)."""
+    if max_length is not None and length > max_length:
+        raise AdaptError(
+            f"prompt plus output is {length} tokens, longer than the model's context of {max_length}; "
+            "shorten the prompt or lower --gen-length"
+        )
 
 
 def encode(tokenizer: Any, text: str) -> list[int]:
@@ -77,19 +94,16 @@ def build_canvas(
     for p in prompts:
         if isinstance(p, str):
             has_mask = settings.mask_token in p
-            ids = parse_infill(p, tokenizer, settings.mask_token, mask_id) if has_mask else None
+            ids = parse_infill(p, tokenizer, settings.mask_token, mask_id, max_length) if has_mask else None
             ids = ids if ids is not None else encode_prompt(tokenizer, p, chat)
         else:
             ids = [int(t) for t in p]
         if mask_id not in ids:
+            check_fits(len(ids) + gen_length, max_length)
             ids = ids + [mask_id] * gen_length
         rows.append(with_first_token(ids, tokenizer, settings))
     for ids in rows:
-        if max_length is not None and len(ids) > max_length:
-            raise AdaptError(
-                f"prompt plus output is {len(ids)} tokens, longer than the model's context of {max_length}; "
-                "shorten the prompt or lower --gen-length"
-            )
+        check_fits(len(ids), max_length)
     return pad_rows(rows, mask_id, pad_id(tokenizer), device, side)
 
 

@@ -23,20 +23,29 @@ def sample(
     stream: bool = True,
 ) -> None:
     """Generate from every prompt and template; print texts (or JSON) and the counters."""
-    from adapt.checkpoint import default_device, load_diffusion_model, load_settings, weights_dtype
+    from transformers import AutoConfig
+
+    from adapt.boundary import resolve_device
+    from adapt.checkpoint import load_diffusion_model, load_settings, weights_dtype
     from adapt.sampling.display import LiveView, PlainStream
-    from adapt.sampling.engine import eos_token_ids, generate, resolve_cache
+    from adapt.sampling.engine import context_length, eos_token_ids, generate, resolve_cache
 
     settings = load_settings(checkpoint)  # a clear error before any weights are read
     if not prompts and not infills:
         raise AdaptError("give a --prompt or an --infill template")
+    device = resolve_device(device)
+    limit = context_length(AutoConfig.from_pretrained(checkpoint))
+    if limit is not None and prompts and config.gen_length >= limit:
+        raise AdaptError(
+            f"--gen-length {config.gen_length} does not fit the model's context of {limit} tokens "
+            "(with the prompt); lower --gen-length"
+        )
     for t in infills:
         if settings.mask_token not in t:
             raise AdaptError(
                 f"--infill template has no {settings.mask_token} (write {settings.mask_token}*N)"
             )
     resolve_cache(config, settings)  # settings that cannot run on this checkpoint fail before loading
-    device = device or default_device()
     chosen, why = weights_dtype(dtype, device)
     name = "saved dtype" if chosen == "auto" else str(chosen).removeprefix("torch.")
     typer.echo(f"{checkpoint} on {device} in {name} ({why})", err=True)
