@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -372,6 +373,8 @@ def convert_value(tp: Any, value: Any, where: str, siblings: list[str]) -> Any:
                 value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise AdaptError(f"{where} must be a number, got {_describe(value)}")
+        if not math.isfinite(value):
+            raise AdaptError(f"{where} must be a finite number, got {value}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

@@ -10,6 +10,7 @@ handed to huggingface_hub and never printed, logged or written.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -50,23 +51,32 @@ def push(
     token: str | None = None,
     commit_message: str | None = None,
     license: str | None = None,
+    allow_non_finite: bool = False,
 ) -> list[str]:
     """Upload a diffusion checkpoint and its model card to `repo_id`; returns the repo paths uploaded.
 
     With `dry_run` nothing is contacted; the returned list is exactly what would be uploaded.
     """
-    plan = plan_push(checkpoint_dir, repo_id, license=license)
+    plan = plan_push(checkpoint_dir, repo_id, license=license, allow_non_finite=allow_non_finite)
     if dry_run:
         return plan.repo_files
     upload(plan, repo_id, private=private, revision=revision, token=token, commit_message=commit_message)
     return plan.repo_files
 
 
-def plan_push(checkpoint_dir: str | os.PathLike, repo_id: str, license: str | None = None) -> PushPlan:
-    """Validate the checkpoint and repo id, list the files and build the card (no network)."""
+def plan_push(
+    checkpoint_dir: str | os.PathLike,
+    repo_id: str,
+    license: str | None = None,
+    allow_non_finite: bool = False,
+) -> PushPlan:
+    """Validate the checkpoint, its recorded metrics and the repo id, list the files and build the card
+    (no network)."""
     settings = load_settings(checkpoint_dir)  # refuses a non-diffusion checkpoint
     check_repo_id(repo_id)
     ckpt = Path(checkpoint_dir)
+    if not allow_non_finite:
+        check_recorded_metrics(ckpt)
     card = build_card(ckpt, repo_id, settings, license=license)
     return PushPlan(checkpoint=ckpt, files=checkpoint_files(ckpt), card=card)
 
@@ -80,6 +90,25 @@ def check_repo_id(repo_id: str) -> None:
         raise AdaptError(f"invalid repo id {repo_id!r}: {first_line(e)}") from None
     if "/" not in repo_id:
         raise AdaptError(f"invalid repo id {repo_id!r}: expected NAMESPACE/NAME")
+
+
+def check_recorded_metrics(ckpt: Path) -> None:
+    """Refuse to publish a checkpoint whose training summary or evaluation records NaN or infinity."""
+    for name in ("training_summary.json", "eval_results.json"):
+        bad = non_finite_keys(read_json(ckpt / name))
+        if bad:
+            raise AdaptError(
+                f"{ckpt / name} records non-finite metrics ({', '.join(bad[:3])}): the model is probably "
+                "broken; retrain it, or pass --allow-non-finite to publish it anyway"
+            )
+
+
+def non_finite_keys(data: Any, where: str = "") -> list[str]:
+    """Dotted keys of NaN or infinite numbers (standard errors, undefined for one window, excepted)."""
+    if isinstance(data, float):
+        return [] if math.isfinite(data) or where.endswith("stderr") else [f"{where}={data}"]
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else []
+    return [bad for k, v in items for bad in non_finite_keys(v, f"{where}.{k}" if where else str(k))]
 
 
 def checkpoint_files(ckpt: Path) -> list[str]:
