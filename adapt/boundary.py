@@ -111,6 +111,29 @@ def check_output_file(path: str | os.PathLike, option: str) -> None:
     check_writable(p.absolute().parent, f"directory of {option} {p.name}")
 
 
+def check_hub_reachable(name: str, revision: str | None = None) -> None:
+    """A Hub id that is not a local path must be cached or its server reachable: one 3 s probe instead of
+    huggingface_hub's half a minute of retries. Offline mode (HF_HUB_OFFLINE=1) is left to the Hub library."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if Path(name).expanduser().exists() or constants.HF_HUB_OFFLINE:
+        return
+    if isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str):
+        return
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname or "", port), timeout=3).close()
+    except OSError as e:
+        raise AdaptError(
+            f"{name!r} is not a local directory, not in the Hub cache, and {constants.ENDPOINT} cannot be "
+            f"reached ({e.strerror or first_line(e)}); check the path, or connect to fetch it"
+        ) from None
+
+
 def resolve_device(name: str | None) -> str:
     """A usable torch device string: `name` checked, or cuda when available, else cpu."""
     import torch

@@ -7,16 +7,12 @@ A converted checkpoint is a plain Hugging Face causal-LM directory whose config.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from adapt.boundary import about, check_writable, resolve_device
+from adapt.boundary import about, resolve_device
 from adapt.errors import AdaptError
 
 FORMAT_VERSION = 1
@@ -190,37 +186,3 @@ def load_diffusion_model(
         tokenizer = AutoTokenizer.from_pretrained(path)
     model.to(device)
     return model.eval(), tokenizer, settings
-
-
-def prepare_output_dir(out: str | os.PathLike, force: bool) -> Path:
-    """Refuse a non-empty OUT unless forced; return it as a Path (not created yet)."""
-    p = Path(out)
-    if p.exists() and not p.is_dir():
-        raise AdaptError(f"output path {p} exists and is not a directory")
-    if p.exists() and any(p.iterdir()) and not force:
-        raise AdaptError(f"output directory {p} is not empty; pass --force to overwrite it")
-    check_writable(p, "output directory")
-    return p
-
-
-@contextlib.contextmanager
-def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary directory beside `out`; on success it replaces `out` in one rename.
-
-    On any exception the temporary directory is removed and `out` is left as it was.
-    """
-    out = Path(out).absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

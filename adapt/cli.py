@@ -160,11 +160,14 @@ def push_cmd(
     dry_run: Annotated[bool, typer.Option(help="Print the card and the files; upload nothing.")] = False,
     commit_message: Annotated[str | None, typer.Option(help="Commit message.")] = None,
     license: Annotated[str | None, typer.Option(help="License id for the card (default: source's).")] = None,
+    allow_non_finite: Annotated[
+        bool, typer.Option(help="Publish even if the recorded metrics hold NaN or infinity.")
+    ] = False,
 ) -> None:
     """Upload a diffusion checkpoint with a generated model card (token: HF_TOKEN or `hf auth login`)."""
     from adapt.hub import plan_push, upload
 
-    plan = plan_push(checkpoint, repo_id, license=license)
+    plan = plan_push(checkpoint, repo_id, license=license, allow_non_finite=allow_non_finite)
     if dry_run:
         typer.echo(plan.card)
         typer.echo(f"dry run: would upload {len(plan.repo_files)} files to {repo_id}:")
@@ -243,10 +246,10 @@ def eval_cmd(
     ] = None,
 ) -> None:
     """ELBO perplexity bound and masked accuracy of diffusion checkpoints beside AR models' perplexity."""
-    import json
 
     from adapt import evaluate as ev
     from adapt.boundary import check_output_file, resolve_device
+    from adapt.outputs import json_text
 
     device = resolve_device(device)
     for option, target in (("--json", json_out), ("--plot", plot)):
@@ -275,7 +278,7 @@ def eval_cmd(
         results["gen_ppl"] = ev.generative_perplexity_of(diffusion[0], gcfg, dtype, device)
     typer.echo(ev.format_table(results))
     if json_out:
-        json_out.write_text(json.dumps(results, indent=2))
+        json_out.write_text(json_text(results))
         typer.echo(f"wrote {json_out}")
     if save:
         if not diffusion:

@@ -17,17 +17,16 @@ from typing import Any, Literal
 import torch
 
 from adapt import __version__
-from adapt.boundary import about
+from adapt.boundary import about, check_hub_reachable
 from adapt.checkpoint import (
     DiffusionSettings,
-    atomic_dir,
     check_model_dir,
-    prepare_output_dir,
     read_settings,
     resolve_dtype,
     write_settings,
 )
 from adapt.errors import AdaptError, first_line
+from adapt.outputs import atomic_dir, prepare_output_dir
 from adapt.verify import check_source_is_causal, make_probe, record_source, verify_converted
 
 log = logging.getLogger(__name__)
@@ -82,7 +81,7 @@ def convert(source: str, out: str | Path | None, options: ConvertOptions | None 
         return ConvertResult(out=None, settings=existing, already_converted=True)
     check_supported(config)
     if out is not None:
-        out = prepare_output_dir(out, options.force)
+        out = prepare_output_dir(out, options.force, sources=[source])
     model, tokenizer = load_model_and_tokenizer(source, options)
     settings, reused, checks = convert_model(model, tokenizer, options, source=source)
     if out is None:
@@ -125,6 +124,7 @@ def load_config(source: str, revision: str | None) -> Any:
     from transformers import AutoConfig
 
     _check_source_path(source)
+    check_hub_reachable(source, revision)
     try:
         return AutoConfig.from_pretrained(source, revision=revision)
     except ValueError as e:

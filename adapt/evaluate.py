@@ -16,7 +16,6 @@ t is drawn from U(eps, 1): the part of the integral below eps (relative size abo
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import tempfile
@@ -28,10 +27,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from adapt.boundary import about, resolve_device
+from adapt.boundary import about, check_hub_reachable, resolve_device
 from adapt.checkpoint import DiffusionSettings, checked_settings, read_settings, weights_dtype
 from adapt.diffusion import mask_tokens, maskable_positions, masked_token_nll, sample_t
 from adapt.errors import AdaptError, first_line
+from adapt.outputs import current_umask, json_text
 
 RESULTS_NAME = "eval_results.json"
 
@@ -304,6 +304,7 @@ def model_config(path: str, seq_len: int | None = None) -> Any:
 
     from adapt.sampling.engine import context_length
 
+    check_hub_reachable(path)
     try:
         config = AutoConfig.from_pretrained(path)
     except Exception as e:
@@ -459,7 +460,8 @@ def save_results(checkpoint: str | os.PathLike, results: dict[str, Any]) -> Path
     fd, tmp = tempfile.mkstemp(prefix=f".{RESULTS_NAME}.", dir=target.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(results, f, indent=2)
+            f.write(json_text(results))
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
