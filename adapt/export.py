@@ -7,14 +7,15 @@ The directory is the converted-checkpoint format (config.json with `is_causal: f
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from adapt import __version__
-from adapt.checkpoint import atomic_dir, write_settings
+from adapt.checkpoint import write_settings
 from adapt.config import save_recipe
+from adapt.errors import AdaptError
+from adapt.outputs import atomic_dir, json_text
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ def export(session: Any, out: str | Path | None = None) -> Path:
         full = acc.get_state_dict(session.objective)  # every process takes part in the gather
         state_dict = {k.removeprefix("model."): v for k, v in full.items()}
     if acc.is_main_process:
+        check_finite_weights(state_dict if state_dict is not None else session.model.state_dict(), out)
         lora = session.recipe.lora
         with atomic_dir(out) as tmp:
             if lora is not None and lora.export == "adapter":
@@ -39,9 +41,21 @@ def export(session: Any, out: str | Path | None = None) -> Path:
                 save_full_model(session.model, session.settings, tmp, state_dict)
             session.tokenizer.save_pretrained(tmp)
             save_recipe(session.recipe, tmp / "recipe.yaml")
-            (tmp / "training_summary.json").write_text(json.dumps(training_summary(session), indent=2))
+            (tmp / "training_summary.json").write_text(json_text(training_summary(session)))
     acc.wait_for_everyone()
     return out
+
+
+def check_finite_weights(state_dict: dict[str, Any], out: Path) -> None:
+    """Refuse to export weights holding NaN or infinity (a diverged run), naming the first bad tensor."""
+    import torch
+
+    for name, tensor in state_dict.items():
+        if torch.is_tensor(tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise AdaptError(
+                f"the trained weights are not finite ({name} holds NaN or infinity); nothing exported to "
+                f"{out}. The run diverged: lower training.lr or check the data"
+            )
 
 
 def merged_model(model: Any) -> Any:

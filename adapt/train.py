@@ -23,17 +23,19 @@ import torch
 from torch import nn
 
 from adapt.boundary import check_writable
-from adapt.checkpoint import DiffusionSettings, atomic_dir, checked_settings
+from adapt.checkpoint import DiffusionSettings, checked_settings
 from adapt.config import ModelConfig, Recipe, recipe_to_dict, save_recipe
 from adapt.errors import AdaptError
 from adapt.lora import apply_lora, check_adapter_export
 from adapt.objectives import Objective, make_objective
 from adapt.objectives.loss import TokenLoss, causal_lm_of, check_fast_path
+from adapt.outputs import atomic_dir, check_apart, check_replaceable
 
 log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
+METRICS = "metrics.jsonl"
 
 
 @dataclass
@@ -103,7 +105,7 @@ def setup(recipe: Recipe) -> Session:
     from adapt.precision import resolve_mixed_precision
 
     t = recipe.training
-    check_writable(t.output_dir, "training.output_dir")
+    check_outputs(recipe)
     precision, why = resolve_mixed_precision(t.mixed_precision, launch_device())
     # The precision is fixed per process by Accelerate's shared state: let a later run in the same
     # process (a notebook, a sweep) choose its own. The process group (PartialState) is kept.
@@ -162,13 +164,108 @@ def setup(recipe: Recipe) -> Session:
     )
     if recipe.logging.report_to:
         accelerator.init_trackers("adapt", config=flat_config(recipe))
-    latest = latest_checkpoint(session.output_dir)
-    if t.resume and latest is not None:
-        accelerator.load_state(str(latest))
-        session.state = TrainState(**json.loads((latest / STATE_FILE).read_text()))
-        session.state.interrupted = False
-        session.state.checkpoint = str(latest)
+    if t.resume:
+        resume(session)
     return session
+
+
+def check_outputs(recipe: Recipe) -> None:
+    """Before any work: every path the run writes is writable and apart from the model and data it reads,
+    and an existing export is one adapt wrote (it will be replaced)."""
+    from adapt.export import FINAL
+
+    out = Path(recipe.training.output_dir)
+    check_writable(out, "training.output_dir")
+    for written in (out / FINAL, out / CHECKPOINTS, out / METRICS):
+        for option, source in (("model.path", recipe.model.path), ("data.path", recipe.data.path)):
+            if source:
+                check_apart(written, source, f"the run writes {written}, which", option)
+    final = out / FINAL
+    if final.is_dir() and any(final.iterdir()):
+        check_replaceable(final)
+
+
+def resume(session: Session) -> None:
+    """Load the newest checkpoint that loads, saying which ones did not; refuse another run's checkpoints."""
+    candidates = checkpoint_dirs(session.output_dir)
+    if not candidates:
+        return
+    check_same_run(session.recipe, candidates[-1])
+    for path in reversed(candidates):
+        try:
+            load_checkpoint(session, path)
+        except Exception as e:
+            log.warning("checkpoint %s cannot be loaded (%s); trying an older one", path, explain_load(e))
+            continue
+        if path != candidates[-1]:
+            log.warning("resumed from %s, the newest checkpoint that loads", path)
+        drop_replayed_metrics(session.output_dir, session.state.step)
+        return
+    raise AdaptError(
+        f"no checkpoint in {session.output_dir / CHECKPOINTS} can be loaded (see above); move them away "
+        "or set training.resume=false to start over"
+    )
+
+
+def load_checkpoint(session: Session, path: Path) -> None:
+    state = TrainState(**json.loads((path / STATE_FILE).read_text()))
+    session.accelerator.load_state(str(path))
+    session.state = state
+    session.state.interrupted = False
+    session.state.checkpoint = str(path)
+
+
+def explain_load(e: BaseException) -> str:
+    from adapt.boundary import explain
+    from adapt.errors import first_line
+
+    return explain(e) or f"{type(e).__name__}: {first_line(e)}"
+
+
+def check_same_run(recipe: Recipe, checkpoint: Path) -> None:
+    """The checkpoint's recorded model and adapters must be this recipe's (else resuming mixes two runs)."""
+    from adapt.config import load_recipe
+
+    try:
+        saved = recipe_to_dict(load_recipe(checkpoint / "recipe.yaml"))
+    except AdaptError:
+        return  # unreadable recipe: the weights' own checks decide when loading
+    now = recipe_to_dict(recipe)
+    for section in ("model", "lora"):
+        a, b = saved.get(section), now.get(section)
+        if section == "model" and a and b:
+            a, b = {**a, "path": same_path(a["path"])}, {**b, "path": same_path(b["path"])}
+        if a != b:
+            raise AdaptError(
+                f"training.output_dir {recipe.training.output_dir} holds checkpoints of another run "
+                f"({section}: {saved.get(section)} there, {now.get(section)} now); choose another "
+                "training.output_dir, or set training.resume=false to start over"
+            )
+
+
+def same_path(path: str) -> str:
+    p = Path(path).expanduser()
+    return str(p.resolve()) if p.exists() else path
+
+
+def drop_replayed_metrics(output_dir: Path, step: int) -> None:
+    """Remove metrics logged after `step` (they will be logged again by the resumed run)."""
+    f = output_dir / METRICS
+    if not f.is_file():
+        return
+    lines = f.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if logged_step(line) <= step]
+    if len(kept) != len(lines):
+        tmp = f.with_name(f".{f.name}.tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, f)
+
+
+def logged_step(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, TypeError, AttributeError):
+        return 0
 
 
 def load_model(cfg: ModelConfig) -> tuple[Any, Any, DiffusionSettings]:
@@ -353,13 +450,8 @@ def fit(session: Session) -> TrainState:
         while state.step < session.total_steps:
             loss, tokens, step_metrics = train_step(session, batches)
             loss, tokens = reduce_step(acc, loss, tokens)
-            if not math.isfinite(loss):
-                raise AdaptError(
-                    f"loss is {loss} at step {state.step + 1}; stopped before updating the weights. "
-                    f"Last good checkpoint: {state.checkpoint or 'none'}. Lower training.lr or check the data"
-                )
-            if t.max_grad_norm is not None:
-                acc.clip_grad_norm_(session.objective.parameters(), t.max_grad_norm)
+            check_finite(session, "loss", loss, state.step + 1)
+            check_finite(session, "gradient norm", clip_gradients(session), state.step + 1)
             session.optimizer.step()
             session.scheduler.step()
             session.optimizer.zero_grad(set_to_none=True)
@@ -385,9 +477,49 @@ def fit(session: Session) -> TrainState:
     return state
 
 
+def clip_gradients(session: Session) -> float | None:
+    """Clip to training.max_grad_norm (when set) and return the gradient norm before clipping.
+
+    None under fp16 (the grad scaler skips non-finite steps itself) and where Accelerate gives no norm.
+    """
+    acc, limit = session.accelerator, session.recipe.training.max_grad_norm
+    norm = acc.clip_grad_norm_(session.objective.parameters(), limit if limit is not None else math.inf)
+    if norm is None or acc.mixed_precision == "fp16":
+        return None
+    return float(norm)
+
+
+def check_finite(session: Session, what: str, value: float | None, step: int) -> None:
+    """Stop the run (nothing exported) when a loss, gradient norm or evaluation loss is not finite."""
+    if value is None or math.isfinite(value):
+        return
+    raise AdaptError(
+        f"{what} is {value} at step {step}; stopped, nothing exported. Last good checkpoint: "
+        f"{session.state.checkpoint or 'none'}. Lower training.lr or check the data"
+    )
+
+
+@torch.no_grad()
+def check_probe_loss(session: Session) -> None:
+    """The trained model's loss on a fixed batch of ordinary tokens must be finite: catches weights that
+    are finite yet overflow in a forward pass, with or without a held-out split."""
+    from adapt.convert import ordinary_token_ids
+
+    acc = session.accelerator
+    ids = ordinary_token_ids(session.model, session.tokenizer)
+    row = torch.tensor([ids[i % len(ids)] for i in range(session.recipe.data.max_length)], device=acc.device)
+    batch = {"input_ids": row[None], "attention_mask": torch.ones_like(row[None])}
+    inputs = make_inputs(session, batch, None, step_generator(session, -2, 0, acc.device))
+    session.objective.eval()
+    loss, _, _ = session.objective(**inputs)
+    session.objective.train()
+    check_finite(session, "the loss of the trained model on a probe batch", float(loss), session.state.step)
+
+
 def log_evaluation(session: Session) -> None:
-    """Evaluate on the held-out split and log loss and masked-token accuracy."""
+    """Evaluate on the held-out split and log loss and masked-token accuracy (a non-finite loss stops)."""
     loss = evaluate(session)
+    check_finite(session, "evaluation loss", loss, session.state.step)
     if loss is not None:
         log_metrics(session, {"eval_loss": loss, "eval_accuracy": session.state.eval_accuracy})
 
@@ -525,8 +657,8 @@ def log_metrics(session: Session, metrics: dict[str, Any]) -> None:
         acc.log(metrics, step=step)
     if session.recipe.logging.jsonl and acc.is_main_process:
         session.output_dir.mkdir(parents=True, exist_ok=True)
-        with (session.output_dir / "metrics.jsonl").open("a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        with (session.output_dir / METRICS).open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}, allow_nan=False) + "\n")
 
 
 def progress_bar(session: Session) -> Any:
@@ -588,6 +720,7 @@ def run(recipe: Recipe) -> tuple[TrainState, Path | None]:
         state = fit(session)
         exported = None
         if not state.interrupted and recipe.training.export:
+            check_probe_loss(session)
             exported = export(session)
             push_if_requested(session, exported)
         return state, exported
