@@ -13,7 +13,6 @@ import contextlib
 import errno
 import os
 import pickle
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -96,11 +95,16 @@ def check_writable(path: str | os.PathLike, what: str = "output") -> None:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         raise AdaptError(f"cannot use {p} as the {what}: {ancestor} is a file, not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):  # no probe file: the tree stays untouched
+        reason = "read-only file system" if _read_only(ancestor) else "permission denied"
+        raise AdaptError(f"cannot use {p} as the {what}: cannot create files in {ancestor} ({reason})")
+
+
+def _read_only(path: Path) -> bool:
     try:
-        os.rmdir(tempfile.mkdtemp(prefix=".adapt-probe-", dir=ancestor))
-    except OSError as e:
-        reason = e.strerror or first_line(e)
-        raise AdaptError(f"cannot use {p} as the {what}: cannot create files in {ancestor} ({reason})") from e
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def check_output_file(path: str | os.PathLike, option: str) -> None:

@@ -171,26 +171,29 @@ def setup(recipe: Recipe) -> Session:
 
 def check_outputs(recipe: Recipe) -> None:
     """Before any work: every path the run writes is writable and apart from the model and data it reads,
-    and an existing export is one adapt wrote (it will be replaced)."""
+    an existing export is one adapt wrote (it will be replaced), existing checkpoints are this run's."""
     from adapt.export import FINAL
 
     out = Path(recipe.training.output_dir)
-    check_writable(out, "training.output_dir")
     for written in (out / FINAL, out / CHECKPOINTS, out / METRICS):
         for option, source in (("model.path", recipe.model.path), ("data.path", recipe.data.path)):
             if source:
                 check_apart(written, source, f"the run writes {written}, which", option)
+    check_writable(out, "training.output_dir")
     final = out / FINAL
     if final.is_dir() and any(final.iterdir()):
         check_replaceable(final)
+    latest = latest_checkpoint(out)
+    if recipe.training.resume and latest is not None:
+        check_same_run(recipe, latest)
 
 
 def resume(session: Session) -> None:
-    """Load the newest checkpoint that loads, saying which ones did not; refuse another run's checkpoints."""
+    """Load the newest checkpoint that loads, saying which ones did not (`check_outputs` refused another
+    run's checkpoints before any work)."""
     candidates = checkpoint_dirs(session.output_dir)
     if not candidates:
         return
-    check_same_run(session.recipe, candidates[-1])
     for path in reversed(candidates):
         try:
             load_checkpoint(session, path)

@@ -86,6 +86,33 @@ def mask_id(value: int) -> Callable[[Path], None]:
     return setup
 
 
+def files(**contents: str) -> Callable[[Path], None]:
+    """Write text files, e.g. files(**{"mine/notes.txt": "x"})."""
+
+    def setup(w: Path) -> None:
+        for name, text in contents.items():
+            (w / name).parent.mkdir(parents=True, exist_ok=True)
+            (w / name).write_text(text)
+
+    return setup
+
+
+def checkpoints_of(model: str, corrupt: bool = False) -> Callable[[Path], None]:
+    """A run directory holding one checkpoint recorded for `model` (its weights garbage when `corrupt`)."""
+
+    def setup(w: Path) -> None:
+        from adapt.config import load_recipe, save_recipe
+
+        step = w / "run/checkpoints/step-00000001"
+        step.mkdir(parents=True)
+        argv = [a.format(w=w) for a in finetune(f"model.path={{w}}/{model}")[2:]]
+        save_recipe(load_recipe(RECIPE, argv), step / "recipe.yaml")
+        (step / "trainer_state.json").write_text(json.dumps({"step": 1}))
+        (step / "model.safetensors").write_bytes(b"garbage" if corrupt else b"")
+
+    return setup
+
+
 NON_UTF8_TEXT = b"The river ran.\n\nThe mill \xff\xfe turned.\n"
 NON_UTF8_JSONL = b'{"text": "fine"}\n{"text": "bad \xff bytes"}\n'
 
@@ -100,6 +127,8 @@ class Case:
     setup: Callable[[Path], None] = nothing
     may_write: tuple[str, ...] = ()
     """Paths (relative to the world) the command may leave behind."""
+    never: tuple[str, ...] = ()
+    """Paths (relative to the world) that must not exist afterwards (a broken export)."""
 
 
 def finetune(*overrides: str) -> tuple[str, ...]:
@@ -119,6 +148,21 @@ CASES = [
          weights("src", lambda b: os.urandom(len(b)))),
     Case("convert: hostile pickle", ("convert", "{w}/src", "{w}/out"), "refused to unpickle",
          hostile_pickle("src")),
+    Case("convert: output is the parent of the source, --force", ("convert", "{w}/src", "{w}", "--force"),
+         "contains the source"),
+    Case("convert: output is the source, --force", ("convert", "{w}/src", "{w}/src", "--force"),
+         "is the source"),
+    Case("convert: output inside the source", ("convert", "{w}/src", "{w}/src/out"),
+         "lies inside the source"),
+    Case("convert: --force over files adapt did not write", ("convert", "{w}/src", "{w}/mine", "--force"),
+         "adapt did not write (notes.txt)", files(**{"mine/notes.txt": "mine"})),
+    Case("convert: non-empty output without --force", ("convert", "{w}/src", "{w}/ckpt2"), "--force",
+         files(**{"ckpt2/notes.txt": "mine"})),
+    Case("convert: not a model directory", ("convert", "{w}/afile", "{w}/out"), "afile",
+         a_file_named("afile")),
+    Case("convert: config.json is not JSON", ("convert", "{w}/src", "{w}/out"), "config",
+         files(**{"src/config.json": "{not json"})),
+    Case("convert: unknown Hub id", ("convert", "nobody-here/no-such-model", "{w}/out"), "no-such-model"),
     # sample
     Case("sample: truncated weights", ("sample", "{w}/ckpt", "--prompt", "a"), "cannot load the model in",
          weights("ckpt", lambda b: b[:1000])),
@@ -132,6 +176,16 @@ CASES = [
          "--device 'foo'"),
     Case("sample: mask id outside the vocabulary", ("sample", "{w}/ckpt", "--prompt", "a"),
          "outside the vocabulary", mask_id(10**6)),
+    Case("sample: negative mask id", ("sample", "{w}/ckpt", "--prompt", "a"), "mask_token_id",
+         mask_id(-3)),
+    Case("sample: an AR model", ("sample", "{w}/src", "--prompt", "a"), "not a diffusion checkpoint"),
+    Case("sample: config.json is not JSON", ("sample", "{w}/ckpt", "--prompt", "a"), "not valid JSON",
+         files(**{"ckpt/config.json": "{not json"})),
+    Case("sample: no such checkpoint", ("sample", "{w}/nothing", "--prompt", "a"), "no such checkpoint"),
+    # verify
+    Case("verify: truncated weights", ("verify", "{w}/ckpt"), "cannot load",
+         weights("ckpt", lambda b: b[:1000])),
+    Case("verify: hostile pickle", ("verify", "{w}/ckpt"), "refused to unpickle", hostile_pickle("ckpt")),
     # eval
     Case("eval: non-UTF-8 text", ("eval", "{w}/ckpt", "--data", "{w}/bad.txt"), "bad.txt is not UTF-8 text",
          bad_bytes("bad.txt", NON_UTF8_TEXT)),
@@ -143,6 +197,19 @@ CASES = [
          "is not a device"),
     Case("eval: window longer than the context", ("eval", "{w}/ckpt", "--data", "{w}/data.txt", "--seq-len",
          "100000"), "--seq-len 100000"),
+    Case("eval: truncated weights", ("eval", "{w}/ckpt", "--data", "{w}/data.txt"), "corrupt, truncated",
+         weights("ckpt", lambda b: b[:1000])),
+    Case("eval: --json is a directory", ("eval", "{w}/ckpt", "--data", "{w}/data.txt", "--json", "{w}/src"),
+         "is a directory"),
+    Case("eval: mask id outside the vocabulary", ("eval", "{w}/ckpt", "--data", "{w}/data.txt"),
+         "outside the vocabulary", mask_id(10**6)),
+    Case("eval: unknown Hub id", ("eval", "nobody-here/no-such-model", "--data", "{w}/data.txt"),
+         "no-such-model"),
+    # push (dry runs: nothing is contacted)
+    Case("push: NaN in the training summary", ("push", "{w}/ckpt", "me/model", "--dry-run"), "non-finite",
+         files(**{"ckpt/training_summary.json": '{"steps": 1, "eval_loss": NaN}'})),
+    Case("push: invalid repo id", ("push", "{w}/ckpt", "not a repo", "--dry-run"), "invalid repo id"),
+    Case("push: an AR model", ("push", "{w}/src", "me/model", "--dry-run"), "not a diffusion checkpoint"),
     # finetune
     Case("finetune: non-UTF-8 data", finetune("data.path={w}/bad.txt"), "not UTF-8 text",
          bad_bytes("bad.txt", NON_UTF8_TEXT)),
@@ -150,7 +217,50 @@ CASES = [
          a_file_named("afile")),
     Case("finetune: blocks longer than the context", finetune("data.max_length=4096"),
          "data.max_length=4096"),
+    Case("finetune: non-UTF-8 jsonl", finetune("data.path={w}/bad.jsonl"), "(line 2)",
+         bad_bytes("bad.jsonl", NON_UTF8_JSONL)),
+    Case("finetune: lr is NaN", finetune("training.lr=.nan"), "training.lr must be a finite number"),
+    Case("finetune: lr is infinite", finetune("training.lr=.inf"), "training.lr must be a finite number"),
+    Case("finetune: negative lr", finetune("training.lr=-1"), "training.lr must be > 0"),
+    Case("finetune: unknown recipe key", finetune("training.lrr=1"), "unknown key 'training.lrr'"),
+    Case("finetune: output_dir is the model", finetune("training.output_dir={w}/ckpt"),
+         "lies inside model.path"),
+    Case("finetune: output_dir holds the data",
+         finetune("training.output_dir={w}/d", "data.path={w}/d/final"), "data.path",
+         files(**{"d/final": "text"})),
+    Case("finetune: export over files adapt did not write", finetune(), "adapt did not write",
+         files(**{"run/final/notes.txt": "mine"})),
+    Case("finetune: checkpoints of another model", finetune(), "holds checkpoints of another run",
+         checkpoints_of("src")),
+    Case("finetune: no checkpoint loads", finetune(), "can be loaded", checkpoints_of("ckpt", corrupt=True),
+         may_write=("run/",)),
+    Case("finetune: mask id outside the vocabulary", finetune(), "outside the vocabulary", mask_id(10**6)),
+    Case("finetune: diverging lr, no held-out split",
+         finetune("training.lr=1e38", "data.eval_fraction=0", "training.max_grad_norm=null"),
+         "nothing exported",
+         may_write=("run",), never=("run/final",)),
+    Case("finetune: diverging lr, held-out split", finetune("training.lr=1e30"), "is nan",
+         may_write=("run",), never=("run/final",)),
 ]  # fmt: skip
+
+
+def read_only_dir(name: str) -> Callable[[Path], None]:
+    def setup(w: Path) -> None:
+        (w / name).mkdir()
+        (w / name).chmod(0o555)
+
+    return setup
+
+
+if os.geteuid() != 0:  # root may write anywhere
+    CASES.append(
+        Case(
+            "convert: unwritable output location",
+            ("convert", "{w}/src", "{w}/ro/out"),
+            "cannot create files",
+            read_only_dir("ro"),
+        )
+    )
 
 if not torch.cuda.is_available():
     CASES.append(
@@ -173,7 +283,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("world")
     build_tiny_model("llama", root / "src")
     convert(str(root / "src"), root / "ckpt")
-    (root / "data.txt").write_text("\n\n".join([SAMPLE_TEXT] * 4))
+    (root / "data.txt").write_text("\n\n".join([SAMPLE_TEXT] * 20))
     return root
 
 
@@ -213,7 +323,9 @@ def test_bad_input(case: Case, world: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(app, argv, env={"ADAPT_DEBUG": ""})
     check_one_error_line(result, case.says)
     after = {k: v for k, v in tree(w).items() if not any(k.startswith(m) for m in case.may_write)}
+    before = {k: v for k, v in before.items() if not any(k.startswith(m) for m in case.may_write)}
     assert after == before, set(after.items()) ^ set(before.items())
+    assert not [p for p in case.never if (w / p).exists()]
 
 
 # ----------------------------------------------------------------------------- the boundary itself
@@ -247,3 +359,73 @@ def test_a_bug_keeps_its_traceback_and_debug_shows_every_traceback(world: Path, 
     monkeypatch.setattr(command, "sample", bug)
     result = CliRunner().invoke(app, ["sample", str(world / "ckpt"), "--prompt", "a"])
     assert isinstance(result.exception, ZeroDivisionError)  # not turned into a line: the user must see it
+
+
+# ----------------------------------------------------------------------------- what survives faults
+
+
+def run_recipe(world: Path, out: Path, *overrides: str) -> None:
+    from adapt.config import load_recipe
+    from adapt.train import run
+
+    base = [a.format(w=world) for a in finetune()[2:] if not a.startswith("training.output_dir")]
+    run(load_recipe(RECIPE, [*base, f"training.output_dir={out}", *overrides]))
+
+
+def test_resume_falls_back_past_a_corrupt_checkpoint_without_repeating_metrics(
+    world: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    out = tmp_path / "run"
+    common = ("training.checkpoint_every=1", "logging.log_every=1", "training.export=false")
+    run_recipe(world, out, "training.max_steps=2", *common)
+    newest = out / "checkpoints/step-00000002"
+    (newest / "model.safetensors").write_bytes(b"\0" * 100)
+    run_recipe(world, out, "training.max_steps=3", *common)
+    assert "step-00000002 cannot be loaded" in caplog.text and "resumed from" in caplog.text
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in logged if "loss" in m] == [1, 2, 3]  # step 2 of the first run dropped
+    assert [m["step"] for m in logged if "eval_loss" in m] == [3]
+    assert (out / "checkpoints/step-00000003").is_dir()
+
+
+def dead_pid() -> int:
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
+    return int(child.stdout)
+
+
+def test_leftovers_of_killed_writes_are_recovered(tmp_path: Path) -> None:
+    from adapt.outputs import atomic_dir
+
+    pid = dead_pid()
+    (tmp_path / f".a.tmp-{pid}-x").mkdir()  # killed while writing: removed
+    (tmp_path / "a").mkdir()
+    (tmp_path / f".b.old-{pid}").mkdir()  # killed between the two renames: both copies hidden
+    (tmp_path / f".b.tmp-{pid}-y").mkdir()
+    (tmp_path / f".b.tmp-{pid}-y/new").write_text("complete")
+    (tmp_path / f".c.old-{pid}").mkdir()  # killed after moving the old output away, before writing
+    with atomic_dir(tmp_path / "d") as tmp:
+        (tmp / "f").write_text("x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c", "d"]
+    assert (tmp_path / "b/new").read_text() == "complete"
+
+
+def test_outputs_follow_the_umask(world: Path, tmp_path: Path) -> None:
+    from adapt.outputs import atomic_dir
+
+    old = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "out") as tmp:
+            (tmp / "f").write_text("x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+    assert (world / "ckpt").stat().st_mode & 0o077, "the converted checkpoint is readable by others"
+
+
+def test_summaries_are_strict_json(tmp_path: Path) -> None:
+    from adapt.outputs import json_text
+
+    assert json.loads(json_text({"a": float("nan"), "b": [float("inf"), 1.5]})) == {
+        "a": None,
+        "b": [None, 1.5],
+    }
