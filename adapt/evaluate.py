@@ -292,7 +292,8 @@ def summarize(per_window: torch.Tensor, tokens: torch.Tensor) -> dict[str, float
     nll = float((w * per_window).sum())
     n = per_window.numel()
     se = float(per_window.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
-    return {"nll": nll, "nll_stderr": se, "ppl": math.exp(nll), "sequences": n, "tokens": int(tokens.sum())}
+    ppl = math.exp(nll) if nll < 700 else math.inf  # math.exp overflows past ~709
+    return {"nll": nll, "nll_stderr": se, "ppl": ppl, "sequences": n, "tokens": int(tokens.sum())}
 
 
 # ---------------------------------------------------------------- models

@@ -125,6 +125,7 @@ def prepare_output_dir(
 ) -> Path:
     """Check OUT before any work: not a source, empty unless forced, replaceable, writable (not created)."""
     p = Path(out)
+    recover_leftovers(p.absolute().parent)  # a killed earlier write: its output back before the checks
     for source in sources:
         check_apart(p, source, f"the output {p}", "the source")
     if p.exists() and not p.is_dir():

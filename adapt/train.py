@@ -81,6 +81,8 @@ class Session:
     eval_loader: Any | None
     total_steps: int
     state: TrainState = field(default_factory=TrainState)
+    probe_ids: list[int] = field(default_factory=list)
+    """Ordinary token ids (for the final probe-batch check)."""
 
     @property
     def output_dir(self) -> Path:
@@ -161,6 +163,7 @@ def setup(recipe: Recipe) -> Session:
         train_loader,
         eval_loader,
         total,
+        probe_ids=probe_ids,
     )
     if recipe.logging.report_to:
         accelerator.init_trackers("adapt", config=flat_config(recipe))
@@ -506,10 +509,7 @@ def check_finite(session: Session, what: str, value: float | None, step: int) ->
 def check_probe_loss(session: Session) -> None:
     """The trained model's loss on a fixed batch of ordinary tokens must be finite: catches weights that
     are finite yet overflow in a forward pass, with or without a held-out split."""
-    from adapt.convert import ordinary_token_ids
-
-    acc = session.accelerator
-    ids = ordinary_token_ids(session.model, session.tokenizer)
+    acc, ids = session.accelerator, session.probe_ids
     row = torch.tensor([ids[i % len(ids)] for i in range(session.recipe.data.max_length)], device=acc.device)
     batch = {"input_ids": row[None], "attention_mask": torch.ones_like(row[None])}
     inputs = make_inputs(session, batch, None, step_generator(session, -2, 0, acc.device))

@@ -130,8 +130,14 @@ def test_existing_output_needs_force(tiny_models, tmp_path):
     with pytest.raises(AdaptError, match="not empty"):
         convert(str(tiny_models["llama"]), out)
     assert (out / "keep.txt").read_text() == "precious"
-    convert(str(tiny_models["llama"]), out, ConvertOptions(force=True))
-    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+    with pytest.raises(AdaptError, match="adapt did not write"):  # --force replaces only adapt's checkpoints
+        convert(str(tiny_models["llama"]), out, ConvertOptions(force=True))
+    assert (out / "keep.txt").read_text() == "precious"
+    (out / "keep.txt").unlink()
+    convert(str(tiny_models["llama"]), out)
+    (out / "old.txt").write_text("from the previous conversion")
+    convert(str(tiny_models["llama"]), out, ConvertOptions(force=True))  # an adapt checkpoint: replaced
+    assert not (out / "old.txt").exists() and (out / "config.json").exists()
 
 
 def _no_partial_output(tmp_path: Path) -> bool:
