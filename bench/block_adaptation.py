@@ -7,9 +7,10 @@ SmolLM2-135M-Instruct and the quickstart's Wikipedia text (`python -m adapt.demo
       data.eval_path=$C/corpora/wiki-eval.jsonl data.max_length=128 training.batch_size=8 \
       training.max_steps=300 training.warmup_steps=10 training.lr=2e-4 training.eval_every=25 \
       training.eval_batches=8 training.mixed_precision=bf16"
-    python finetune.py recipes/quickstart.yaml $COMMON diffusion.anneal_steps=0 diffusion.block_size=8 \
+    python finetune.py recipes/quickstart.yaml $COMMON diffusion.block_size=8 \
       "diffusion.block_schedule=[[0, 1], [50, 4], [100, 8]]" training.output_dir=runs/block
-    python finetune.py recipes/quickstart.yaml $COMMON training.output_dir=runs/full
+    python finetune.py recipes/quickstart.yaml $COMMON diffusion.block_size=null \
+      diffusion.block_schedule=null diffusion.anneal_steps=10 training.output_dir=runs/full
     python bench/block_adaptation.py --runs block=runs/block full=runs/full
 
 Then this script reports, for each run: the held-out bound (each checkpoint's own: the block bound for
