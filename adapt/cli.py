@@ -305,11 +305,21 @@ def sample_cmd(
     strategy: Annotated[
         str, typer.Option(help="low_confidence, random, margin, entropy, threshold or entropy_bounded.")
     ] = "low_confidence",
+    step_schedule: Annotated[
+        str, typer.Option(help="Tokens per step: uniform (LLaDA) or dream (Dream's s/t ratio).")
+    ] = "uniform",
     threshold: Annotated[float, typer.Option(help="Confidence threshold of `threshold` decoding.")] = 0.9,
     entropy_bound: Annotated[float, typer.Option(help="Entropy budget of `entropy_bounded`.")] = 1.0,
     temperature: Annotated[float, typer.Option(help="0: greedy; > 0: Gumbel sampling.")] = 0.0,
     top_k: Annotated[int, typer.Option(help="Top-k filtering (0: off).")] = 0,
     top_p: Annotated[float, typer.Option(help="Nucleus filtering (1: off).")] = 1.0,
+    confidence: Annotated[
+        str,
+        typer.Option(
+            help="Ranking at temperature > 0: untempered (LLaDA, Fast-dLLM), tempered (Dream) or auto "
+            "(tempered for margin and entropy)."
+        ),
+    ] = "auto",
     cache: Annotated[
         str,
         typer.Option(help="KV cache: auto, none, prefix or dual (auto: exact prefix for block checkpoints)."),
@@ -344,11 +354,13 @@ def sample_cmd(
         steps=steps,
         block_length=block_length,
         strategy=strategy,  # type: ignore[arg-type]
+        step_schedule=step_schedule,  # type: ignore[arg-type]
         threshold=threshold,
         entropy_bound=entropy_bound,
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
+        confidence=confidence,  # type: ignore[arg-type]
         cache=cache,  # type: ignore[arg-type]
         cache_refresh=cache_refresh,
         stop_at_eos=stop_at_eos,

@@ -9,6 +9,8 @@ from adapt.errors import AdaptError
 
 Strategy = Literal["low_confidence", "random", "margin", "entropy", "threshold", "entropy_bounded"]
 CacheMode = Literal["auto", "none", "prefix", "dual"]
+Confidence = Literal["auto", "untempered", "tempered"]
+StepSchedule = Literal["uniform", "dream"]
 STRATEGIES: tuple[str, ...] = (
     "low_confidence",
     "random",
@@ -18,6 +20,8 @@ STRATEGIES: tuple[str, ...] = (
     "entropy_bounded",
 )
 CACHE_MODES: tuple[str, ...] = ("auto", "none", "prefix", "dual")
+CONFIDENCES: tuple[str, ...] = ("auto", "untempered", "tempered")
+STEP_SCHEDULES: tuple[str, ...] = ("uniform", "dream")
 
 
 @dataclass
@@ -33,8 +37,11 @@ class SamplingConfig:
     block-diffusion checkpoint its own block size, and a multiple of it only groups the step budget)."""
     strategy: Strategy = "low_confidence"
     """Which masked positions to unmask at each step."""
+    step_schedule: StepSchedule = "uniform"
+    """Tokens per step of scheduled strategies: uniform (LLaDA: an even split, the remainder first) or dream
+    (Dream: floor(left * (1 - s/t)) on the times linspace(1, 1e-3, steps + 1), the rest on the last step)."""
     threshold: float = 0.9
-    """Confidence threshold of `threshold` decoding (Fast-dLLM): unmask all above it, at least one."""
+    """Confidence threshold of `threshold` decoding (Fast-dLLM): unmask all >= it, at least one."""
     entropy_bound: float = 1.0
     """Entropy budget (nats) per step of `entropy_bounded` decoding (EB-sampler)."""
     temperature: float = 0.0
@@ -42,7 +49,13 @@ class SamplingConfig:
     top_k: int = 0
     """Keep only the k most likely tokens before sampling (0: off)."""
     top_p: float = 1.0
-    """Nucleus sampling: keep the smallest set of tokens with this total probability (1: off)."""
+    """Nucleus sampling: keep the smallest set of tokens with this total probability (1: off).
+    Temperature is applied first, then top-p, then top-k (Dream's order)."""
+    confidence: Confidence = "auto"
+    """Which probabilities rank positions at temperature > 0: untempered (the model's softmax over the tokens
+    top-p/top-k kept; LLaDA, Fast-dLLM, dllm), tempered (the distribution sampled from: temperature, top-p,
+    top-k; Dream), or auto: tempered for margin and entropy (Dream's strategies), untempered otherwise.
+    At temperature 0 both are the same."""
     cache: CacheMode = "auto"
     """KV cache: none, prefix (prompt and finished blocks) or dual (prefix and the masked suffix); auto is
     prefix for block-diffusion checkpoints (exact) and none for full-attention ones (approximate)."""
@@ -67,6 +80,14 @@ class SamplingConfig:
             raise AdaptError(f"gen_length must be >= 1, not {self.gen_length}")
         if self.strategy not in STRATEGIES:
             raise AdaptError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        if self.step_schedule not in STEP_SCHEDULES:
+            raise AdaptError(
+                f"unknown step schedule {self.step_schedule!r}; choose one of {', '.join(STEP_SCHEDULES)}"
+            )
+        if self.confidence not in CONFIDENCES:
+            raise AdaptError(
+                f"unknown confidence {self.confidence!r}; choose one of {', '.join(CONFIDENCES)}"
+            )
         if self.cache not in CACHE_MODES:
             raise AdaptError(f"unknown cache mode {self.cache!r}; choose one of {', '.join(CACHE_MODES)}")
         block = self.block_length if self.block_length is not None else self.gen_length

@@ -22,7 +22,7 @@ from adapt.errors import AdaptError
 from adapt.sampling.cache import BlockDenoiser, Denoiser
 from adapt.sampling.canvas import Canvas, build_canvas
 from adapt.sampling.config import GenerationOutput, SamplingConfig
-from adapt.sampling.strategies import Strategy, make_strategy, propose, schedule
+from adapt.sampling.strategies import SCHEDULES, Strategy, make_strategy, propose, skip_empty_steps
 
 
 @dataclass
@@ -234,8 +234,8 @@ class _Run:
         masked = candidates.sum(-1)  # [b]
         if self.strategy.scheduled:
             steps = self.steps_per_block
-            k_table = row_schedule(masked, steps)  # [b, steps]
-            max_steps = int(torch.minimum(masked, torch.tensor(steps)).max())
+            k_table = row_schedule(masked, steps, self.config.step_schedule)  # [b, steps]
+            max_steps = int((k_table > 0).sum(-1).max())
         else:
             k_table, max_steps = None, int(masked.max())
         for step in range(max_steps):
@@ -270,14 +270,12 @@ class _Run:
                 self.done[r] = True
 
 
-def row_schedule(masked: torch.Tensor, steps: int) -> torch.Tensor:
-    """Per-row LLaDA schedule over min(steps, masked[b]) steps, zero-padded to `steps`. [b] -> [b, steps]"""
-    row_steps = masked.clamp(max=steps).clamp(min=1)  # [b]
-    table = torch.zeros(masked.shape[0], steps, dtype=torch.long, device=masked.device)
-    for s in row_steps.unique().tolist():
-        rows = row_steps == s
-        table[rows, :s] = schedule(masked[rows], s)
-    return table
+def row_schedule(masked: torch.Tensor, steps: int, kind: str = "uniform") -> torch.Tensor:
+    """Tokens each row unmasks per step of a block, steps that unmask nothing left out. [b] -> [b, steps]
+
+    Uniform: LLaDA's even split over min(steps, masked[b]) steps, zero-padded to `steps`.
+    """
+    return skip_empty_steps(SCHEDULES[kind](masked, steps))
 
 
 def finish(

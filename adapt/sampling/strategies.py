@@ -23,22 +23,68 @@ class Proposal:
     """The model's proposal for every window position."""
 
     tokens: torch.Tensor  # [b, w] chosen token ids
-    probs: torch.Tensor  # [b, w, V] distribution the confidence is read from
-    confidence: torch.Tensor  # [b, w] probability of the chosen token
+    probs: torch.Tensor  # [b, w, V] distribution the scores (margin, entropy) are read from
+    confidence: torch.Tensor  # [b, w] probability of the chosen token under `probs`
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filtering as Dream does it: a token is removed when the tokens ranked above it already
+    hold more than `top_p` of the mass (so the top token always stays). [b, w, V] -> [b, w, V]"""
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    cum = sorted_logits.softmax(-1).cumsum(-1)  # [b, w, V] mass up to and including each rank
+    drop_sorted = torch.zeros_like(cum, dtype=torch.bool)
+    drop_sorted[..., 1:] = cum[..., :-1] > top_p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, NEG_INF)
+
+
+def top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Keep the `top_k` largest logits (and ties with the k-th); 0 is off. [b, w, V] -> [b, w, V]"""
+    if not top_k or top_k >= logits.shape[-1]:
+        return logits
+    kth = logits.topk(top_k, dim=-1).values[..., -1:]  # [b, w, 1]
+    return logits.masked_fill(logits < kth, NEG_INF)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Top-k then top-p (nucleus) filtering: removed tokens get -inf. [b, w, V] -> [b, w, V]"""
-    if top_k and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[..., -1:]  # [b, w, 1]
-        logits = logits.masked_fill(logits < kth, NEG_INF)
-    if top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop_sorted = cum - sorted_logits.softmax(-1) >= top_p  # the top token is always kept
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, NEG_INF)
+    """Dream's order: top-p, then top-k; removed tokens get -inf. [b, w, V] -> [b, w, V]"""
+    return top_k_filter(top_p_filter(logits, top_p), top_k)
+
+
+def sampling_logits(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
+    """The logits tokens are drawn from: divided by the temperature first, then filtered (Dream's order)."""
+    if config.temperature > 0:
+        logits = logits / config.temperature
+    return filter_logits(logits, config.top_k, config.top_p)
+
+
+def ranks_tempered(config: SamplingConfig) -> bool:
+    """Whether positions are ranked by the distribution sampled from (Dream) or by the model's (LLaDA)."""
+    if config.confidence == "auto":
+        return config.strategy in ("margin", "entropy")
+    return config.confidence == "tempered"
+
+
+def model_logits(
+    logits: torch.Tensor, config: SamplingConfig, mask_id: int, eos_ids: list[int], vocab_size: int | None
+) -> torch.Tensor:
+    """float32 logits without the tokens that are never proposed, less the EOS penalty. [b, w, V]"""
+    logits = logits.float()
+    logits[..., mask_id] = NEG_INF
+    if vocab_size is not None:
+        logits[..., vocab_size:] = NEG_INF
+    if eos_ids and config.eos_penalty:
+        logits[..., eos_ids] -= config.eos_penalty
     return logits
+
+
+def gumbel_argmax(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """A sample of softmax(logits) per position by the Gumbel-max trick, in float64. [b, w, V] -> [b, w]"""
+    u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=torch.float64)
+    gumbel = -torch.log(-torch.log(u.clamp_min(1e-20)))
+    return (logits.double() + gumbel).argmax(-1)
 
 
 def propose(
@@ -52,24 +98,17 @@ def propose(
     """Pick a token for every window position: argmax (greedy) or a Gumbel-max sample. logits [b, w, V]
 
     Never proposed: the mask token, and embedding rows beyond the tokenizer (`vocab_size`; padding rows).
+    Confidence is the chosen token's probability under the model's own softmax, in float64 (LLaDA,
+    Fast-dLLM; over the tokens top-k/top-p kept, when they are on), or under the tempered, filtered
+    distribution it was drawn from (Dream); `config.confidence` chooses.
     """
-    logits = logits.float()
-    logits[..., mask_id] = NEG_INF
-    if vocab_size is not None:
-        logits[..., vocab_size:] = NEG_INF
-    if eos_ids and config.eos_penalty:
-        logits[..., eos_ids] -= config.eos_penalty
-    logits = filter_logits(logits, config.top_k, config.top_p)
-    if config.temperature > 0:
-        scaled = logits / config.temperature
-        u = torch.rand(scaled.shape, generator=generator, device=scaled.device, dtype=torch.float64)
-        gumbel = -torch.log(-torch.log(u.clamp_min(1e-20)))
-        tokens = (scaled.double() + gumbel).argmax(-1)  # [b, w]
-        probs = scaled.softmax(-1)
-    else:
-        tokens = logits.argmax(-1)
-        probs = logits.softmax(-1)
-    confidence = probs.gather(-1, tokens[..., None]).squeeze(-1)  # [b, w]
+    logits = model_logits(logits, config, mask_id, eos_ids, vocab_size)  # [b, w, V]
+    sampled = sampling_logits(logits, config)
+    tokens = gumbel_argmax(sampled, generator) if config.temperature > 0 else sampled.argmax(-1)  # [b, w]
+    ranked = sampled if ranks_tempered(config) else logits.masked_fill(sampled == NEG_INF, NEG_INF)
+    probs = ranked.softmax(-1)
+    source = probs if ranks_tempered(config) else ranked.double().softmax(-1)
+    confidence = source.gather(-1, tokens[..., None]).squeeze(-1)  # [b, w]
     if eos_ids and config.eos_confidence_cap is not None:
         capped = confidence.clamp(max=config.eos_confidence_cap)
         is_eos = torch.isin(tokens, torch.tensor(eos_ids, device=tokens.device))
@@ -102,9 +141,9 @@ def select_top(scores: torch.Tensor, candidates: torch.Tensor, k: torch.Tensor) 
 
 
 def select_threshold(confidence: torch.Tensor, candidates: torch.Tensor, tau: float) -> torch.Tensor:
-    """Every candidate with confidence > tau, and the most confident one of each row in any case."""
+    """Fast-dLLM's rule: every candidate with confidence >= tau, and the most confident one in any case."""
     one = select_top(confidence, candidates, candidates.any(-1).long())
-    return one | (candidates & (confidence > tau))
+    return one | (candidates & (confidence >= tau))
 
 
 def select_entropy_bounded(ent: torch.Tensor, candidates: torch.Tensor, bound: float) -> torch.Tensor:
@@ -151,7 +190,7 @@ class Ranked:
 
 @dataclass
 class Threshold:
-    """Fast-dLLM parallel decoding: every position more confident than tau, at least one."""
+    """Fast-dLLM parallel decoding: every position with confidence >= tau, at least one."""
 
     tau: float
     scheduled: bool = False
@@ -207,3 +246,39 @@ def schedule(masked: torch.Tensor, steps: int) -> torch.Tensor:
     k = base[:, None].expand(-1, steps).clone()
     k += (torch.arange(steps, device=masked.device)[None, :] < extra[:, None]).long()
     return k
+
+
+DREAM_EPS = 1e-3  # Dream's default `eps`: the last time of its schedule
+
+
+def dream_schedule(masked: torch.Tensor, steps: int, eps: float = DREAM_EPS) -> torch.Tensor:
+    """Dream's schedule: times t_i = linspace(1, eps, steps + 1); step i unmasks
+    floor(n_i (1 - t_{i+1} / t_i)) of the n_i masks still left (in float32, as Dream computes it), and the
+    last step unmasks the rest.
+
+    masked [b] -> [b, steps]; each row uses its own count (Dream averages the count over the batch).
+    """
+    t = torch.linspace(1.0, eps, steps + 1, device=masked.device)  # [steps + 1] float32
+    left = masked.clone()  # [b]
+    k = torch.zeros(masked.shape[0], steps, dtype=torch.long, device=masked.device)
+    for i in range(steps):
+        last = i == steps - 1
+        k[:, i] = left if last else (left.float() * (1 - t[i + 1] / t[i])).floor().long()
+        left = left - k[:, i]
+    return k
+
+
+def skip_empty_steps(table: torch.Tensor) -> torch.Tensor:
+    """Each row's non-zero entries moved to the front, in order: steps that unmask nothing are not run.
+
+    [b, steps] -> [b, steps]. The model is not conditioned on time, so a step that unmasks nothing would
+    only repeat the same forward pass (dllm skips them too).
+    """
+    order = torch.sort((table == 0).int(), dim=-1, stable=True).indices  # [b, steps]
+    return table.gather(-1, order)
+
+
+SCHEDULES: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
+    "uniform": schedule,
+    "dream": dream_schedule,
+}
