@@ -14,7 +14,8 @@ dtype, device, seed.
   returned log-likelihood is a lower bound estimate. `is_greedy` is whether one forward pass with the
   whole continuation masked predicts every continuation token by argmax.
 - `loglikelihood_rolling`: the same bound over lm-eval's rolling windows of the whole text.
-- `generate_until`: adapt's sampler, cut at the first stop string.
+- `generate_until`: adapt's sampler, cut at the first stop token (EOS, every id of
+  `generation_config.eos_token_id`, the chat template's end-of-turn token) or stop string.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ def sample(
     from adapt.boundary import resolve_device
     from adapt.checkpoint import load_diffusion_model, load_settings, weights_dtype
     from adapt.sampling.display import LiveView, PlainStream
-    from adapt.sampling.engine import context_length, eos_token_ids, generate, resolve_cache
+    from adapt.sampling.engine import context_length, generate, resolve_cache, stop_token_ids
 
     settings = load_settings(checkpoint)  # a clear error before any weights are read
     if not prompts and not infills:
@@ -56,7 +56,7 @@ def sample(
         if sys.stderr.isatty():
             view = LiveView(tokenizer)
         elif len(inputs) == 1:
-            view = PlainStream(tokenizer, eos_token_ids(tokenizer, model), config.stop)
+            view = PlainStream(tokenizer, stop_token_ids(tokenizer, model), config.stop)
     if view is None:
         out = generate(model, tokenizer, inputs, config, settings)
     else:

@@ -62,9 +62,11 @@ class SamplingConfig:
     cache_refresh: int = 0
     """Also recompute the cache every N steps inside a block (0: only when a block starts)."""
     stop_at_eos: bool = True
-    """Cut each output at its first EOS, and stop once every output has one (checked when a block is done)."""
+    """Cut each output at its first EOS, and stop once every output has one (checked when a block is done).
+    EOS here is every stop token: the tokenizer's EOS, each id of `generation_config.eos_token_id` and the
+    chat template's end-of-turn token."""
     eos_penalty: float = 0.0
-    """Subtracted from the EOS logit at every step: fights EOS flooding the tail of the canvas."""
+    """Subtracted from the EOS logits (every stop token) at every step: fights EOS flooding the tail."""
     eos_confidence_cap: float | None = None
     """Cap the confidence of positions that chose EOS, so they are decided last (None: off)."""
     stop: tuple[str, ...] = ()

@@ -20,7 +20,7 @@ import torch
 from adapt.checkpoint import DiffusionSettings, read_settings
 from adapt.errors import AdaptError
 from adapt.sampling.cache import BlockDenoiser, Denoiser
-from adapt.sampling.canvas import Canvas, build_canvas
+from adapt.sampling.canvas import Canvas, build_canvas, encode
 from adapt.sampling.config import GenerationOutput, SamplingConfig
 from adapt.sampling.strategies import SCHEDULES, Strategy, make_strategy, propose, skip_empty_steps
 
@@ -82,7 +82,7 @@ def generate(
         ]
         return merge_outputs(parts, groups)
     strategy = strategy or make_strategy(config)
-    eos_ids = eos_token_ids(tokenizer, model)
+    eos_ids = stop_token_ids(tokenizer, model)
     generator = torch.Generator(device=device).manual_seed(config.seed)
     denoiser = make_denoiser(model, config, settings)
     state = _Run(canvas, config, settings, strategy, eos_ids, generator, denoiser, on_step, tokenizer)
@@ -327,13 +327,42 @@ def cut_at_stop(seq: list[int], tokenizer: Any, stops: tuple[str, ...]) -> tuple
     return seq, text[:cut]
 
 
-def eos_token_ids(tokenizer: Any, model: Any) -> list[int]:
-    """EOS ids of the tokenizer and of the model's generation config (chat models often have several)."""
-    ids = {tokenizer.eos_token_id}
+def stop_token_ids(tokenizer: Any, model: Any) -> list[int]:
+    """Ids that end an output: the tokenizer's EOS, every id of `generation_config.eos_token_id` (an int
+    or a list; chat models often have several) and the chat template's end-of-turn token."""
+    ids = {tokenizer.eos_token_id, *end_of_turn_ids(tokenizer)}
     gen = getattr(model, "generation_config", None)
     extra = getattr(gen, "eos_token_id", None)
     ids.update(extra if isinstance(extra, list) else [extra])
     return sorted(int(i) for i in ids if i is not None)
+
+
+PROBE = "adapt end of turn probe"
+
+
+def end_of_turn_ids(tokenizer: Any) -> list[int]:
+    """The special token the chat template writes right after an assistant message (<|im_end|>,
+    <|eot_id|>, <end_of_turn>, ...): [id], or [] without a template or when none follows the message."""
+    from jinja2 import TemplateError
+
+    if not getattr(tokenizer, "chat_template", None):
+        return []
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": PROBE}]
+    try:
+        text = tokenizer.apply_chat_template(turns, tokenize=False)
+    except (TemplateError, ValueError, KeyError, TypeError, IndexError):
+        return []  # a template that cannot render an assistant reply names no end-of-turn token
+    if not isinstance(text, str) or PROBE not in text:
+        return []
+    tail = text[text.rindex(PROBE) + len(PROBE) :]
+    special = set(tokenizer.all_special_ids)
+    special |= {i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if t.special}
+    for t in encode(tokenizer, tail):
+        if t in special:
+            return [int(t)]
+        if tokenizer.decode([t]).strip():
+            return []  # text, not a special token, closes the turn
+    return []
 
 
 def context_length(config: Any) -> int | None:
