@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -190,3 +191,17 @@ def test_unknown_option_values_are_refused() -> None:
         SamplingConfig(step_schedule="cosine")  # type: ignore[arg-type]
     with pytest.raises(AdaptError, match="unknown confidence"):
         SamplingConfig(confidence="raw")  # type: ignore[arg-type]
+
+
+def test_sample_command_takes_the_options(llama_diffusion: Path) -> None:
+    from typer.testing import CliRunner
+
+    from adapt.cli import app
+
+    args = ["sample", str(llama_diffusion), "--prompt", "The river", "--gen-length", "8", "--steps", "4"]
+    opts = ["--step-schedule", "dream", "--confidence", "tempered", "--temperature", "0.7", "--top-p", "0.9"]
+    result = CliRunner().invoke(app, [*args, *opts, "--no-stop-at-eos", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["nfe"] == 4  # 8 masks in 4 Dream steps: 1, 2, 2, 3
+    result = CliRunner().invoke(app, [*args, "--step-schedule", "cosine"])
+    assert result.exit_code == 1 and result.output.startswith("error: unknown step schedule")

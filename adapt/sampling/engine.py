@@ -343,10 +343,10 @@ PROBE = "adapt end of turn probe"
 def end_of_turn_ids(tokenizer: Any) -> list[int]:
     """The special token the chat template writes right after an assistant message (<|im_end|>,
     <|eot_id|>, <end_of_turn>, ...): [id], or [] without a template or when none follows the message."""
-    from jinja2 import TemplateError
-
     if not getattr(tokenizer, "chat_template", None):
         return []
+    from jinja2 import TemplateError
+
     turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": PROBE}]
     try:
         text = tokenizer.apply_chat_template(turns, tokenize=False)
