@@ -201,7 +201,8 @@ def finetune_cmd(
 
     import datasets
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")  # libraries: warnings only
+    logging.getLogger("adapt").setLevel(logging.INFO)
     datasets.disable_progress_bars()
     from adapt.train import run
 

@@ -419,3 +419,22 @@ def test_lora_targets_are_found_per_architecture(converted: dict, arch: str) -> 
     trainable = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
     assert trainable and all(p.grad is not None for p in trainable.values())
     assert all("lora_" in n or "trainable_tokens" in n for n in trainable)
+
+
+def test_finetune_prints_adapts_lines_without_library_noise(tiny_models: dict, tmp_path: Path) -> None:
+    """A tied-embeddings model (gpt2) checkpointed every step: accelerate's "[RANK 0] Saving ..." info
+    lines and its "Removed shared tensor" notice stay out of the output; adapt's own lines remain."""
+    src = tiny_models["gpt2"]
+    assert json.loads((src / "config.json").read_text()).get("tie_word_embeddings", True)
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "finetune.py", "recipes/adapt_text.yaml", f"model.path={src}",
+         f"training.output_dir={out}", *QUIET, "training.max_steps=2", "data.max_length=32",
+         "training.checkpoint_every=1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = proc.stdout + proc.stderr
+    assert len(list((out / "checkpoints").iterdir())) >= 1
+    assert "mixed precision:" in text and "trained 2 steps" in text
+    assert "Removed shared tensor" not in text and "[RANK 0]" not in text, text
