@@ -18,6 +18,21 @@ from typing import Any
 import torch
 
 
+def forward_signature(model: Any) -> tuple[str, bool]:
+    """(the keyword `forward` takes a KV cache by, whether it takes `logits_to_keep`)."""
+    params = inspect.signature(model.forward).parameters
+    return ("cache" if "cache" in params else "past_key_values"), "logits_to_keep" in params
+
+
+def logits_kept(model: Any, can_keep: bool, keep: torch.Tensor, **inputs: Any) -> tuple[torch.Tensor, Any]:
+    """`model(**inputs)` with the logits of columns `keep` only (through `logits_to_keep` where the model
+    takes it, so the LM head runs on those columns alone): (logits [b, len(keep), V], the output)."""
+    if can_keep:
+        inputs["logits_to_keep"] = keep
+    out = model(**inputs)
+    return (out.logits if can_keep else out.logits[:, keep]), out
+
+
 class Denoiser:
     """Runs the model on the canvas and returns logits for a range of columns."""
 
@@ -25,9 +40,7 @@ class Denoiser:
         self.model = model
         self.mode = mode
         self.refresh_every = refresh_every
-        params = inspect.signature(model.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
-        self._can_keep = "logits_to_keep" in params
+        self._cache_kw, self._can_keep = forward_signature(model)
         self.cache: Any = None
         self.lo = self.hi = 0
         self.since_refresh = 0
@@ -63,12 +76,8 @@ class Denoiser:
         use_cache: bool,
         **kw: Any,
     ) -> Any:
-        if self._can_keep:
-            kw["logits_to_keep"] = keep
-        out = self.model(
-            input_ids=ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache, **kw
-        )
-        logits = out.logits if self._can_keep else out.logits[:, keep]
+        inputs = {"input_ids": ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        logits, out = logits_kept(self.model, self._can_keep, keep, use_cache=use_cache, **inputs, **kw)
         if use_cache:
             self._last_cache = out["cache"] if "cache" in out else out["past_key_values"]
         return logits
@@ -119,9 +128,7 @@ class BlockDenoiser:
         self.model = model
         self.block_size = block_size
         self.cached = cached
-        params = inspect.signature(model.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
-        self._can_keep = "logits_to_keep" in params
+        self._cache_kw, self._can_keep = forward_signature(model)
         self.cache: Any = None
         self.committed = 0  # columns [0, committed) are in the cache
         self.lo = self.hi = 0
@@ -177,9 +184,5 @@ class BlockDenoiser:
             if self.cache is None:
                 self.cache = DynamicCache(config=self.model.config)
             kw[self._cache_kw] = self.cache
-        if self._can_keep:
-            kw["logits_to_keep"] = keep - first
-        out = self.model(
-            input_ids=ids[:, first:hi], position_ids=positions[:, first:hi], use_cache=self.cached, **kw
-        )
-        return out.logits if self._can_keep else out.logits[:, keep - first]
+        inputs = {"input_ids": ids[:, first:hi], "position_ids": positions[:, first:hi]}
+        return logits_kept(self.model, self._can_keep, keep - first, use_cache=self.cached, **inputs, **kw)[0]
