@@ -16,6 +16,18 @@ from adapt.tiny import build_tiny_model  # noqa: E402
 CORE_ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gpt2", "olmo2", "phi3", "granite")
 
 
+@pytest.fixture(scope="module")
+def one_thread() -> object:
+    """One torch thread for a module: tiny models run fastest so; several threads thrash on a busy
+    2-core machine. Modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Source AR checkpoints on disk, one per architecture (qwen2 with spare embedding rows)."""

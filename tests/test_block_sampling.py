@@ -34,12 +34,7 @@ def block_checkpoints(converted: dict, tmp_path_factory: pytest.TempPathFactory)
     return out
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> object:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(path: Path, prompts: list[str], **kw) -> object:  # noqa: ANN003

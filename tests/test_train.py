@@ -24,13 +24,7 @@ CHAT = ROOT / "recipes/data/chat.jsonl"
 QUIET = ["logging.report_to=[]", "logging.progress_bar=false", "logging.log_every=1"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> object:
-    """Tiny models train fastest on one thread; several threads thrash on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def recipe_for(name: str, model: Path, out: Path, *overrides: str) -> Recipe:

@@ -21,12 +21,7 @@ FULL = ["ok  settings", "ok  bidirectional attention", "ok  padding invariance",
 BLOCK = [*FULL, "ok  block causality", "ok  exact KV cache"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> object:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def edited(src: Path, dst: Path, edit: Callable[[dict], None]) -> Path:
