@@ -16,10 +16,10 @@ import platform
 from dataclasses import dataclass
 from typing import Any
 
+from adapt.checkpoint import DTYPES as WEIGHT_DTYPES
 from adapt.errors import AdaptError
 
 MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
-WEIGHT_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
