@@ -47,9 +47,10 @@ def sample(
             )
     resolve_cache(config, settings)  # settings that cannot run on this checkpoint fail before loading
     chosen, why = weights_dtype(dtype, device)
-    name = "saved dtype" if chosen == "auto" else str(chosen).removeprefix("torch.")
-    typer.echo(f"{checkpoint} on {device} in {name} ({why})", err=True)
-    model, tokenizer, settings = load_diffusion_model(checkpoint, dtype=dtype, device=device)
+    name = "checkpoint" if chosen == "auto" else str(chosen).removeprefix("torch.")  # resolved once
+    shown = "saved dtype" if name == "checkpoint" else name
+    typer.echo(f"{checkpoint} on {device} in {shown} ({why})", err=True)
+    model, tokenizer, settings = load_diffusion_model(checkpoint, dtype=name, device=device)
     inputs = list(prompts) + list(infills)
     view = None
     if stream and not as_json:
