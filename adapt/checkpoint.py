@@ -81,13 +81,6 @@ def resolve_dtype(name: str) -> Any:
     return getattr(torch, name)
 
 
-def default_device() -> str:
-    """cuda when available, else cpu."""
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def weights_dtype(name: str, device: str) -> tuple[Any, str]:
     """A dtype name for loading a model to sample or evaluate -> (torch dtype or "auto", reason).
 
