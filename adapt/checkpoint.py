@@ -16,6 +16,7 @@ from adapt.boundary import about, resolve_device
 from adapt.errors import AdaptError
 
 FORMAT_VERSION = 1
+ADAPTER_CONFIG = "adapter_config.json"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 INFERENCE_DTYPES = (*DTYPES, "checkpoint")
 
@@ -108,9 +109,13 @@ def check_model_dir(path: str | os.PathLike) -> Path:
 
 
 def load_settings(path: str | os.PathLike) -> DiffusionSettings:
-    """Settings of a diffusion checkpoint on disk; a clear error for anything else."""
+    """Settings of a diffusion checkpoint on disk (of its base model for a LoRA adapter export); a clear
+    error for anything else."""
     import json
 
+    base = adapter_base(path)
+    if base is not None:
+        return load_settings(config_dir(path))
     p = check_model_dir(path)
     try:
         data = json.loads((p / "config.json").read_text())
@@ -124,6 +129,39 @@ def load_settings(path: str | os.PathLike) -> DiffusionSettings:
     text = data.get("text_config") if isinstance(data.get("text_config"), dict) else data
     check_settings(settings, text.get("vocab_size"), p / "config.json")
     return settings
+
+
+def adapter_base(path: str | os.PathLike) -> str | None:
+    """The base model a LoRA adapter export names (a directory or Hub id); None for a full checkpoint."""
+    import json
+
+    p = Path(path)
+    if (p / "config.json").is_file() or not (p / ADAPTER_CONFIG).is_file():
+        return None
+    try:
+        base = json.loads((p / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError) as e:
+        raise AdaptError(f"{p / ADAPTER_CONFIG} is not a valid adapter config: {e}") from e
+    if not isinstance(base, str) or not base:
+        raise AdaptError(f"{p / ADAPTER_CONFIG} names no base model (base_model_name_or_path)")
+    return base
+
+
+def config_dir(path: str | os.PathLike) -> Path:
+    """The directory holding config.json and the base weights: `path`, or an adapter's base model."""
+    from adapt.locate import locate
+
+    base = adapter_base(path)
+    if base is None:
+        return Path(path)
+    try:
+        found = locate(base)
+        check_model_dir(found)
+    except AdaptError as e:
+        raise AdaptError(
+            f"the LoRA adapter in {path} needs its base model {base}, which is missing: {e}"
+        ) from e
+    return found
 
 
 def checked_settings(config: Any, where: str | os.PathLike) -> DiffusionSettings | None:
@@ -161,21 +199,36 @@ def load_diffusion_model(
     dtype: str = "float32",
     device: str | None = None,
     attn_implementation: str | None = None,
+    revision: str | None = None,
 ) -> tuple[Any, Any, DiffusionSettings]:
     """Load a converted checkpoint with stock transformers: (model in eval mode, tokenizer, settings).
 
-    `device` defaults to cuda when available, else cpu; `dtype` is read by `weights_dtype` (auto: bf16
-    where the device multiplies it natively).
+    `path` is a local directory or a Hub id (at `revision`; see `adapt.locate`), of a full checkpoint or
+    of a LoRA adapter export (loaded onto its base model with peft and merged). `device` defaults to cuda
+    when available, else cpu; `dtype` is read by `weights_dtype` (auto: bf16 where the device multiplies it
+    natively).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from adapt.locate import locate
+
+    path = locate(path, revision)
     settings = load_settings(path)
     device = resolve_device(device)
     kwargs: dict[str, Any] = {"dtype": weights_dtype(dtype, device)[0]}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     with about(f"cannot load the model in {path}"):
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(config_dir(path), **kwargs)
+        if adapter_base(path) is not None:
+            model = merged_adapter(model, path)
         tokenizer = AutoTokenizer.from_pretrained(path)
     model.to(device)
     return model.eval(), tokenizer, settings
+
+
+def merged_adapter(base: Any, adapter: str | os.PathLike) -> Any:
+    """`base` with the peft adapter in `adapter` applied and merged: a plain transformers model."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base, adapter).merge_and_unload()

@@ -135,7 +135,12 @@ def convert_cmd(
 @app.command("verify")
 @reports_errors
 def verify_cmd(
-    checkpoint: Annotated[Path, typer.Argument(help="Diffusion checkpoint directory.")],
+    checkpoint: Annotated[
+        str, typer.Argument(help="Diffusion checkpoint: a local directory or a Hub id (NAMESPACE/NAME).")
+    ],
+    revision: Annotated[
+        str | None, typer.Option(help="Hub revision (branch, tag or commit) when CHECKPOINT is a Hub id.")
+    ] = None,
 ) -> None:
     """Check a diffusion checkpoint loaded with stock transformers (CPU): settings, bidirectional
     attention, padding and batch invariance; block causality and the exact KV cache for block checkpoints.
@@ -144,7 +149,7 @@ def verify_cmd(
     """
     from adapt.verify import checkpoint_checks, describe, load_checkpoint
 
-    model, tokenizer, settings = load_checkpoint(checkpoint)
+    model, tokenizer, settings = load_checkpoint(checkpoint, revision)
     for name in checkpoint_checks(model, tokenizer, settings):
         typer.echo(f"ok  {name}")
     typer.echo(f"verified {checkpoint} ({describe(settings)})")
@@ -153,7 +158,10 @@ def verify_cmd(
 @app.command("push")
 @reports_errors
 def push_cmd(
-    checkpoint: Annotated[Path, typer.Argument(help="Diffusion checkpoint directory.")],
+    checkpoint: Annotated[
+        str,
+        typer.Argument(help="Diffusion checkpoint or LoRA adapter export: a directory or a cached Hub id."),
+    ],
     repo_id: Annotated[str, typer.Argument(help="Hub repository, NAMESPACE/NAME.")],
     private: Annotated[bool, typer.Option(help="Create the repository as private.")] = False,
     revision: Annotated[str | None, typer.Option(help="Branch to push to (created if missing).")] = None,
@@ -163,17 +171,34 @@ def push_cmd(
     allow_non_finite: Annotated[
         bool, typer.Option(help="Publish even if the recorded metrics hold NaN or infinity.")
     ] = False,
+    base_model: Annotated[
+        str | None,
+        typer.Option(
+            help="LoRA adapters: the Hub id of the base diffusion checkpoint (default: the recorded one)."
+        ),
+    ] = None,
+    stage: Annotated[
+        Path | None,
+        typer.Option(help="Write exactly what would be uploaded into this new directory; upload nothing."),
+    ] = None,
 ) -> None:
-    """Upload a diffusion checkpoint with a generated model card (token: HF_TOKEN or `hf auth login`)."""
+    """Upload a diffusion checkpoint or a LoRA adapter export with a generated model card (token: HF_TOKEN or
+    `hf auth login`)."""
     from adapt.hub import plan_push, upload
 
-    plan = plan_push(checkpoint, repo_id, license=license, allow_non_finite=allow_non_finite)
-    if dry_run:
-        typer.echo(plan.card)
-        typer.echo(f"dry run: would upload {len(plan.repo_files)} files to {repo_id}:")
-        for f in plan.repo_files:
-            size = len(plan.card.encode()) if f == "README.md" else (checkpoint / f).stat().st_size
-            typer.echo(f"  {f} ({size} bytes{', generated' if f == 'README.md' else ''})")
+    if stage is not None and stage.exists() and (not stage.is_dir() or any(stage.iterdir())):
+        raise AdaptError(f"--stage {stage} exists and is not an empty directory; choose a new one")
+    plan = plan_push(checkpoint, repo_id, license, allow_non_finite, base_model)
+    if dry_run or stage is not None:
+        if dry_run:
+            typer.echo(plan.card)
+        typer.echo(f"would upload {len(plan.repo_files)} files to {repo_id}:")
+        for name, content in plan.contents():
+            generated = isinstance(content, bytes)
+            size = len(content) if isinstance(content, bytes) else content.stat().st_size
+            typer.echo(f"  {name} ({size} bytes{', generated' if generated else ''})")
+        if stage is not None:
+            typer.echo(f"staged in {plan.stage(stage)}")
         return
     upload(plan, repo_id, private=private, revision=revision, commit_message=commit_message)
     typer.echo(f"pushed {len(plan.repo_files)} files to {repo_id}" + (f" ({revision})" if revision else ""))
@@ -293,8 +318,11 @@ def eval_cmd(
 @reports_errors
 def sample_cmd(
     checkpoint: Annotated[
-        Path, typer.Argument(help="Diffusion checkpoint directory (from `adapt convert`).")
+        str, typer.Argument(help="Diffusion checkpoint: a local directory or a Hub id (NAMESPACE/NAME).")
     ],
+    revision: Annotated[
+        str | None, typer.Option(help="Hub revision (branch, tag or commit) when CHECKPOINT is a Hub id.")
+    ] = None,
     prompt: Annotated[list[str] | None, typer.Option(help="Prompt text; repeat for a batch.")] = None,
     infill: Annotated[
         list[str] | None, typer.Option(help="Template with masks to fill: 'a <|mask|>*20 b'; repeatable.")
@@ -371,7 +399,7 @@ def sample_cmd(
         chat=chat,
         seed=seed,
     )
-    sample(checkpoint, prompt or [], infill or [], config, dtype, device, json_output, stream)
+    sample(checkpoint, prompt or [], infill or [], config, dtype, device, json_output, stream, revision)
 
 
 @app.command("quickstart")

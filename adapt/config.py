@@ -28,6 +28,8 @@ class ModelConfig:
 
     path: str
     """A converted diffusion checkpoint, or an AR causal LM (local dir or Hub id) converted on the fly."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) when `path` is a Hub id; None: the default branch."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Dtype of the weights held by the optimizer (use training.mixed_precision for autocast)."""
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"

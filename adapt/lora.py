@@ -51,7 +51,7 @@ def check_adapter_export(recipe: Recipe) -> None:
     if recipe.lora is not None and recipe.lora.export == "adapter":
         from adapt.convert import load_config
 
-        if read_settings(load_config(recipe.model.path, None)) is None:
+        if read_settings(load_config(recipe.model.path, recipe.model.revision)) is None:
             raise AdaptError(
                 "lora.export=adapter needs model.path to be a converted diffusion checkpoint "
                 "(run `adapt convert` first) or use lora.export=merged"

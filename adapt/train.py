@@ -293,7 +293,7 @@ def load_model(cfg: ModelConfig) -> tuple[Any, Any, DiffusionSettings]:
         load_model_and_tokenizer,
     )
 
-    config = load_config(cfg.path, None)
+    config = load_config(cfg.path, cfg.revision)
     settings = checked_settings(config, cfg.path)
     shift = settings.shift if settings is not None and cfg.shift is None else cfg.shift
     options = ConvertOptions(
@@ -301,6 +301,7 @@ def load_model(cfg: ModelConfig) -> tuple[Any, Any, DiffusionSettings]:
         attn_implementation=cfg.attn_implementation,
         mask_init=cfg.mask_init,
         shift=True if shift is None else shift,
+        revision=cfg.revision,
     )
     if settings is None:
         check_supported(config)

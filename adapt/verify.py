@@ -324,8 +324,11 @@ def checkpoint_checks(model, tokenizer, settings: DiffusionSettings) -> Iterator
         model.train(was_training)
 
 
-def load_checkpoint(path: str | os.PathLike) -> tuple[Any, Any, DiffusionSettings]:
-    """A diffusion checkpoint on the CPU in float32, with load failures as one-line `AdaptError`s.
+def load_checkpoint(
+    path: str | os.PathLike, revision: str | None = None
+) -> tuple[Any, Any, DiffusionSettings]:
+    """A diffusion checkpoint (directory or Hub id at `revision`, full or LoRA adapter export) on the CPU
+    in float32, with load failures as one-line `AdaptError`s.
 
     A missing directory or a non-diffusion checkpoint gets `load_settings`' own error.
     """
@@ -333,7 +336,7 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[Any, Any, DiffusionSetting
     from adapt.errors import first_line
 
     try:
-        return load_diffusion_model(path, device="cpu")
+        return load_diffusion_model(path, device="cpu", revision=revision)
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise AdaptError(f"cannot load the checkpoint {path}: {first_line(e)}") from e
 

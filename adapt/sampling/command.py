@@ -13,7 +13,7 @@ from adapt.sampling.config import SamplingConfig
 
 
 def sample(
-    checkpoint: Path,
+    checkpoint: str | Path,
     prompts: list[str],
     infills: list[str],
     config: SamplingConfig,
@@ -21,20 +21,26 @@ def sample(
     device: str | None = None,
     as_json: bool = False,
     stream: bool = True,
+    revision: str | None = None,
 ) -> None:
-    """Generate from every prompt and template; print texts (or JSON) and the counters."""
+    """Generate from every prompt and template; print texts (or JSON) and the counters.
+
+    `checkpoint` is a directory or a Hub id (at `revision`), of a full checkpoint or a LoRA adapter export.
+    """
     from transformers import AutoConfig
 
     from adapt.boundary import resolve_device
-    from adapt.checkpoint import load_diffusion_model, load_settings, weights_dtype
+    from adapt.checkpoint import config_dir, load_diffusion_model, load_settings, weights_dtype
+    from adapt.locate import locate
     from adapt.sampling.display import LiveView, PlainStream
     from adapt.sampling.engine import context_length, generate, resolve_cache, stop_token_ids
 
-    settings = load_settings(checkpoint)  # a clear error before any weights are read
+    where = locate(checkpoint, revision)
+    settings = load_settings(where)  # a clear error before any weights are read
     if not prompts and not infills:
         raise AdaptError("give a --prompt or an --infill template")
     device = resolve_device(device)
-    limit = context_length(AutoConfig.from_pretrained(checkpoint))
+    limit = context_length(AutoConfig.from_pretrained(config_dir(where)))
     if limit is not None and prompts and config.gen_length >= limit:
         raise AdaptError(
             f"--gen-length {config.gen_length} does not fit the model's context of {limit} tokens "
@@ -50,7 +56,7 @@ def sample(
     name = "checkpoint" if chosen == "auto" else str(chosen).removeprefix("torch.")  # resolved once
     shown = "saved dtype" if name == "checkpoint" else name
     typer.echo(f"{checkpoint} on {device} in {shown} ({why})", err=True)
-    model, tokenizer, settings = load_diffusion_model(checkpoint, dtype=name, device=device)
+    model, tokenizer, settings = load_diffusion_model(where, dtype=name, device=device)
     inputs = list(prompts) + list(infills)
     view = None
     if stream and not as_json:

@@ -1,0 +1,21 @@
+"""A Hugging Face Hub cache staged on disk, so that Hub ids resolve offline exactly as after a download."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+
+def stage(folder: Path, repo_id: str, cache: Path, revision: str = "main") -> Path:
+    """Copy `folder` into `cache` as the snapshot of `repo_id` at `revision`; returns the snapshot dir.
+
+    The layout is huggingface_hub's: models--OWNER--NAME/{refs/REVISION, snapshots/COMMIT/...}.
+    """
+    commit = hashlib.sha1(f"{repo_id}@{revision}".encode()).hexdigest()
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / commit
+    shutil.copytree(folder, snapshot)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / revision).write_text(commit)
+    return snapshot
