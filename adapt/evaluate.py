@@ -28,9 +28,17 @@ import torch
 import torch.nn.functional as F
 
 from adapt.boundary import about, check_hub_reachable, resolve_device
-from adapt.checkpoint import DiffusionSettings, checked_settings, read_settings, weights_dtype
+from adapt.checkpoint import (
+    DiffusionSettings,
+    checked_settings,
+    config_dir,
+    load_diffusion_model,
+    read_settings,
+    weights_dtype,
+)
 from adapt.diffusion import mask_tokens, maskable_positions, masked_token_nll, sample_t
 from adapt.errors import AdaptError, first_line
+from adapt.locate import adapter_export
 from adapt.outputs import current_umask, json_text
 
 RESULTS_NAME = "eval_results.json"
@@ -306,8 +314,9 @@ def model_config(path: str, seq_len: int | None = None) -> Any:
     from adapt.sampling.engine import context_length
 
     check_hub_reachable(path)
+    adapter = adapter_export(path)
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(config_dir(adapter) if adapter else path)
     except Exception as e:
         raise AdaptError(f"cannot load model {path!r}: {first_line(e)}") from None
     checked_settings(config, path)
@@ -318,9 +327,13 @@ def model_config(path: str, seq_len: int | None = None) -> Any:
 
 
 def load_any(path: str, dtype: str = "float32", device: str | None = None) -> tuple[Any, Any, Any]:
-    """A model directory or Hub id: (model in eval mode, tokenizer, diffusion settings or None for AR)."""
+    """A model directory or Hub id: (model in eval mode, tokenizer, diffusion settings or None for AR); a LoRA
+    adapter export is merged onto its base."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    adapter = adapter_export(path)
+    if adapter is not None:
+        return load_diffusion_model(adapter, dtype, device)
     config = model_config(path)
     device = resolve_device(device)
     dtype_ = weights_dtype(dtype, device)[0]

@@ -119,3 +119,20 @@ def redact(text: str, *secrets: str | None) -> str:
         if secret:
             text = text.replace(secret, "***")
     return text
+
+
+def adapter_export(name: str, revision: str | None = None) -> Path | None:
+    """The local directory of `name` when it is a LoRA adapter export (a directory, or a Hub repository
+    holding adapter_config.json and no config.json); None for anything else, left to transformers."""
+    from huggingface_hub import hf_hub_download
+
+    from adapt.checkpoint import ADAPTER_CONFIG, adapter_base
+
+    if not looks_like_hub_id(name):
+        return Path(name) if Path(name).is_dir() and adapter_base(name) is not None else None
+    try:
+        hf_hub_download(name, ADAPTER_CONFIG, revision=revision)
+    except Exception:
+        return None  # not an adapter (or not reachable: transformers' own lookup then says why)
+    path = locate(name, revision)
+    return path if adapter_base(path) is not None else None

@@ -47,9 +47,18 @@ def apply_lora(model: nn.Module, cfg: LoraSettings, mask_token_id: int) -> nn.Mo
 
 
 def check_adapter_export(recipe: Recipe) -> None:
-    """An adapter alone is only usable on top of a diffusion checkpoint, not of an AR source."""
+    """An adapter alone is only usable on top of a diffusion checkpoint, not of an AR source, and is only
+    publishable when that checkpoint is on the Hub."""
     if recipe.lora is not None and recipe.lora.export == "adapter":
         from adapt.convert import load_config
+        from adapt.locate import looks_like_hub_id
+
+        if recipe.push_to_hub and not looks_like_hub_id(recipe.model.path):
+            raise AdaptError(
+                f"push_to_hub publishes the LoRA adapter against its base, but model.path {recipe.model.path} "
+                "is a local directory nobody else can reach: push the base first (adapt push DIR "
+                "NAMESPACE/BASE) and train from model.path=NAMESPACE/BASE, or use lora.export=merged"
+            )
 
         if read_settings(load_config(recipe.model.path, recipe.model.revision)) is None:
             raise AdaptError(

@@ -52,3 +52,16 @@ def llama_src(tiny_models: dict[str, Path]) -> Path:
 @pytest.fixture(scope="session")
 def llama_diffusion(converted: dict[str, Path]) -> Path:
     return converted["llama"]
+
+
+@pytest.fixture
+def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty Hub cache, offline (environment and huggingface_hub's already-read constants)."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    for key, value in (("HF_HUB_CACHE", str(cache)), ("HF_HUB_OFFLINE", True)):
+        monkeypatch.setenv(key, "1" if value is True else value)
+        monkeypatch.setattr(constants, key, value)
+    return cache

@@ -113,6 +113,19 @@ def checkpoints_of(model: str, corrupt: bool = False) -> Callable[[Path], None]:
     return setup
 
 
+def adapter_for(base: str) -> Callable[[Path], None]:
+    """A LoRA adapter export in `adapter/` whose adapter_config.json names `base` ({w}: the world)."""
+
+    def setup(w: Path) -> None:
+        (w / "adapter").mkdir()
+        config = {"peft_type": "LORA", "base_model_name_or_path": base.format(w=w), "r": 4}
+        (w / "adapter/adapter_config.json").write_text(json.dumps(config))
+        for f in (w / "ckpt").glob("tokenizer*"):
+            shutil.copy(f, w / "adapter" / f.name)
+
+    return setup
+
+
 NON_UTF8_TEXT = b"The river ran.\n\nThe mill \xff\xfe turned.\n"
 NON_UTF8_JSONL = b'{"text": "fine"}\n{"text": "bad \xff bytes"}\n'
 
@@ -182,6 +195,12 @@ CASES = [
     Case("sample: config.json is not JSON", ("sample", "{w}/ckpt", "--prompt", "a"), "not valid JSON",
          files(**{"ckpt/config.json": "{not json"})),
     Case("sample: no such checkpoint", ("sample", "{w}/nothing", "--prompt", "a"), "no such checkpoint"),
+    Case("sample: a Hub id neither cached nor reachable (offline)", ("sample", "nobody/nothing", "--prompt",
+         "a"), "'nobody/nothing' is not in the Hub cache"),
+    Case("sample: --revision of a local directory",
+         ("sample", "{w}/ckpt", "--revision", "v1", "--prompt", "a"), "--revision v1 applies to Hub ids"),
+    Case("sample: a LoRA adapter whose base is gone", ("sample", "{w}/adapter", "--prompt", "a"),
+         "needs its base model", adapter_for("{w}/gone")),
     # verify
     Case("verify: truncated weights", ("verify", "{w}/ckpt"), "cannot load",
          weights("ckpt", lambda b: b[:1000])),
@@ -210,7 +229,17 @@ CASES = [
          files(**{"ckpt/training_summary.json": '{"steps": 1, "eval_loss": NaN}'})),
     Case("push: invalid repo id", ("push", "{w}/ckpt", "not a repo", "--dry-run"), "invalid repo id"),
     Case("push: an AR model", ("push", "{w}/src", "me/model", "--dry-run"), "not a diffusion checkpoint"),
+    Case("push: a LoRA adapter on a local base", ("push", "{w}/adapter", "me/lora", "--dry-run"),
+         "pass --base-model NAMESPACE/BASE", adapter_for("{w}/ckpt")),
+    Case("push: a LoRA adapter whose Hub base is not found", ("push", "{w}/adapter", "me/lora", "--dry-run",
+         "--base-model", "org/nowhere"), "org/nowhere cannot be used", adapter_for("{w}/ckpt")),
+    Case("push: --base-model for a full checkpoint", ("push", "{w}/ckpt", "me/model", "--dry-run",
+         "--base-model", "org/base"), "--base-model applies to LoRA adapter exports"),
+    Case("push: --stage into a non-empty directory", ("push", "{w}/ckpt", "me/model", "--stage", "{w}/src"),
+         "not an empty directory"),
     # finetune
+    Case("finetune: push_to_hub of an adapter trained on a local base",
+         finetune("lora.export=adapter", "push_to_hub=me/lora"), "a local directory nobody else can reach"),
     Case("finetune: non-UTF-8 data", finetune("data.path={w}/bad.txt"), "not UTF-8 text",
          bad_bytes("bad.txt", NON_UTF8_TEXT)),
     Case("finetune: output under a file", finetune("training.output_dir={w}/afile/run"), "is a file",

@@ -23,19 +23,6 @@ SECRET = "hf_DoNotLeakThisToken1234567890"
 
 
 @pytest.fixture
-def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty Hub cache, offline (environment and huggingface_hub's already-read constants)."""
-    from huggingface_hub import constants
-
-    cache = tmp_path / "hf-cache"
-    cache.mkdir()
-    for key, value in (("HF_HUB_CACHE", str(cache)), ("HF_HUB_OFFLINE", True)):
-        monkeypatch.setenv(key, "1" if value is True else value)
-        monkeypatch.setattr(constants, key, value)
-    return cache
-
-
-@pytest.fixture
 def staged(llama_diffusion: Path, hub_cache: Path) -> Path:
     return stage(llama_diffusion, REPO, hub_cache)
 
