@@ -170,14 +170,16 @@ def masked_nll_sums(
     t: torch.Tensor,
     settings: DiffusionSettings,
     batch_size: int,
+    hits: bool = False,
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per row: sum over masked tokens of CE / t. ids, masked, t [rows, l] -> float64 [rows]
+    """Per row: sum over masked tokens of CE / t (with `hits`: the number of argmax hits).
 
-    `attention_mask` [rows, l] (0/1) hides right padding, so a padded row scores as it does alone.
+    ids, masked, t [rows, l] -> float64 [rows]. `attention_mask` [rows, l] (0/1) hides right padding,
+    so a padded row scores as it does alone.
     """
     if settings.block_size:
-        return block_masked_nll(model, ids, masked, t, settings, batch_size, attention_mask=attention_mask)
+        return block_masked_nll(model, ids, masked, t, settings, batch_size, hits, attention_mask)
     device = next(model.parameters()).device
     noisy = ids.masked_fill(masked, settings.mask_token_id)
     out = torch.zeros(ids.shape[0], dtype=torch.float64)
@@ -185,10 +187,12 @@ def masked_nll_sums(
         sl = slice(s, s + batch_size)
         am = None if attention_mask is None else attention_mask[sl].to(device)
         logits = forward(model, noisy[sl].to(device), am)  # [b, l, V]
-        nll, rows, _ = masked_token_nll(logits, ids[sl].to(device), masked[sl].to(device), settings.shift)
+        nll, rows, correct = masked_token_nll(
+            logits, ids[sl].to(device), masked[sl].to(device), settings.shift
+        )
         rows = rows.cpu()
         cols = masked[sl].nonzero(as_tuple=True)[1]
-        value = nll.double().cpu() / t[sl][rows, cols].double()
+        value = correct.double().cpu() if hits else nll.double().cpu() / t[sl][rows, cols].double()
         out[sl] += torch.zeros(logits.shape[0], dtype=torch.float64).index_add(0, rows, value)
     return out
 
