@@ -78,6 +78,8 @@ class AdaptLM(LM):
         **sampler: Any,
     ) -> None:
         super().__init__()
+        if int(mc_samples) < 1:
+            raise AdaptError(f"mc_samples must be at least 1, not {mc_samples}")
         self.sampler = sampler_options(sampler)
         self.batch_size = requests_per_batch(batch_size)
         self.accelerator = start_processes()
@@ -88,8 +90,6 @@ class AdaptLM(LM):
         self._device = self.model.device
         self.pretrained = pretrained
         self.mc_samples, self.seed, self.eps = int(mc_samples), int(seed), float(eps)
-        if self.mc_samples < 1:
-            raise AdaptError(f"mc_samples must be at least 1, not {mc_samples}")
         positions = getattr(self.model.config, "max_position_embeddings", None) or 2048
         self.max_length = int(max_length or positions)
         self.max_gen_toks = int(max_gen_toks)

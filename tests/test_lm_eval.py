@@ -1,0 +1,234 @@
+"""lm-eval as users run it: `adapt lm-eval` end to end, batching, two processes, each checkpoint's bound."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+pytest.importorskip("lm_eval")
+
+from adapt.cli import app  # noqa: E402
+from adapt.evaluate import elbo_samples  # noqa: E402
+from adapt.lm_eval_model import AdaptLM, request_seed  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ROOT = Path(__file__).parent.parent
+TASKS = [
+    "--tasks",
+    "adapt_tiny_mc,adapt_tiny_rolling,adapt_tiny_gen",
+    "--include_path",
+    "tests/lm_eval_tasks",
+]
+PAIRS = [
+    ("The river ran", " slowly past the old mill"),
+    ("Question: what is two plus three? Answer:", " five"),
+    ("A", " traveller came to the mill one evening and asked for bread"),
+    ("Every morning she counted the", " sacks"),
+    ("", " The mill"),
+]
+TEXTS = ["The river ran slowly past the old mill.", "A traveller came to the mill one evening."]
+
+
+@pytest.fixture(scope="module")
+def block_llama(converted: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny llama recorded as a block-diffusion checkpoint of block size 4."""
+    path = tmp_path_factory.mktemp("block") / "llama"
+    shutil.copytree(converted["llama"], path)
+    config = json.loads((path / "config.json").read_text())
+    config["diffusion"]["block_size"] = 4
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def requests(*args: tuple) -> list[SimpleNamespace]:
+    return [SimpleNamespace(args=a) for a in args]
+
+
+def run_all(lm: AdaptLM, batch_size: int) -> tuple[list, list, list]:
+    lm.batch_size = batch_size
+    gen = {"until": ["\n"], "max_gen_toks": 8}
+    return (
+        lm.loglikelihood(requests(*PAIRS)),
+        lm.loglikelihood_rolling(requests(*[(t,) for t in TEXTS])),
+        lm.generate_until(requests(*[(c, gen) for c, _ in PAIRS[:4]])),
+    )
+
+
+@pytest.mark.parametrize("kind", ["full", "block"])
+def test_batched_scores_equal_unbatched(kind: str, llama_diffusion: Path, block_llama: Path) -> None:
+    lm = AdaptLM(str(block_llama if kind == "block" else llama_diffusion), mc_samples=4)
+    alone, rolling_alone, texts_alone = run_all(lm, 1)
+    batched, rolling_batched, texts_batched = run_all(lm, 4)  # rows of different lengths, right-padded
+    diffs = [abs(a[0] - b[0]) for a, b in zip(alone, batched, strict=True)]
+    diffs += [abs(a - b) for a, b in zip(rolling_alone, rolling_batched, strict=True)]
+    assert max(diffs) < 1e-4, diffs
+    assert [g for _, g in alone] == [g for _, g in batched]
+    assert texts_alone == texts_batched
+    assert alone[-1][0] < 0 and len({round(ll, 3) for ll, _ in alone}) == len(PAIRS)
+
+
+@pytest.mark.parametrize("kind", ["full", "block"])
+def test_a_request_is_scored_with_the_checkpoints_own_bound(
+    kind: str, llama_diffusion: Path, block_llama: Path
+) -> None:
+    """The lm-eval score is `adapt eval`'s estimator (per-block t for block checkpoints) on the request,
+    with the request's own generator; the full-attention bound on a block checkpoint is another number."""
+    lm = AdaptLM(str(block_llama if kind == "block" else llama_diffusion), mc_samples=8, seed=5)
+    ctx, cont = lm.split_pair(*PAIRS[2])
+    ((ll, _),) = lm.loglikelihood(requests(PAIRS[2]))
+    window = torch.tensor([ctx + cont])
+    prompt = torch.zeros_like(window, dtype=torch.bool)
+    prompt[:, : len(ctx)] = True
+
+    def bound(settings: object) -> float:
+        gen = torch.Generator().manual_seed(request_seed(5, ctx, cont))
+        est, tokens = elbo_samples(lm.model, window, settings, 8, 64, 1e-3, gen, prompt)
+        return -float(est.mean()) * int(tokens[0])
+
+    assert ll == pytest.approx(bound(lm.settings), rel=1e-6)
+    if kind == "block":
+        assert lm.settings.block_size == 4
+        assert abs(ll - bound(lm.settings.with_block_size(None))) > 1e-3
+
+
+@pytest.fixture(scope="module")
+def one_process(llama_diffusion: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """`adapt lm-eval` on the three tiny tasks in this process: (output dir, its console output)."""
+    out = tmp_path_factory.mktemp("lm_eval") / "one"
+    model_args = f"pretrained={llama_diffusion},mc_samples=3,seed=7,max_gen_toks=8"
+    args = ["lm-eval", "--model_args", model_args, *TASKS, "--batch_size", "2", "--output_path", str(out),
+            "--log_samples", "--device", "cpu"]  # fmt: skip
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # the task files name their data relative to the repo root
+    try:
+        res = CliRunner().invoke(app, args)
+    finally:
+        os.chdir(cwd)
+    assert res.exit_code == 0, res.output
+    return out, res.output
+
+
+def results(out: Path) -> dict:
+    (path,) = out.glob("*/results_*.json")
+    return json.loads(path.read_text())
+
+
+def samples(out: Path) -> dict[str, dict[int, list]]:
+    """Per task, per document: the responses scored (files are samples_TASK_TIMESTAMP.jsonl).
+
+    `filtered_resps`: under several processes lm-eval pads a rank's requests with repeats of its last
+    one, whose extra responses it appends to `resps` and leaves out of the metrics."""
+    found: dict[str, dict[int, list]] = {}
+    for path in out.glob("*/samples_*.jsonl"):
+        task = re.match(r"samples_(.+)_\d{4}-", path.name).group(1)  # type: ignore[union-attr]
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        found[task] = {r["doc_id"]: r["filtered_resps"] for r in rows}
+    return found
+
+
+def leaves(x: object) -> list[object]:
+    return [leaf for item in x for leaf in leaves(item)] if isinstance(x, list) else [x]
+
+
+def same_responses(a: list, b: list) -> bool:
+    """Texts equal, log-likelihoods to float tolerance (they come from differently padded batches)."""
+    pairs = list(zip(leaves(a), leaves(b), strict=True))
+    return all(x == y or abs(float(x) - float(y)) < 1e-5 for x, y in pairs)  # type: ignore[arg-type]
+
+
+def test_adapt_lm_eval_writes_results_with_seed_and_mc_samples(one_process: tuple[Path, str]) -> None:
+    out, console = one_process
+    r = results(out)
+    assert r["config"]["model"] == "adapt"
+    info = r["config"]["adapt"]
+    assert info["seed"] == 7 and info["mc_samples"] == 3 and info["batch_size"] == 2
+    assert info["world_size"] == 1 and info["sampler"]["strategy"] == "low_confidence"
+    assert set(r["results"]) == {"adapt_tiny_mc", "adapt_tiny_rolling", "adapt_tiny_gen"}
+    assert 0 <= r["results"]["adapt_tiny_mc"]["acc,none"] <= 1
+    assert len(list(out.glob("*/samples_*.jsonl"))) == 3
+    assert "loglikelihood: 100%" in console and "|adapt_tiny_mc" in console  # progress, then the table
+
+
+def test_two_processes_give_the_same_scores(
+    llama_diffusion: Path, one_process: tuple[Path, str], tmp_path: Path
+) -> None:
+    out = tmp_path / "two"
+    # `--cpu` would start one process: torchrun's launcher with accelerate forced onto the CPU (gloo)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+    args = ["-m", "adapt.lm_eval_model", "--model_args",
+            f"pretrained={llama_diffusion},mc_samples=3,seed=7,max_gen_toks=8", *TASKS, "--batch_size", "2",
+            "--output_path", str(out), "--log_samples", "--device", "cpu"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env |= {"ACCELERATE_USE_CPU": "true", "TOKENIZERS_PARALLELISM": "false"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([*launch, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(list(out.glob("*/results_*.json"))) == 1  # written once, by rank 0
+    two, one = results(out), results(one_process[0])
+    assert two["config"]["adapt"]["world_size"] == 2
+    for task, metrics in one["results"].items():
+        for name, value in metrics.items():
+            if isinstance(value, float):
+                assert two["results"][task][name] == pytest.approx(value, rel=1e-6), (task, name)
+    per_doc_one, per_doc_two = samples(one_process[0]), samples(out)
+    assert per_doc_one.keys() == per_doc_two.keys()
+    for task, docs in per_doc_one.items():
+        assert docs.keys() == per_doc_two[task].keys()
+        for doc_id, resps in docs.items():
+            assert same_responses(resps, per_doc_two[task][doc_id]), (task, doc_id)
+
+
+REJECTED = [
+    (["--bogus", "1", "--tasks", "x"], "lm-eval: unrecognized arguments: --bogus 1"),
+    (["--num_fewshot", "many", "--tasks", "x"], "lm-eval: argument --num_fewshot/-f: invalid int value"),
+    (["--model_args", "pretrained=CKPT,cache_size=3", *TASKS], "unknown model arg(s) cache_size; valid: "),
+    # lm-eval indexes its thousands of task files before it finds none: ~10 s
+    pytest.param(
+        ["--tasks", "no_such_task"], "lm-eval: Tasks not found: no_such_task", marks=pytest.mark.slow
+    ),
+]
+
+
+@pytest.mark.parametrize(("args", "expected"), REJECTED)
+def test_rejected_arguments_are_one_line_errors(
+    args: list[str], expected: str, llama_diffusion: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(ROOT)
+    args = [a.replace("CKPT", str(llama_diffusion)) for a in args]
+    res = CliRunner().invoke(app, ["lm-eval", *args, "--device", "cpu"])
+    assert res.exit_code == 1, res.output
+    errors = [line for line in res.output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and expected in errors[0], res.output
+    assert "Traceback" not in res.output
+
+
+@pytest.mark.parametrize(
+    ("model_args", "expected"),
+    [
+        ({"strategy": "best"}, "unknown strategy 'best'"),
+        ({"block_length": 0}, "block_length (0) must divide"),
+        ({"batch_size": "auto"}, "--batch_size auto"),
+        ({"chat": True}, "--apply_chat_template"),
+        ({"mc_samples": 0}, "mc_samples must be at least 1"),
+    ],
+)
+def test_bad_model_args_fail_before_the_first_request(
+    model_args: dict, expected: str, llama_diffusion: Path
+) -> None:
+    from adapt.errors import AdaptError
+
+    with pytest.raises(AdaptError) as e:
+        AdaptLM(str(llama_diffusion), **model_args)
+    assert expected in str(e.value)
