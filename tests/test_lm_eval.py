@@ -40,6 +40,20 @@ PAIRS = [
 TEXTS = ["The river ran slowly past the old mill.", "A traveller came to the mill one evening."]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def lm_eval_logs_to_the_real_stderr() -> None:
+    """lm-eval binds its log handler to sys.stderr once per process: bound to the stream of one
+    CliRunner call, it would fail to write during the next one."""
+    import logging
+
+    from lm_eval.utils import setup_logging
+
+    setup_logging()
+    for handler in logging.getLogger("lm_eval").handlers:
+        if isinstance(handler, logging.StreamHandler):
+            handler.setStream(sys.__stderr__)
+
+
 @pytest.fixture(scope="module")
 def block_llama(converted: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny llama recorded as a block-diffusion checkpoint of block size 4."""
@@ -142,9 +156,10 @@ def leaves(x: object) -> list[object]:
 
 
 def same_responses(a: list, b: list) -> bool:
-    """Texts equal, log-likelihoods to float tolerance (they come from differently padded batches)."""
+    """Texts equal, log-likelihoods to float tolerance (they come from differently padded batches);
+    the files hold every value as text, the worker's record numbers and booleans."""
     pairs = list(zip(leaves(a), leaves(b), strict=True))
-    return all(x == y or abs(float(x) - float(y)) < 1e-5 for x, y in pairs)  # type: ignore[arg-type]
+    return all(str(x) == str(y) or abs(float(x) - float(y)) < 1e-5 for x, y in pairs)  # type: ignore[arg-type]
 
 
 def test_adapt_lm_eval_writes_results_with_seed_and_mc_samples(one_process: tuple[Path, str]) -> None:
@@ -160,34 +175,58 @@ def test_adapt_lm_eval_writes_results_with_seed_and_mc_samples(one_process: tupl
     assert "loglikelihood: 100%" in console and "|adapt_tiny_mc" in console  # progress, then the table
 
 
-def test_two_processes_give_the_same_scores(
-    llama_diffusion: Path, one_process: tuple[Path, str], tmp_path: Path
-) -> None:
-    out = tmp_path / "two"
-    # `--cpu` would start one process: torchrun's launcher with accelerate forced onto the CPU (gloo)
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
-    args = ["-m", "adapt.lm_eval_model", "--model_args",
-            f"pretrained={llama_diffusion},mc_samples=3,seed=7,max_gen_toks=8", *TASKS, "--batch_size", "2",
-            "--output_path", str(out), "--log_samples", "--device", "cpu"]  # fmt: skip
+# `--cpu` would start one process: torchrun's launcher with accelerate forced onto the CPU (gloo)
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+
+
+def launch_two(*args: str) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     env |= {"ACCELERATE_USE_CPU": "true", "TOKENIZERS_PARALLELISM": "false"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([*launch, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([*LAUNCH, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert len(list(out.glob("*/results_*.json"))) == 1  # written once, by rank 0
-    two, one = results(out), results(one_process[0])
-    assert two["config"]["adapt"]["world_size"] == 2
-    for task, metrics in one["results"].items():
+
+
+def assert_same_scores(one: dict, two: dict, per_doc_one: dict, per_doc_two: dict) -> None:
+    for task, metrics in one.items():
         for name, value in metrics.items():
-            if isinstance(value, float):
-                assert two["results"][task][name] == pytest.approx(value, rel=1e-6), (task, name)
-    per_doc_one, per_doc_two = samples(one_process[0]), samples(out)
+            if isinstance(value, float) and "stderr" not in name:  # the worker skips the bootstrap
+                assert two[task][name] == pytest.approx(value, rel=1e-6), (task, name)
     assert per_doc_one.keys() == per_doc_two.keys()
     for task, docs in per_doc_one.items():
-        assert docs.keys() == per_doc_two[task].keys()
+        other = {int(k): v for k, v in per_doc_two[task].items()}
+        assert docs.keys() == other.keys()
         for doc_id, resps in docs.items():
-            assert same_responses(resps, per_doc_two[task][doc_id]), (task, doc_id)
+            assert same_responses(resps, other[doc_id]), (task, doc_id)
+
+
+def test_two_processes_give_the_same_scores(
+    llama_diffusion: Path, one_process: tuple[Path, str], tmp_path: Path
+) -> None:
+    """Two gloo processes (lm-eval's simple_evaluate, without indexing its own tasks) against one
+    process of `adapt lm-eval` with the same arguments: the same metrics and per-document scores."""
+    out = tmp_path / "two.json"
+    launch_two("tests/lm_eval_worker.py", str(llama_diffusion), str(out))
+    two = json.loads(out.read_text())
+    assert two["config"]["adapt"]["world_size"] == 2
+    one = one_process[0]
+    assert_same_scores(results(one)["results"], two["results"], samples(one), two["responses"])
+
+
+@pytest.mark.slow
+def test_adapt_lm_eval_module_under_accelerate_launch(
+    llama_diffusion: Path, one_process: tuple[Path, str], tmp_path: Path
+) -> None:
+    """`accelerate launch -m adapt.lm_eval_model` as users run it: rank 0 alone writes the results."""
+    out = tmp_path / "two"
+    model_args = f"pretrained={llama_diffusion},mc_samples=3,seed=7,max_gen_toks=8"
+    launch_two("-m", "adapt.lm_eval_model", "--model_args", model_args, *TASKS, "--batch_size", "2",
+               "--output_path", str(out), "--log_samples", "--device", "cpu")  # fmt: skip
+    assert len(list(out.glob("*/results_*.json"))) == 1
+    two, one = results(out), results(one_process[0])
+    assert two["config"]["adapt"]["world_size"] == 2
+    assert_same_scores(one["results"], two["results"], samples(one_process[0]), samples(out))
 
 
 REJECTED = [
