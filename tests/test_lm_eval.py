@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 pytest.importorskip("lm_eval")
 
 from adapt.cli import app  # noqa: E402
+from adapt.errors import AdaptError  # noqa: E402
 from adapt.evaluate import elbo_samples  # noqa: E402
 from adapt.lm_eval_model import AdaptLM, request_seed  # noqa: E402
 
@@ -253,6 +254,16 @@ def test_rejected_arguments_are_one_line_errors(
     assert "Traceback" not in res.output
 
 
+def test_chat_template_hooks_use_the_tokenizers_template(llama_diffusion: Path) -> None:
+    lm = AdaptLM(str(llama_diffusion))
+    turn = [{"role": "user", "content": "hi"}]
+    assert lm.apply_chat_template(turn) == "<|user|>hi<|end|><|assistant|>"
+    assert lm.chat_template(True) == lm.tokenizer.chat_template and lm.chat_template(False) is None
+    lm.tokenizer.chat_template = None
+    with pytest.raises(AdaptError, match="has no chat template"):
+        lm.apply_chat_template(turn)
+
+
 @pytest.mark.parametrize(
     ("model_args", "expected"),
     [
@@ -266,8 +277,6 @@ def test_rejected_arguments_are_one_line_errors(
 def test_bad_model_args_fail_before_the_first_request(
     model_args: dict, expected: str, llama_diffusion: Path
 ) -> None:
-    from adapt.errors import AdaptError
-
     with pytest.raises(AdaptError) as e:
         AdaptLM(str(llama_diffusion), **model_args)
     assert expected in str(e.value)
