@@ -70,7 +70,7 @@ class AdaptLM(LM):
         seed: int = 0,
         eps: float = 1e-3,
         batch_size: int | str = 1,
-        max_batch_size: int | None = None,
+        max_batch_size: int | None = None,  # lm-eval passes it for --batch_size auto, which is refused
         max_length: int | None = None,
         max_gen_toks: int = 128,
         dtype: str = "float32",
@@ -219,7 +219,7 @@ class AdaptLM(LM):
         ids = (ctx + cont)[-self.max_length :]
         window = torch.tensor([ids])  # [1, l]
         prompt = torch.zeros_like(window, dtype=torch.bool)
-        prompt[:, : len(ids) - len(cont)] = True
+        prompt[:, : max(len(ids) - len(cont), 1)] = True  # a continuation past max_length: its tail
         gen = torch.Generator().manual_seed(request_seed(self.seed, ctx, cont))
         noisy = elbo_noise(window, self.settings, self.mc_samples, self.eps, gen, prompt)[:3]
         scored = maskable_positions(torch.ones_like(window), self.settings.shift, prompt)
