@@ -16,11 +16,13 @@ cache, ...); chat templates come from lm-eval's own `--apply_chat_template`.
   for block-diffusion checkpoints: the bound `adapt eval` reports); the returned log-likelihood is a
   lower bound estimate. Each request draws its noise from its own generator, seeded by (seed, its
   tokens), so a score does not depend on the batch or the process it lands in. `is_greedy` is whether
-  the continuation, all masked, is every token's argmax.
+  the continuation, all masked, is every token's argmax (for a block checkpoint: each block's, given
+  the clean blocks before it).
 - `loglikelihood_rolling`: the same bound over lm-eval's rolling windows of the whole text.
 - `generate_until`: adapt's sampler on batches of prompts that share generation arguments, cut at the
   first stop token (EOS, every id of `generation_config.eos_token_id`, the chat template's end of turn)
-  or stop string.
+  or stop string. Greedy decoding (temperature 0, lm-eval's usual setting) gives each prompt the same
+  text in any batch; sampled decoding draws one generator per batch, so it changes with the batch size.
 Under `accelerate launch`, lm-eval gives each process its share of the documents (rank, world size);
 results are gathered on rank 0, which alone writes them.
 """
