@@ -16,7 +16,7 @@ import click
 import typer
 
 from adapt.boundary import explain
-from adapt.errors import AdaptError
+from adapt.errors import AdaptError, first_line
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -312,6 +312,28 @@ def eval_cmd(
         typer.echo(f"wrote {ev.save_results(diffusion[0], results)}")
     if plot:
         typer.echo(f"wrote {ev.plot_results(results, plot)}")
+
+
+@app.command(
+    "lm-eval",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+@reports_errors
+def lm_eval_cmd(ctx: typer.Context) -> None:
+    """lm-evaluation-harness with the `adapt` model: lm-eval's own arguments, `--model adapt` by default.
+
+    Example: adapt lm-eval --model_args pretrained=CKPT,mc_samples=32 --tasks hellaswag --batch_size 8
+    (`adapt lm-eval --help` shows lm-eval's options; `accelerate launch -m adapt.lm_eval_model ...` shards
+    the requests across processes.)
+    """
+    try:
+        from adapt.lm_eval_model import run_cli
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] != "lm_eval":
+            raise
+        raise AdaptError(f"lm-eval is not installed ({first_line(e)}): pip install 'adapt[eval]'") from None
+    run_cli(list(ctx.args))
 
 
 @app.command("sample")

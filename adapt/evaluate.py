@@ -135,31 +135,74 @@ def elbo_samples(
     masks each maskable token with probability t_ij and gives (1/t_ij) * sum_masked CE / tokens_i; the
     k values of t for one window are stratified over (eps, 1). Tokens under `prompt_mask` [n, l] are
     context only: never masked, never scored (the lm-eval continuation likelihood).
+    Block-diffusion checkpoints draw one t per block (see `elbo_noise`).
+    """
+    ids, masked, t, tokens = elbo_noise(windows, settings, mc_samples, eps, generator, prompt_mask)
+    sums = masked_nll_sums(model, ids, masked, t, settings, batch_size)  # [n*k]
+    estimates = sums / tokens.repeat_interleave(mc_samples).double()  # [n*k]
+    return estimates.view(-1, mc_samples), tokens
+
+
+def elbo_noise(
+    windows: torch.Tensor,
+    settings: DiffusionSettings,
+    mc_samples: int,
+    eps: float = 1e-3,
+    generator: torch.Generator | None = None,
+    prompt_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The k noisy copies of each window the ELBO averages over.
+
+    windows [n, l] -> (ids [n*k, l] (window i repeated k times), masked bool [n*k, l], t [n*k, l] per
+    token, tokens [n] scored per window). Each block of a window draws its own t (BD3-LM's bound sums
+    one ELBO per block given the clean blocks before it; without a block size the window is one block);
+    the k values of t of one block are stratified over (eps, 1).
+    """
+    n, length = windows.shape
+    maskable = maskable_positions(torch.ones(n, length, dtype=torch.long), settings.shift, prompt_mask)
+    block = int(settings.block_size or length)
+    blocks = -(-length // block)
+    t = torch.stack([sample_t(mc_samples, eps, True, generator) for _ in range(n * blocks)])  # [n*nb, k]
+    t = t.view(n, blocks, mc_samples).transpose(1, 2).reshape(n * mc_samples, blocks)  # [n*k, nb]
+    t_tok = t.repeat_interleave(block, dim=1)[:, :length]  # [n*k, l]
+    ids = windows.repeat_interleave(mc_samples, 0)  # [n*k, l]
+    rows_maskable = maskable.repeat_interleave(mc_samples, 0)
+    masked = (torch.rand(ids.shape, generator=generator) < t_tok) & rows_maskable
+    return ids, masked, t_tok, maskable.sum(-1)
+
+
+def masked_nll_sums(
+    model: Any,
+    ids: torch.Tensor,
+    masked: torch.Tensor,
+    t: torch.Tensor,
+    settings: DiffusionSettings,
+    batch_size: int,
+    hits: bool = False,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per row: sum over masked tokens of CE / t (with `hits`: the number of argmax hits).
+
+    ids, masked, t [rows, l] -> float64 [rows]. `attention_mask` [rows, l] (0/1) hides right padding,
+    so a padded row scores as it does alone.
     """
     if settings.block_size:
-        return block_elbo_samples(
-            model, windows, settings, mc_samples, batch_size, eps, generator, prompt_mask
-        )
+        return block_masked_nll(model, ids, masked, t, settings, batch_size, hits, attention_mask)
     device = next(model.parameters()).device
-    n, length = windows.shape
-    ones = torch.ones(n, length, dtype=torch.long)
-    maskable = maskable_positions(ones, settings.shift, prompt_mask)  # [n, l]
-    tokens = maskable.sum(-1)  # [n]
-    t = torch.stack([sample_t(mc_samples, eps, True, generator) for _ in range(n)])  # [n, k]
-    ids = windows.repeat_interleave(mc_samples, 0)  # [n*k, l]
-    flat_t = t.reshape(-1)  # [n*k]
-    rows_maskable = maskable.repeat_interleave(mc_samples, 0)
-    noisy, masked = mask_tokens(ids, flat_t, settings.mask_token_id, rows_maskable, generator)
-    sums = torch.zeros(n * mc_samples, dtype=torch.float64)
-    for s in range(0, n * mc_samples, batch_size):
+    noisy = ids.masked_fill(masked, settings.mask_token_id)
+    out = torch.zeros(ids.shape[0], dtype=torch.float64)
+    for s in range(0, ids.shape[0], batch_size):
         sl = slice(s, s + batch_size)
-        logits = forward(model, noisy[sl].to(device))  # [b, l, V]
-        nll, rows, _ = masked_token_nll(logits, ids[sl].to(device), masked[sl].to(device), settings.shift)
-        sums[sl] += torch.zeros(logits.shape[0], dtype=torch.float64).index_add(
-            0, rows.cpu(), nll.double().cpu()
+        am = None if attention_mask is None else attention_mask[sl].to(device)
+        logits = forward(model, noisy[sl].to(device), am)  # [b, l, V]
+        nll, rows, correct = masked_token_nll(
+            logits, ids[sl].to(device), masked[sl].to(device), settings.shift
         )
-    estimates = sums / flat_t.double() / tokens.repeat_interleave(mc_samples).double()  # [n*k]
-    return estimates.view(n, mc_samples), tokens
+        rows = rows.cpu()
+        cols = masked[sl].nonzero(as_tuple=True)[1]
+        value = correct.double().cpu() if hits else nll.double().cpu() / t[sl][rows, cols].double()
+        out[sl] += torch.zeros(logits.shape[0], dtype=torch.float64).index_add(0, rows, value)
+    return out
 
 
 def masked_accuracy(
@@ -193,37 +236,6 @@ def masked_accuracy(
     return (hits / total if total else float("nan")), total
 
 
-def block_elbo_samples(
-    model: Any,
-    windows: torch.Tensor,
-    settings: DiffusionSettings,
-    mc_samples: int,
-    batch_size: int = 16,
-    eps: float = 1e-3,
-    generator: torch.Generator | None = None,
-    prompt_mask: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`elbo_samples` for a block-diffusion checkpoint: the k values of t of each block are stratified.
-
-    Each block of a window draws its own t (BD3-LM's bound sums one ELBO per block, given the clean
-    blocks before it); the model sees the pair [x_t ; x_0] under the block-pair mask, as in training.
-    """
-    n, length = windows.shape
-    block = int(settings.block_size or length)
-    maskable = maskable_positions(torch.ones(n, length, dtype=torch.long), settings.shift, prompt_mask)
-    tokens = maskable.sum(-1)  # [n]
-    blocks = -(-length // block)
-    t = torch.stack([sample_t(mc_samples, eps, True, generator) for _ in range(n * blocks)])  # [n*nb, k]
-    t = t.view(n, blocks, mc_samples).transpose(1, 2).reshape(n * mc_samples, blocks)  # [n*k, nb]
-    t_tok = t.repeat_interleave(block, dim=1)[:, :length]  # [n*k, l]
-    ids = windows.repeat_interleave(mc_samples, 0)  # [n*k, l]
-    rows_maskable = maskable.repeat_interleave(mc_samples, 0)
-    masked = (torch.rand(ids.shape, generator=generator) < t_tok) & rows_maskable
-    sums = block_masked_nll(model, ids, masked, t_tok, settings, batch_size)  # [n*k]
-    estimates = sums / tokens.repeat_interleave(mc_samples).double()
-    return estimates.view(n, mc_samples), tokens
-
-
 def block_masked_accuracy(
     model: Any,
     windows: torch.Tensor,
@@ -251,8 +263,12 @@ def block_masked_nll(
     settings: DiffusionSettings,
     batch_size: int,
     hits: bool = False,
+    attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per row: sum over masked tokens of CE / t (or, with `hits`, the number of argmax hits). -> [rows]"""
+    """Per row: sum over masked tokens of CE / t (or, with `hits`, the number of argmax hits). -> [rows]
+
+    `attention_mask` [rows, l] (0/1) hides right padding from both halves of the pair.
+    """
     from adapt.objectives.block import pair_inputs
     from adapt.objectives.loss import TokenLoss
 
@@ -265,7 +281,8 @@ def block_masked_nll(
     block = int(settings.block_size or length)
     for s in range(0, rows_total, batch_size):
         sl = slice(s, s + batch_size)
-        am = torch.ones_like(ids[sl])  # (the normaliser is not used: weights are applied here)
+        # (the normaliser in the weights is not used: 1/t is applied here)
+        am = torch.ones_like(ids[sl]) if attention_mask is None else attention_mask[sl]
         inputs = pair_inputs(
             ids[sl], am, positions[sl], None, masked[sl], t[sl], masked[sl], block, settings, False, dtype
         )
@@ -290,8 +307,8 @@ def ar_nll(model: Any, windows: torch.Tensor, batch_size: int = 16) -> tuple[tor
 
 
 @torch.no_grad()
-def forward(model: Any, ids: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=ids).logits
+def forward(model: Any, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    return model(input_ids=ids, attention_mask=attention_mask).logits
 
 
 def summarize(per_window: torch.Tensor, tokens: torch.Tensor) -> dict[str, float | int]:
