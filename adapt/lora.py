@@ -55,9 +55,10 @@ def check_adapter_export(recipe: Recipe) -> None:
 
         if recipe.push_to_hub and not looks_like_hub_id(recipe.model.path):
             raise AdaptError(
-                f"push_to_hub publishes the LoRA adapter against its base, but model.path {recipe.model.path} "
-                "is a local directory nobody else can reach: push the base first (adapt push DIR "
-                "NAMESPACE/BASE) and train from model.path=NAMESPACE/BASE, or use lora.export=merged"
+                "push_to_hub publishes the LoRA adapter against its base, but model.path "
+                f"{recipe.model.path} is a local directory nobody else can reach: push the base first "
+                "(adapt push DIR NAMESPACE/BASE) and train from model.path=NAMESPACE/BASE, "
+                "or use lora.export=merged"
             )
 
         if read_settings(load_config(recipe.model.path, recipe.model.revision)) is None:
