@@ -6,8 +6,8 @@
 
 `adapt lm-eval` and `python -m adapt.lm_eval_model` are lm-eval's own command line with this model
 registered and `--model adapt` the default; in Python, `import adapt.lm_eval_model` registers it for
-`lm_eval.simple_evaluate(model="adapt", ...)`. Model args: pretrained, mc_samples, seed, eps, batch_size
-(requests per forward pass), max_length, max_gen_toks, dtype, device, and the sampler's options
+`lm_eval.simple_evaluate(model="adapt", ...)`. Model args: pretrained (a directory or Hub id),
+revision, mc_samples, seed, eps, batch_size (requests per forward pass), max_length, max_gen_toks, dtype, device, and the sampler's options
 (`SAMPLER_ARGS`: steps, block_length, strategy, step_schedule, threshold, temperature, confidence,
 cache, ...); chat templates come from lm-eval's own `--apply_chat_template`.
 
@@ -68,6 +68,7 @@ class AdaptLM(LM):
     def __init__(
         self,
         pretrained: str,
+        revision: str | None = None,
         mc_samples: int = 32,
         seed: int = 0,
         eps: float = 1e-3,
@@ -88,7 +89,9 @@ class AdaptLM(LM):
         if self.accelerator is not None:
             self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
             device = str(self.accelerator.device)
-        self.model, self.tokenizer, self.settings = load_diffusion_model(pretrained, dtype, usable(device))
+        self.model, self.tokenizer, self.settings = load_diffusion_model(
+            pretrained, dtype, usable(device), revision=revision
+        )
         self._device = self.model.device
         self.pretrained = pretrained
         self.mc_samples, self.seed, self.eps = int(mc_samples), int(seed), float(eps)

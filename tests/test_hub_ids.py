@@ -17,6 +17,7 @@ from hubcache import stage
 from typer.testing import CliRunner
 
 from adapt.cli import app
+from adapt.errors import AdaptError
 
 REPO = "adapt-test/tiny-diffusion"
 SECRET = "hf_DoNotLeakThisToken1234567890"
@@ -78,6 +79,8 @@ def test_library_loader_and_lm_eval_model_take_hub_ids(llama_diffusion: Path, st
     torch.testing.assert_close(model(ids).logits, local(ids).logits, atol=0, rtol=0)
     lm = AdaptLM(pretrained=REPO, device="cpu")
     assert lm.settings == settings
+    with pytest.raises(AdaptError, match="at revision 'v9' is not in the Hub cache"):
+        AdaptLM(pretrained=REPO, revision="v9", device="cpu")
 
 
 def test_a_recipe_trains_from_a_hub_id_at_a_revision(
