@@ -28,3 +28,14 @@ def stage(folder: Path, repo_id: str, cache: Path, revision: str = "main") -> Pa
             (repo / ".no_exist" / commit).mkdir(parents=True, exist_ok=True)
             (repo / ".no_exist" / commit / name).touch()
     return snapshot
+
+
+def edited_copy(src: Path, dst: Path, **diffusion: object) -> Path:
+    """A copy of the checkpoint `src` at `dst` with `diffusion` settings changed in its config.json."""
+    import json
+
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    config["diffusion"].update(diffusion)
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst

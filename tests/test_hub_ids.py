@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import http.server
 import json
-import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from hubcache import stage
+from hubcache import edited_copy, stage
 from typer.testing import CliRunner
 
 from adapt.cli import app
@@ -49,11 +48,7 @@ def test_sample_and_verify_take_a_cached_hub_id_offline(llama_diffusion: Path, s
 def test_revisions_resolve_to_their_own_snapshot(
     llama_diffusion: Path, hub_cache: Path, tmp_path: Path
 ) -> None:
-    other = tmp_path / "other"
-    shutil.copytree(llama_diffusion, other)
-    cfg = json.loads((other / "config.json").read_text())
-    cfg["diffusion"]["mask_token"] = "<|mask-v2|>"
-    (other / "config.json").write_text(json.dumps(cfg))
+    other = edited_copy(llama_diffusion, tmp_path / "other", mask_token="<|mask-v2|>")
     stage(llama_diffusion, REPO, hub_cache)
     stage(other, REPO, hub_cache, revision="v2")
     from adapt.checkpoint import load_settings

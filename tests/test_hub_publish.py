@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hubcache import stage
+from hubcache import edited_copy, stage
 from huggingface_hub import ModelCard
 from test_hub_ids import cli
 
@@ -160,11 +160,7 @@ def test_every_usage_line_of_a_full_checkpoint_card_works(
 def test_every_usage_line_of_a_block_card_works(
     llama_diffusion: Path, hub_cache: Path, workdir: Path
 ) -> None:
-    block = workdir / "block"
-    shutil.copytree(llama_diffusion, block)
-    cfg = json.loads((block / "config.json").read_text())
-    cfg["diffusion"]["block_size"] = 4
-    (block / "config.json").write_text(json.dumps(cfg))
+    block = edited_copy(llama_diffusion, workdir / "block", block_size=4)
     card = (published(block, "me/tiny-block", hub_cache) / "README.md").read_text()
     assert "--cache prefix" in card
     run_card(card, workdir)
