@@ -27,6 +27,11 @@ class TokenLoss(nn.Module):
         self.model = model
         self.fast = fast
 
+    @property
+    def _no_split_modules(self) -> list[str] | None:
+        """The wrapped model's own decoder-layer classes: what FSDP wraps one unit each."""
+        return getattr(causal_lm_of(self.model), "_no_split_modules", None)
+
     def forward(
         self,
         input_ids: torch.Tensor,

@@ -1,0 +1,200 @@
+"""Which distributed engine runs, checked against what the launch asked for.
+
+`accelerate launch` passes its configuration to each process as environment variables
+(ACCELERATE_USE_FSDP, ACCELERATE_USE_DEEPSPEED, WORLD_SIZE, ACCELERATE_MIXED_PRECISION, ...). Accelerate
+itself quietly gives something else when it cannot honour them: FSDP and DeepSpeed become plain DDP
+on CPU, and a launch without a usable device becomes one independent process per rank. `requested`
+reads what the launch asked for, `check_launch` refuses a run that would not get it, and `start_line`
+says what actually runs.
+
+On CPU (gloo) Accelerate does not set FSDP up at all; `enable_cpu_fsdp2` switches the prepared state to
+FSDP2 so that Accelerate's own `fully_shard` wrapping, sharded checkpoints and state-dict gathering run
+there too (torch's `fully_shard` accepts a CPU device mesh).
+
+Mixed precision rule: the recipe's `training.mixed_precision: auto` takes the launcher's value
+(`--mixed_precision` or the config file's `mixed_precision`, which `accelerate launch` always sets, to
+"no" when neither gives one); outside a launcher auto means bf16 where the hardware has it. An explicit
+recipe value (no, bf16, fp16) wins over the launcher's and the start line says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from adapt.errors import AdaptError
+
+log = logging.getLogger(__name__)
+
+CPU_FIX = "on a machine without CUDA GPUs prefix the launch with ACCELERATE_USE_CPU=1 (gloo)"
+
+
+@dataclass(frozen=True)
+class Request:
+    """What the launch asked for, read from the environment before Accelerate starts."""
+
+    engine: str
+    """single, DDP, FSDP or DeepSpeed."""
+    processes: int
+    """World size asked for."""
+    mixed_precision: str | None
+    """The launcher's mixed precision (None outside `accelerate launch`)."""
+    fsdp_version: int = 2
+    zero_stage: int | None = None
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "false").strip().lower() in ("1", "true", "yes")
+
+
+def requested() -> Request:
+    """The launch's request: engine from ACCELERATE_USE_FSDP/DEEPSPEED, processes from WORLD_SIZE (or the
+    parent `accelerate launch --cpu --num_processes N` command, which starts one process only)."""
+    processes = int(os.environ.get("WORLD_SIZE", "0") or 0) or cpu_launch_processes() or 1
+    precision = os.environ.get("ACCELERATE_MIXED_PRECISION") or None
+    if env_flag("ACCELERATE_USE_DEEPSPEED"):
+        stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+        return Request("DeepSpeed", processes, precision, zero_stage=int(stage) if stage else None)
+    if env_flag("ACCELERATE_USE_FSDP"):
+        return Request("FSDP", processes, precision, fsdp_version=int(os.environ.get("FSDP_VERSION", "1")))
+    return Request("DDP" if processes > 1 else "single", processes, precision)
+
+
+def cpu_launch_processes() -> int:
+    """N of a parent `accelerate launch --cpu --num_processes N` (Linux /proc; 0 when unknown)."""
+    cmdline = Path(f"/proc/{os.getppid()}/cmdline")
+    try:
+        args = cmdline.read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return 0
+    if "launch" not in " ".join(args) or "--cpu" not in args:
+        return 0
+    for flag in ("--num_processes", "--num-processes"):
+        if flag in args[:-1]:
+            value = args[args.index(flag) + 1]
+            return int(value) if value.isdigit() else 0
+    return 0
+
+
+def resolve_precision(recipe_choice: str, request: Request, device: str) -> tuple[str, str]:
+    """(no|bf16|fp16, why) by the module's rule: recipe auto defers to the launcher, explicit wins."""
+    from adapt.precision import resolve_mixed_precision
+
+    launcher = request.mixed_precision
+    if recipe_choice == "auto" and launcher is not None:
+        resolve_mixed_precision(launcher, device)  # same validation as a recipe value
+        return launcher, "launcher's"
+    precision, why = resolve_mixed_precision(recipe_choice, device)
+    if launcher is not None and launcher != precision:
+        return precision, f"recipe overrides launcher's {launcher}"
+    return precision, "recipe" if why == "requested" else why
+
+
+def check_launch(request: Request, accelerator: Any) -> None:
+    """Refuse a run that is not what the launch asked for (before any work, on every rank)."""
+    got, kind = accelerator.num_processes, accelerator.distributed_type.name
+    if got < request.processes:
+        raise AdaptError(
+            f"the launch asks for {request.processes} processes but only {got} would train (Accelerate "
+            f"found no device for them: {kind}), each on its own; {CPU_FIX}, or use "
+            "`accelerate launch --multi_gpu --num_processes N` (`--cpu` alone starts one process)"
+        )
+    if request.engine == "DeepSpeed" and kind != "DEEPSPEED":
+        raise AdaptError(
+            f"the launch asks for DeepSpeed but it would run as {engine_name(accelerator)}; adapt does not "
+            "run DeepSpeed on CPU: use recipes/accelerate/fsdp.yaml with ACCELERATE_USE_CPU=1, or CUDA GPUs"
+        )
+    if request.engine == "FSDP" and kind not in ("FSDP", "MULTI_CPU"):
+        raise AdaptError(
+            f"the launch asks for FSDP but it would run as {engine_name(accelerator)} ({got} process); "
+            f"FSDP needs at least 2 processes: {CPU_FIX} and --num_processes 2 or more"
+        )
+    if request.engine == "FSDP" and kind == "MULTI_CPU" and request.fsdp_version != 2:
+        raise AdaptError(
+            f"the launch asks for FSDP version {request.fsdp_version} on CPU; adapt runs only FSDP2 there: "
+            "set fsdp_version: 2 in the Accelerate config (--fsdp_version 2)"
+        )
+
+
+def enable_cpu_fsdp2(accelerator: Any) -> None:
+    """Turn a CPU (gloo) Accelerate state into FSDP2 with the launch's FSDP settings.
+
+    Accelerate only selects FSDP on GPU-like devices; its FSDP2 code paths (fully_shard per decoder layer,
+    sharded save/load_state, get_state_dict) run on CPU once the state says FSDP. Every rank loads the
+    full model itself, so the rank-0-only loading option is turned off.
+    """
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+    plugin.cpu_ram_efficient_loading = False
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    accelerator.state.fsdp_plugin = plugin
+    # AcceleratorState re-copies the process state's fields whenever it is constructed: set both
+    PartialState().distributed_type = DistributedType.FSDP
+    accelerator.state.distributed_type = DistributedType.FSDP
+    if not accelerator.is_fsdp2:
+        raise AdaptError("could not set FSDP2 up on CPU with this version of accelerate")
+
+
+def engine_name(accelerator: Any) -> str:
+    """single process, DDP, FSDP1/FSDP2 or DeepSpeed ZeRO-n: what Accelerate will run."""
+    kind = accelerator.distributed_type.name
+    if kind == "FSDP":
+        return "FSDP2" if accelerator.is_fsdp2 else "FSDP1"
+    if kind == "DEEPSPEED":
+        stage = accelerator.state.deepspeed_plugin.zero_stage
+        return f"DeepSpeed ZeRO-{stage}"
+    return "DDP" if accelerator.num_processes > 1 else "single process"
+
+
+def start_line(accelerator: Any, precision_why: str) -> str:
+    """One line: engine, process count, mixed precision (and whose) and device that actually run."""
+    n = accelerator.num_processes
+    where = f"{accelerator.device.type}" + ("/gloo" if n > 1 and accelerator.device.type == "cpu" else "")
+    return (
+        f"engine: {engine_name(accelerator)}, {n} process{'es' if n > 1 else ''}, "
+        f"mixed precision: {accelerator.mixed_precision} ({precision_why}), device: {where}"
+    )
+
+
+def configure_wrapping(plugin: Any, objective: Any, main: bool) -> None:
+    """Shard one FSDP unit per decoder layer: the model's own `_no_split_modules` (seen through adapt's
+    wrapper), else the class of the blocks in its decoder's `layers` list, said so."""
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    if plugin.transformer_cls_names_to_wrap:
+        return  # named in the Accelerate config
+    if plugin.auto_wrap_policy is None:
+        plugin.auto_wrap_policy = transformer_auto_wrap_policy
+    own = objective._no_split_modules
+    if own:
+        plugin.transformer_cls_names_to_wrap = list(own)
+        return
+    names = decoder_layer_classes(objective)
+    plugin.transformer_cls_names_to_wrap = names
+    if main:
+        log.warning(
+            "the model declares no _no_split_modules; FSDP wraps each block of its decoder's layers list "
+            "(%s) instead",
+            ", ".join(names),
+        )
+
+
+def decoder_layer_classes(objective: Any) -> list[str]:
+    """Class names of the blocks in the decoder's `layers`/`h`/`blocks` list."""
+    from adapt.objectives.loss import causal_lm_of
+
+    decoder = causal_lm_of(objective.model).get_decoder()
+    for attr in ("layers", "h", "blocks"):
+        blocks = getattr(decoder, attr, None)
+        if blocks is not None and len(blocks):
+            return sorted({type(b).__name__ for b in blocks})
+    raise AdaptError(
+        f"{type(decoder).__name__} has no _no_split_modules and no list of decoder layers to shard; name "
+        "the layer class with fsdp_transformer_layer_cls_to_wrap in the Accelerate config"
+    )
