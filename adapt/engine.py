@@ -119,6 +119,15 @@ def check_launch(request: Request, accelerator: Any) -> None:
         )
 
 
+def settle(request: Request, accelerator: Any, precision_why: str) -> None:
+    """Check the launch, set FSDP2 up on CPU when it was asked for, and print the start line (rank 0)."""
+    check_launch(request, accelerator)
+    if request.engine == "FSDP" and accelerator.distributed_type.name == "MULTI_CPU":
+        enable_cpu_fsdp2(accelerator)
+    if accelerator.is_main_process:
+        log.info(start_line(accelerator, precision_why))
+
+
 def enable_cpu_fsdp2(accelerator: Any) -> None:
     """Turn a CPU (gloo) Accelerate state into FSDP2 with the launch's FSDP settings.
 

@@ -112,14 +112,13 @@ def setup(recipe: Recipe) -> Session:
     from accelerate.state import AcceleratorState
     from accelerate.utils import DataLoaderConfiguration, set_seed
 
+    from adapt import engine
     from adapt.convert import ordinary_token_ids
-    from adapt.engine import check_launch, configure_wrapping, enable_cpu_fsdp2, requested, resolve_precision
-    from adapt.engine import start_line
 
     t = recipe.training
     check_outputs(recipe)
-    request = requested()
-    precision, why = resolve_precision(t.mixed_precision, request, launch_device())
+    request = engine.requested()
+    precision, why = engine.resolve_precision(t.mixed_precision, request, launch_device())
     # The precision is fixed per process by Accelerate's shared state: let a later run in the same
     # process (a notebook, a sweep) choose its own. The process group (PartialState) is kept.
     AcceleratorState._reset_state()
@@ -135,11 +134,7 @@ def setup(recipe: Recipe) -> Session:
             "under DeepSpeed set training.grad_accumulation=1 (DeepSpeed steps the optimizer itself); "
             "raise training.batch_size or the number of processes instead"
         )
-    check_launch(request, accelerator)
-    if request.engine == "FSDP" and accelerator.distributed_type.name == "MULTI_CPU":
-        enable_cpu_fsdp2(accelerator)
-    if accelerator.is_main_process:
-        log.info(start_line(accelerator, why))
+    engine.settle(request, accelerator, why)
     set_seed(t.seed)
     model, tokenizer, settings = load_model(recipe.model)
     check_context(model.config, recipe)
@@ -156,7 +151,7 @@ def setup(recipe: Recipe) -> Session:
     warn_objective_change(settings, recipe)
     objective = TokenLoss(model, fast=fast).train()
     if accelerator.distributed_type.name == "FSDP":
-        configure_wrapping(accelerator.state.fsdp_plugin, objective, accelerator.is_main_process)
+        engine.configure_wrapping(accelerator.state.fsdp_plugin, objective, accelerator.is_main_process)
     train_loader, eval_loader = build_loaders(recipe, tokenizer)
     optimizer = build_optimizer(objective, recipe)
     per_epoch = max(1, len(train_loader) // accelerator.num_processes // t.grad_accumulation)
