@@ -63,6 +63,26 @@ def requested() -> Request:
     return Request("DDP" if processes > 1 else "single", processes, precision)
 
 
+def check_request(request: Request, device: str) -> None:
+    """Refuse, before Accelerate starts, what cannot run at all: an unknown FSDP version or ZeRO stage,
+    DeepSpeed on CPU or not installed."""
+    if request.engine == "FSDP" and request.fsdp_version not in (1, 2):
+        raise AdaptError(f"FSDP version {request.fsdp_version} does not exist; set fsdp_version: 2")
+    if request.engine != "DeepSpeed":
+        return
+    if request.zero_stage not in (None, 0, 1, 2, 3):
+        raise AdaptError(f"DeepSpeed ZeRO stage {request.zero_stage} does not exist; use zero_stage 2 or 3")
+    if device == "cpu":
+        raise AdaptError(
+            "the launch asks for DeepSpeed on CPU, which adapt does not run; use "
+            "recipes/accelerate/fsdp.yaml with ACCELERATE_USE_CPU=1 on CPU, or DeepSpeed on CUDA GPUs"
+        )
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        raise AdaptError("the launch asks for DeepSpeed, which is not installed: pip install deepspeed")
+
+
 def cpu_launch_processes() -> int:
     """N of a parent `accelerate launch --cpu --num_processes N` (Linux /proc; 0 when unknown)."""
     cmdline = Path(f"/proc/{os.getppid()}/cmdline")
@@ -207,3 +227,36 @@ def decoder_layer_classes(objective: Any) -> list[str]:
         f"{type(decoder).__name__} has no _no_split_modules and no list of decoder layers to shard; name "
         "the layer class with fsdp_transformer_layer_cls_to_wrap in the Accelerate config"
     )
+
+
+def describe(accelerator: Any, objective: Any, precision_why: str) -> dict[str, Any]:
+    """What runs, for OUTPUT_DIR/engine.json: the start line's facts and, under FSDP, each rank's share of
+    each sharded unit (every process must call this: the shares are gathered)."""
+    from accelerate.utils import gather_object
+
+    facts: dict[str, Any] = {
+        "engine": engine_name(accelerator),
+        "processes": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision,
+        "mixed_precision_source": precision_why,
+        "device": accelerator.device.type,
+    }
+    if accelerator.distributed_type.name == "FSDP" and accelerator.is_fsdp2:
+        facts["fsdp_ranks"] = gather_object([fsdp_shares(objective)])
+    return facts
+
+
+def fsdp_shares(objective: Any) -> dict[str, Any]:
+    """This rank's elements of each FSDP2 unit's own parameters against their full size."""
+    from torch.distributed.fsdp import FSDPModule
+
+    modules = objective.named_modules()
+    units = {name: type(m).__name__.removeprefix("FSDP") for name, m in modules if isinstance(m, FSDPModule)}
+    shares = {name or "<root>": {"class": cls, "local": 0, "full": 0} for name, cls in units.items()}
+    for pname, p in objective.named_parameters():
+        owner = max((u for u in units if u == "" or pname.startswith(u + ".")), key=len, default=None)
+        if owner is not None and hasattr(p, "to_local"):
+            share = shares[owner or "<root>"]
+            share["local"] += p.to_local().numel()
+            share["full"] += p.numel()
+    return shares

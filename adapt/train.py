@@ -45,6 +45,7 @@ logging.getLogger("accelerate.utils.other").addFilter(_not_tied_weights_notice)
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
 METRICS = "metrics.jsonl"
+ENGINE_FILE = "engine.json"
 
 
 @dataclass
@@ -118,6 +119,7 @@ def setup(recipe: Recipe) -> Session:
     t = recipe.training
     check_outputs(recipe)
     request = engine.requested()
+    engine.check_request(request, launch_device())
     precision, why = engine.resolve_precision(t.mixed_precision, request, launch_device())
     # The precision is fixed per process by Accelerate's shared state: let a later run in the same
     # process (a notebook, a sweep) choose its own. The process group (PartialState) is kept.
@@ -162,6 +164,10 @@ def setup(recipe: Recipe) -> Session:
     )
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
+    facts = engine.describe(accelerator, objective, why)
+    if accelerator.is_main_process:
+        Path(t.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(t.output_dir) / ENGINE_FILE).write_text(json.dumps(facts, indent=1))
     session = Session(
         recipe,
         accelerator,
