@@ -1,0 +1,249 @@
+"""Distributed training with 2 real processes on CPU over gloo, through `accelerate launch finetune.py`:
+launches that would not get what they ask for are refused; FSDP2 shards each decoder layer, trains like
+DDP, resumes from its sharded checkpoints and exports (full, merged LoRA, adapter) what DDP exports."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from adapt.engine import Request, resolve_precision
+
+ROOT = Path(__file__).resolve().parents[1]
+QUIET = ["logging.report_to=[]", "logging.progress_bar=false", "logging.log_every=1"]
+SMALL = ["data.max_length=32", "training.batch_size=2", "training.eval_batches=2", *QUIET]
+FULL = ["training.max_steps=4", "training.checkpoint_every=2", "training.keep_checkpoints=5"]
+LORA = ["training.max_steps=3", "lora.r=4", "training.lr=0.01"]
+CONFIGS = {"ddp": "recipes/accelerate/ddp.yaml", "fsdp": "recipes/accelerate/fsdp.yaml"}
+LOSS_TOL = 1e-4  # per-step loss, FSDP against DDP (measured: below 1e-6)
+LOGIT_TOL = 1e-4  # exported logits, FSDP against DDP (measured: about 1e-6)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(
+    config: str, out: Path, model: Path, *overrides: str, cpu: bool = True, flags: tuple = ()
+) -> subprocess.CompletedProcess:
+    """`accelerate launch --config_file CONFIG finetune.py recipes/multi_process.yaml ...` (2 processes)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env.pop("ACCELERATE_USE_CPU", None)
+    if cpu:
+        env["ACCELERATE_USE_CPU"] = "1"
+    where = ["--config_file", CONFIGS[config]] if config in CONFIGS else []
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *where, *flags, "--mixed_precision", "no",
+           "--main_process_port", str(free_port()), "finetune.py", "recipes/multi_process.yaml",
+           f"model.path={model}", f"training.output_dir={out}", *SMALL, *overrides]  # fmt: skip
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def trained(config: str, out: Path, model: Path, *overrides: str) -> Path:
+    proc = launch(config, out, model, *overrides)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def losses(out: Path) -> dict[int, float]:
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return {m["step"]: m["loss"] for m in map(json.loads, lines) if "loss" in m}
+
+
+def probe_logits(model: torch.nn.Module) -> torch.Tensor:
+    ids = torch.tensor([[3, 17, 42, 9, 11, 25, 60, 7]])
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+
+
+def export_logits(path: Path, base: Path | None = None) -> torch.Tensor:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    if base is None:
+        return probe_logits(AutoModelForCausalLM.from_pretrained(path))
+    return probe_logits(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), path))
+
+
+# ----------------------------------------------------------------------------- the launch is checked
+
+
+@pytest.mark.parametrize(
+    ("recipe_choice", "launcher", "expected"),
+    [
+        ("auto", "bf16", ("bf16", "launcher's")),
+        ("auto", "no", ("no", "launcher's")),
+        ("no", "bf16", ("no", "recipe overrides launcher's bf16")),
+        ("bf16", "bf16", ("bf16", "recipe")),
+        ("fp16", None, ("fp16", "recipe")),
+    ],
+)
+def test_mixed_precision_rule(recipe_choice: str, launcher: str | None, expected: tuple) -> None:
+    assert resolve_precision(recipe_choice, Request("DDP", 2, launcher), "cpu") == expected
+
+
+def test_auto_precision_outside_a_launcher_asks_the_hardware() -> None:
+    precision, why = resolve_precision("auto", Request("single", 1, None), "cpu")
+    assert precision in ("no", "bf16") and why.startswith("auto: CPU")
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("fsdp-without-cpu-flag", "the launch asks for 2 processes but only 1 would train"),
+        ("cpu-flag-with-2-processes", "the launch asks for 2 processes but only 1 would train"),
+    ],
+)
+def test_launches_that_would_train_apart_are_refused(
+    llama_diffusion: Path, tmp_path: Path, case: str, message: str
+) -> None:
+    """Accelerate turns both into independent single processes; adapt stops before any work."""
+    out = tmp_path / "run"
+    if case == "fsdp-without-cpu-flag":
+        proc = launch("fsdp", out, llama_diffusion, cpu=False)
+    else:
+        proc = launch("none", out, llama_diffusion, flags=("--cpu", "--num_processes", "2"))
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors and all(message in line and "ACCELERATE_USE_CPU=1" in line for line in errors), proc.stderr
+    assert not out.exists() or not any(out.iterdir()), "nothing written"
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"ACCELERATE_USE_DEEPSPEED": "true"}, "asks for DeepSpeed on CPU, which adapt does not run"),
+        ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "4"}, "ZeRO stage 4 does"),
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "3"}, "FSDP version 3 does not exist"),
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, "asks for FSDP but it would run as single"),
+    ],
+)
+def test_engines_that_cannot_run_are_refused_in_one_line(
+    llama_diffusion: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, env: dict, message: str
+) -> None:
+    from typer.testing import CliRunner
+
+    from adapt.cli import app
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    out = tmp_path / "run"
+    args = [
+        "finetune",
+        "recipes/multi_process.yaml",
+        f"model.path={llama_diffusion}",
+        f"training.output_dir={out}",
+    ]
+    result = CliRunner().invoke(app, [*args, *QUIET])
+    assert result.exit_code == 1 and message in result.output, result.output
+    assert result.output.count("\n") == 1 and result.output.startswith("error: ")
+    assert not out.exists() or not any(out.iterdir()), "nothing written"
+
+
+# ----------------------------------------------------------------------------- FSDP2 against DDP
+
+
+@pytest.fixture(scope="module")
+def lora_runs(llama_diffusion: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """LoRA under DDP (merged export) and FSDP2 (adapter export), same recipe and seed."""
+    root = tmp_path_factory.mktemp("lora")
+    return {
+        "ddp": trained("ddp", root / "ddp", llama_diffusion, *LORA),
+        "fsdp": trained("fsdp", root / "fsdp", llama_diffusion, *LORA, "lora.export=adapter"),
+    }
+
+
+def check_sharded_per_layer(run: Path) -> None:
+    """engine.json: FSDP2 on 2 processes, one unit per decoder layer, each rank holding half of each."""
+    facts = json.loads((run / "engine.json").read_text())
+    assert facts["engine"] == "FSDP2" and facts["processes"] == 2 and facts["device"] == "cpu"
+    ranks = facts["fsdp_ranks"]
+    layers = [name for name, unit in ranks[0].items() if unit["class"] == "LlamaDecoderLayer"]
+    assert [n.rsplit(".", 2)[-2:] for n in layers] == [["layers", "0"], ["layers", "1"]], ranks[0]
+    for name in [*layers, "<root>"]:
+        full = ranks[0][name]["full"]
+        assert sum(rank[name]["local"] for rank in ranks) == full
+        assert all(0.4 * full <= rank[name]["local"] <= 0.6 * full for rank in ranks), (name, ranks)
+
+
+def check_losses_agree(ddp: Path, fsdp: Path, steps: int) -> None:
+    a, b = losses(ddp), losses(fsdp)
+    assert sorted(b) == list(range(1, steps + 1)) and sorted(a) == sorted(b)
+    for step in a:
+        assert b[step] == pytest.approx(a[step], abs=LOSS_TOL), (step, a, b)
+
+
+def test_fsdp_lora_shards_each_layer_trains_like_ddp_and_its_adapter_loads_in_peft(
+    lora_runs: dict[str, Path], llama_diffusion: Path
+) -> None:
+    check_sharded_per_layer(lora_runs["fsdp"])
+    assert json.loads((lora_runs["ddp"] / "engine.json").read_text())["engine"] == "DDP"
+    check_losses_agree(lora_runs["ddp"], lora_runs["fsdp"], 3)
+    reference = export_logits(lora_runs["ddp"] / "final")  # merged
+    assert (reference - export_logits(llama_diffusion)).abs().max() > 1e-3, "LoRA changed the model"
+    adapter = lora_runs["fsdp"] / "final"
+    assert (adapter / "adapter_config.json").is_file() and not (adapter / "model.safetensors").exists()
+    from_adapter = export_logits(adapter, base=llama_diffusion)
+    torch.testing.assert_close(from_adapter, reference, atol=LOGIT_TOL, rtol=0)
+
+
+@pytest.mark.slow
+def test_fsdp_lora_merged_export_equals_ddps(
+    lora_runs: dict[str, Path], llama_diffusion: Path, tmp_path: Path
+) -> None:
+    merged = trained("fsdp", tmp_path / "merged", llama_diffusion, *LORA) / "final"
+    from safetensors import safe_open
+
+    keys = [k for f in merged.glob("*.safetensors") for k in safe_open(str(f), "pt").keys()]  # noqa: SIM118
+    assert keys and not any("lora" in k or "trainable_tokens" in k for k in keys), keys
+    reference = export_logits(lora_runs["ddp"] / "final")
+    torch.testing.assert_close(export_logits(merged), reference, atol=LOGIT_TOL, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def full_runs(llama_diffusion: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("full")
+    return {c: trained(c, root / c, llama_diffusion, *FULL) for c in ("ddp", "fsdp")}
+
+
+@pytest.mark.slow
+def test_fsdp_full_finetune_trains_and_exports_like_ddp(
+    full_runs: dict[str, Path], llama_diffusion: Path
+) -> None:
+    check_sharded_per_layer(full_runs["fsdp"])
+    check_losses_agree(full_runs["ddp"], full_runs["fsdp"], 4)
+    ddp, fsdp = (export_logits(full_runs[c] / "final") for c in ("ddp", "fsdp"))
+    torch.testing.assert_close(fsdp, ddp, atol=LOGIT_TOL, rtol=0)
+    assert (fsdp - export_logits(llama_diffusion)).abs().max() > 1e-3, "training changed the model"
+    shards = list((full_runs["fsdp"] / "checkpoints/step-00000004").rglob("*.distcp"))
+    assert len(shards) >= 2, "sharded checkpoint: one file per rank"
+
+
+@pytest.mark.slow
+def test_fsdp_resumes_from_its_sharded_checkpoint(
+    full_runs: dict[str, Path], llama_diffusion: Path, tmp_path: Path
+) -> None:
+    """A run that died right after its step-2 checkpoint continues to the uninterrupted run's numbers."""
+    out = tmp_path / "resumed"
+    step2 = "checkpoints/step-00000002"
+    shutil.copytree(full_runs["fsdp"] / step2, out / step2)
+    trained("fsdp", out, llama_diffusion, *FULL)
+    reference, again = losses(full_runs["fsdp"]), losses(out)
+    assert sorted(again) == [3, 4]
+    for step in again:
+        assert again[step] == pytest.approx(reference[step], abs=1e-6), (step, reference, again)
+    torch.testing.assert_close(export_logits(out / "final"), export_logits(full_runs["fsdp"] / "final"))
