@@ -90,7 +90,7 @@ def cpu_launch_processes() -> int:
         args = cmdline.read_bytes().decode(errors="replace").split("\0")
     except OSError:
         return 0
-    if "launch" not in " ".join(args) or "--cpu" not in args:
+    if "accelerate" not in " ".join(args) or "launch" not in " ".join(args) or "--cpu" not in args:
         return 0
     for flag in ("--num_processes", "--num-processes"):
         if flag in args[:-1]:
@@ -202,7 +202,7 @@ def configure_wrapping(plugin: Any, objective: Any, main: bool) -> None:
         plugin.auto_wrap_policy = transformer_auto_wrap_policy
     own = objective._no_split_modules
     if own:
-        plugin.transformer_cls_names_to_wrap = list(own)
+        plugin.transformer_cls_names_to_wrap = sorted(own)
         return
     names = decoder_layer_classes(objective)
     plugin.transformer_cls_names_to_wrap = names

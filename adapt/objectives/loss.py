@@ -28,8 +28,9 @@ class TokenLoss(nn.Module):
         self.fast = fast
 
     @property
-    def _no_split_modules(self) -> list[str] | None:
-        """The wrapped model's own decoder-layer classes: what FSDP wraps one unit each."""
+    def _no_split_modules(self) -> Any:
+        """The wrapped model's own decoder-layer class names (a set or list; None when it declares none):
+        Accelerate reads them from the object it prepares to wrap one FSDP unit per layer."""
         return getattr(causal_lm_of(self.model), "_no_split_modules", None)
 
     def forward(
