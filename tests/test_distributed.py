@@ -7,9 +7,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -272,3 +274,75 @@ def test_fsdp_resumes_from_its_sharded_checkpoint(
     for step in again:
         assert again[step] == pytest.approx(reference[step], abs=1e-6), (step, reference, again)
     torch.testing.assert_close(export_logits(out / "final"), export_logits(full_runs["fsdp"] / "final"))
+
+
+# ----------------------------------------------------------------------------- interrupts under the launcher
+
+
+def start(config: str, out: Path, model: Path, *overrides: str) -> subprocess.Popen:
+    """Like `launch`, in the background and in its own process group (as a terminal's foreground job)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env["ACCELERATE_USE_CPU"] = "1"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", CONFIGS[config],
+           "--mixed_precision", "no", "--main_process_port", str(free_port()), "finetune.py",
+           "recipes/multi_process.yaml", f"model.path={model}", f"training.output_dir={out}", *SMALL,
+           *overrides]  # fmt: skip
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, **pipes)
+
+
+def wait_for(path: Path, proc: subprocess.Popen, seconds: float = 180) -> None:
+    deadline = time.time() + seconds
+    while not path.exists():
+        assert proc.poll() is None and time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_the_launcher_saves_one_checkpoint_and_the_run_resumes(
+    llama_diffusion: Path, tmp_path: Path
+) -> None:
+    """A terminal's Ctrl-C (SIGINT to the launcher and both ranks): both ranks stop after the same step,
+    one checkpoint holds it, both take the exit-130 path; rerunning continues from it."""
+    out = tmp_path / "run"
+    proc = start("fsdp", out, llama_diffusion, "training.max_steps=100000")
+    wait_for(out / "metrics.jsonl", proc)
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    said = [line for line in err.splitlines() if line.startswith("interrupted at step")]
+    assert len(said) == 2 and said[0] == said[1], err[-3000:]
+    checkpoints = sorted((out / "checkpoints").iterdir())
+    assert len(checkpoints) == 1 and not (out / "final").exists()
+    state = json.loads((checkpoints[0] / "trainer_state.json").read_text())
+    assert state["interrupted"] is True and said[0].startswith(f"interrupted at step {state['step']};")
+    trained("fsdp", out, llama_diffusion, f"training.max_steps={state['step'] + 2}")
+    assert sorted(losses(out))[-2:] == [state["step"] + 1, state["step"] + 2]
+    assert (out / "final/model.safetensors").is_file()
+
+
+def rank_pids(launcher: int) -> list[int]:
+    """The launcher's child processes (torchrun's agent runs in the launcher itself): the ranks."""
+    children = Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split()
+    return [int(pid) for pid in children]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the ranks through Linux /proc")
+def test_kill_9_of_one_rank_leaves_the_last_checkpoint_resumable(
+    llama_diffusion: Path, tmp_path: Path
+) -> None:
+    from adapt.train import checkpoint_dirs
+
+    out = tmp_path / "run"
+    proc = start("fsdp", out, llama_diffusion, "training.max_steps=100000", "training.checkpoint_every=2")
+    wait_for(out / "checkpoints/step-00000004/trainer_state.json", proc)
+    os.kill(rank_pids(proc.pid)[-1], signal.SIGKILL)
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    last = checkpoint_dirs(out)[-1]
+    step = json.loads((last / "trainer_state.json").read_text())["step"]
+    assert step >= 4 and not json.loads((last / "trainer_state.json").read_text())["interrupted"]
+    trained("fsdp", out, llama_diffusion, f"training.max_steps={step + 1}", "training.checkpoint_every=2")
+    assert sorted(losses(out))[-1] == step + 1 and (out / "final/model.safetensors").is_file()
