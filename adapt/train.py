@@ -58,6 +58,8 @@ class TrainState:
     """Current pass over the training data."""
     batches_in_epoch: int = 0
     """Micro-batches of the current epoch already consumed (this process)."""
+    processes: int | None = None
+    """Processes that consumed them (None in checkpoints older than this field: taken as now)."""
     tokens_seen: int = 0
     """Real (non-padding) tokens trained on, all processes."""
     train_loss: float | None = None
@@ -222,6 +224,7 @@ def resume(session: Session) -> None:
             continue
         if path != candidates[-1]:
             log.warning("resumed from %s, the newest checkpoint that loads", path)
+        convert_position(session.state, session.accelerator.num_processes, path)
         drop_replayed_metrics(session.output_dir, session.state.step)
         return
     raise AdaptError(
@@ -236,6 +239,24 @@ def load_checkpoint(session: Session, path: Path) -> None:
     session.state = state
     session.state.interrupted = False
     session.state.checkpoint = str(path)
+
+
+def convert_position(state: TrainState, processes: int, path: Path) -> None:
+    """Carry the data position over to another number of processes: process i of n reads micro-batches
+    i, i+n, ... of one shuffled order, so k batches on each of n processes are the first k*n of that order.
+    Refused when they do not split evenly (some sample would be seen twice or skipped)."""
+    saved = state.processes or processes
+    consumed = state.batches_in_epoch * saved
+    if consumed % processes:
+        raise AdaptError(
+            f"{path} was written by {saved} process{'es' if saved > 1 else ''} after {consumed} "
+            f"micro-batches of epoch {state.epoch}, which do not split over {processes} processes; resume "
+            f"with {saved} (or a number of processes that divides {consumed})"
+        )
+    if saved != processes:
+        per = consumed // processes
+        log.info("data position: %d micro-batches over %d processes -> %d per process", consumed, saved, per)
+    state.batches_in_epoch, state.processes = consumed // processes, processes
 
 
 def explain_load(e: BaseException) -> str:
@@ -650,7 +671,7 @@ def save_checkpoint(session: Session) -> Path:
 
     acc, state = session.accelerator, session.state
     path = session.output_dir / CHECKPOINTS / f"step-{state.step:08d}"
-    state.checkpoint = str(path)
+    state.checkpoint, state.processes = str(path), acc.num_processes
     with atomic_dir(path) if acc.is_main_process else contextlib.nullcontext() as tmp:
         where = broadcast_object_list([str(tmp) if tmp is not None else None])[0]
         acc.save_state(where)

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -189,7 +190,7 @@ def lora_runs(llama_diffusion: Path, tmp_path_factory: pytest.TempPathFactory) -
     """LoRA under DDP (merged export) and FSDP2 (adapter export), same recipe and seed."""
     root = tmp_path_factory.mktemp("lora")
     return {
-        "ddp": trained("ddp", root / "ddp", llama_diffusion, *LORA),
+        "ddp": trained("ddp", root / "ddp", llama_diffusion, *LORA, "training.checkpoint_every=3"),
         "fsdp": trained("fsdp", root / "fsdp", llama_diffusion, *LORA, "lora.export=adapter"),
     }
 
@@ -226,6 +227,51 @@ def test_fsdp_lora_shards_each_layer_trains_like_ddp_and_its_adapter_loads_in_pe
     assert (adapter / "adapter_config.json").is_file() and not (adapter / "model.safetensors").exists()
     from_adapter = export_logits(adapter, base=llama_diffusion)
     torch.testing.assert_close(from_adapter, reference, atol=LOGIT_TOL, rtol=0)
+
+
+def one_process_session(out: Path, model: Path, *overrides: str) -> Any:
+    from adapt.config import load_recipe
+    from adapt.train import setup
+
+    base = [f"model.path={model}", f"training.output_dir={out}", *SMALL, *LORA, "training.export=false"]
+    return setup(load_recipe(ROOT / "recipes/multi_process.yaml", [*base, *overrides]))
+
+
+def test_a_two_process_checkpoint_resumes_on_one_process_at_the_same_data_position(
+    lora_runs: dict[str, Path], llama_diffusion: Path, tmp_path: Path
+) -> None:
+    """DDP wrote step 3 after 3 steps x 2 micro-batches on each of 2 processes: one process goes on with
+    micro-batch 12 of the shared shuffled order, the one a fresh single process reads 13th."""
+    from adapt.train import micro_batches
+
+    out = tmp_path / "one"
+    shutil.copytree(lora_runs["ddp"] / "checkpoints", out / "checkpoints")
+    session = one_process_session(out, llama_diffusion, "training.max_steps=4")
+    assert session.state.step == 3 and session.state.batches_in_epoch == 12
+    resumed = next(micro_batches(session))["input_ids"]
+    session.accelerator.end_training()
+    fresh = micro_batches(one_process_session(tmp_path / "fresh", llama_diffusion))
+    expected = [next(fresh)["input_ids"] for _ in range(13)]
+    assert torch.equal(resumed, expected[12]) and not torch.equal(resumed, expected[11])
+
+
+@pytest.mark.parametrize(("batches", "saved", "now", "expected"), [(6, 2, 1, 12), (6, 1, 2, 3), (4, 2, 2, 4)])
+def test_the_data_position_converts_between_process_counts(
+    batches: int, saved: int, now: int, expected: int
+) -> None:
+    from adapt.train import TrainState, convert_position
+
+    state = TrainState(batches_in_epoch=batches, processes=saved)
+    convert_position(state, now, Path("ckpt"))
+    assert (state.batches_in_epoch, state.processes) == (expected, now)
+
+
+def test_a_data_position_that_does_not_split_is_refused() -> None:
+    from adapt.errors import AdaptError
+    from adapt.train import TrainState, convert_position
+
+    with pytest.raises(AdaptError, match="by 1 process after 3 micro-batches of epoch 0, which do not split"):
+        convert_position(TrainState(batches_in_epoch=3, processes=1), 2, Path("ckpt"))
 
 
 @pytest.mark.slow
