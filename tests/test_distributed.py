@@ -255,6 +255,20 @@ def test_a_two_process_checkpoint_resumes_on_one_process_at_the_same_data_positi
     assert torch.equal(resumed, expected[12]) and not torch.equal(resumed, expected[11])
 
 
+@pytest.mark.slow
+def test_a_one_process_checkpoint_resumes_on_two_processes(llama_diffusion: Path, tmp_path: Path) -> None:
+    from adapt.train import fit
+
+    out = tmp_path / "run"
+    session = one_process_session(out, llama_diffusion, "training.checkpoint_every=3")
+    fit(session)  # 3 steps x 2 micro-batches on one process
+    session.accelerator.end_training()
+    proc = launch("ddp", out, llama_diffusion, *LORA, "training.max_steps=4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("data position: 6 micro-batches over 1 processes -> 3 per process") == 2
+    assert sorted(losses(out))[-1] == 4
+
+
 @pytest.mark.parametrize(("batches", "saved", "now", "expected"), [(6, 2, 1, 12), (6, 1, 2, 3), (4, 2, 2, 4)])
 def test_the_data_position_converts_between_process_counts(
     batches: int, saved: int, now: int, expected: int
