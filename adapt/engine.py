@@ -50,16 +50,25 @@ def env_flag(name: str) -> bool:
     return os.environ.get(name, "false").strip().lower() in ("1", "true", "yes")
 
 
+def env_int(name: str, default: int | None) -> int | None:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    if not value.isdigit():
+        raise AdaptError(f"the launch sets {name}={value!r}, which is not a whole number")
+    return int(value)
+
+
 def requested() -> Request:
     """The launch's request: engine from ACCELERATE_USE_FSDP/DEEPSPEED, processes from WORLD_SIZE (or the
     parent `accelerate launch --cpu --num_processes N` command, which starts one process only)."""
-    processes = int(os.environ.get("WORLD_SIZE", "0") or 0) or cpu_launch_processes() or 1
+    processes = env_int("WORLD_SIZE", 0) or cpu_launch_processes() or 1
     precision = os.environ.get("ACCELERATE_MIXED_PRECISION") or None
     if env_flag("ACCELERATE_USE_DEEPSPEED"):
-        stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
-        return Request("DeepSpeed", processes, precision, zero_stage=int(stage) if stage else None)
+        stage = env_int("ACCELERATE_DEEPSPEED_ZERO_STAGE", None)
+        return Request("DeepSpeed", processes, precision, zero_stage=stage)
     if env_flag("ACCELERATE_USE_FSDP"):
-        return Request("FSDP", processes, precision, fsdp_version=int(os.environ.get("FSDP_VERSION", "1")))
+        return Request("FSDP", processes, precision, fsdp_version=env_int("FSDP_VERSION", 1))
     return Request("DDP" if processes > 1 else "single", processes, precision)
 
 
@@ -104,8 +113,11 @@ def resolve_precision(recipe_choice: str, request: Request, device: str) -> tupl
     from adapt.precision import resolve_mixed_precision
 
     launcher = request.mixed_precision
+    if launcher is not None and launcher not in ("no", "bf16", "fp16"):
+        raise AdaptError(
+            f"the launcher's mixed precision {launcher!r} is not one adapt trains with (no, bf16, fp16)"
+        )
     if recipe_choice == "auto" and launcher is not None:
-        resolve_mixed_precision(launcher, device)  # same validation as a recipe value
         return launcher, "launcher's"
     precision, why = resolve_mixed_precision(recipe_choice, device)
     if launcher is not None and launcher != precision:

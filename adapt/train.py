@@ -167,9 +167,6 @@ def setup(recipe: Recipe) -> Session:
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
     facts = engine.describe(accelerator, objective, why)
-    if accelerator.is_main_process:
-        Path(t.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(t.output_dir) / ENGINE_FILE).write_text(json.dumps(facts, indent=1))
     session = Session(
         recipe,
         accelerator,
@@ -188,6 +185,9 @@ def setup(recipe: Recipe) -> Session:
         accelerator.init_trackers("adapt", config=flat_config(recipe))
     if t.resume:
         resume(session)
+    if accelerator.is_main_process:  # once the run is sure to start
+        session.output_dir.mkdir(parents=True, exist_ok=True)
+        (session.output_dir / ENGINE_FILE).write_text(json.dumps(facts, indent=1))
     return session
 
 

@@ -132,6 +132,8 @@ def test_launches_that_would_train_apart_are_refused(
         ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "4"}, "ZeRO stage 4 does"),
         ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "3"}, "FSDP version 3 does not exist"),
         ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, "asks for FSDP but it would run as single"),
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "two"}, "FSDP_VERSION='two', which is not a whole"),
+        ({"ACCELERATE_MIXED_PRECISION": "fp8"}, "launcher's mixed precision 'fp8' is not one adapt trains"),
     ],
 )
 def test_engines_that_cannot_run_are_refused_in_one_line(
