@@ -203,6 +203,17 @@ def start_line(accelerator: Any, precision_why: str) -> str:
     )
 
 
+def prepare_fsdp(accelerator: Any, objective: Any) -> None:
+    """Before Accelerate shards: one unit per decoder layer, and (gloo) every rank starts from rank 0's
+    weights, as DDP does, rather than from its own identically seeded copy (new rows, LoRA init)."""
+    import torch.distributed as dist
+
+    configure_wrapping(accelerator.state.fsdp_plugin, objective, accelerator.is_main_process)
+    if dist.get_backend() == "gloo":
+        for tensor in objective.state_dict().values():
+            dist.broadcast(tensor, src=0)
+
+
 def configure_wrapping(plugin: Any, objective: Any, main: bool) -> None:
     """Shard one FSDP unit per decoder layer: the model's own `_no_split_modules` (seen through adapt's
     wrapper), else the class of the blocks in its decoder's `layers` list, said so."""

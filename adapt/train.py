@@ -155,7 +155,7 @@ def setup(recipe: Recipe) -> Session:
     warn_objective_change(settings, recipe)
     objective = TokenLoss(model, fast=fast).train()
     if accelerator.distributed_type.name == "FSDP":
-        engine.configure_wrapping(accelerator.state.fsdp_plugin, objective, accelerator.is_main_process)
+        engine.prepare_fsdp(accelerator, objective)
     train_loader, eval_loader = build_loaders(recipe, tokenizer)
     optimizer = build_optimizer(objective, recipe)
     per_epoch = max(1, len(train_loader) // accelerator.num_processes // t.grad_accumulation)
@@ -509,6 +509,8 @@ def fit(session: Session) -> TrainState:
                 log_evaluation(session)
             if interrupt.requested(acc):
                 state.interrupted = True
+                if acc.is_main_process:  # said first: a save cut short leaves the previous checkpoint
+                    log.warning("interrupted after step %d: saving a checkpoint", state.step)
                 save_checkpoint(session)
                 break
             if t.checkpoint_every and state.step % t.checkpoint_every == 0:

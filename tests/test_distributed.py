@@ -375,6 +375,7 @@ def test_ctrl_c_under_the_launcher_saves_one_checkpoint_and_the_run_resumes(
     _, err = proc.communicate(timeout=120)
     said = [line for line in err.splitlines() if line.startswith("interrupted at step")]
     assert len(said) == 2 and said[0] == said[1], err[-3000:]
+    assert err.count("interrupted after step") == 1, "rank 0 says it saves before saving"
     checkpoints = sorted((out / "checkpoints").iterdir())
     assert len(checkpoints) == 1 and not (out / "final").exists()
     state = json.loads((checkpoints[0] / "trainer_state.json").read_text())
