@@ -38,8 +38,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+NO_MP = ("--mixed_precision", "no")
+
+
 def launch(
-    config: str, out: Path, model: Path, *overrides: str, cpu: bool = True, flags: tuple = ()
+    config: str, out: Path, model: Path, *overrides: str, cpu: bool = True, flags: tuple = NO_MP
 ) -> subprocess.CompletedProcess:
     """`accelerate launch --config_file CONFIG finetune.py recipes/multi_process.yaml ...` (2 processes)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
@@ -48,16 +51,23 @@ def launch(
     if cpu:
         env["ACCELERATE_USE_CPU"] = "1"
     where = ["--config_file", CONFIGS[config]] if config in CONFIGS else []
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *where, *flags, "--mixed_precision", "no",
-           "--main_process_port", str(free_port()), "finetune.py", "recipes/multi_process.yaml",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *where, *flags, "--main_process_port",
+           str(free_port()), "finetune.py", "recipes/multi_process.yaml",
            f"model.path={model}", f"training.output_dir={out}", *SMALL, *overrides]  # fmt: skip
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
-def trained(config: str, out: Path, model: Path, *overrides: str) -> Path:
-    proc = launch(config, out, model, *overrides)
+def trained(config: str, out: Path, model: Path, *overrides: str, flags: tuple = NO_MP) -> Path:
+    """A launch that must succeed; its stderr is kept beside OUT as OUT.stderr."""
+    proc = launch(config, out, model, *overrides, flags=flags)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    out.with_suffix(".stderr").write_text(proc.stderr)
     return out
+
+
+def start_lines(run: Path) -> list[str]:
+    lines = run.with_suffix(".stderr").read_text().splitlines()
+    return [line for line in lines if line.startswith("engine:")]
 
 
 def losses(out: Path) -> dict[int, float]:
@@ -192,7 +202,15 @@ def lora_runs(llama_diffusion: Path, tmp_path_factory: pytest.TempPathFactory) -
     """LoRA under DDP (merged export) and FSDP2 (adapter export), same recipe and seed."""
     root = tmp_path_factory.mktemp("lora")
     return {
-        "ddp": trained("ddp", root / "ddp", llama_diffusion, *LORA, "training.checkpoint_every=3"),
+        "ddp": trained(  # the launcher's bf16 (ddp.yaml) against the recipe's no
+            "ddp",
+            root / "ddp",
+            llama_diffusion,
+            *LORA,
+            "training.checkpoint_every=3",
+            "training.mixed_precision='no'",
+            flags=(),  # unquoted, YAML reads no as false
+        ),
         "fsdp": trained("fsdp", root / "fsdp", llama_diffusion, *LORA, "lora.export=adapter"),
     }
 
@@ -222,6 +240,12 @@ def test_fsdp_lora_shards_each_layer_trains_like_ddp_and_its_adapter_loads_in_pe
 ) -> None:
     check_sharded_per_layer(lora_runs["fsdp"])
     assert json.loads((lora_runs["ddp"] / "engine.json").read_text())["engine"] == "DDP"
+    assert start_lines(lora_runs["fsdp"]) == [
+        "engine: FSDP2, 2 processes, mixed precision: no (launcher's), device: cpu/gloo"
+    ]
+    assert start_lines(lora_runs["ddp"]) == [
+        "engine: DDP, 2 processes, mixed precision: no (recipe overrides launcher's bf16), device: cpu/gloo"
+    ]
     check_losses_agree(lora_runs["ddp"], lora_runs["fsdp"], 3)
     reference = export_logits(lora_runs["ddp"] / "final")  # merged
     assert (reference - export_logits(llama_diffusion)).abs().max() > 1e-3, "LoRA changed the model"
