@@ -120,9 +120,9 @@ def setup(recipe: Recipe) -> Session:
 
     t = recipe.training
     check_outputs(recipe)
-    request = engine.requested()
-    engine.check_request(request, launch_device())
-    precision, why = engine.resolve_precision(t.mixed_precision, request, launch_device())
+    request, device = engine.requested(), launch_device()
+    engine.check_request(request, device)
+    precision, why = engine.resolve_precision(t.mixed_precision, request, device)
     # The precision is fixed per process by Accelerate's shared state: let a later run in the same
     # process (a notebook, a sweep) choose its own. The process group (PartialState) is kept.
     AcceleratorState._reset_state()
