@@ -433,3 +433,15 @@ def test_kill_9_of_one_rank_leaves_the_last_checkpoint_resumable(
     assert step >= 4 and not json.loads((last / "trainer_state.json").read_text())["interrupted"]
     trained("fsdp", out, llama_diffusion, f"training.max_steps={step + 1}", "training.checkpoint_every=2")
     assert sorted(losses(out))[-1] == step + 1 and (out / "final/model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_fsdp_lora_on_a_tied_embedding_model_matches_ddp(converted: dict[str, Path], tmp_path: Path) -> None:
+    """gpt2 ties its LM head to the embeddings (as SmolLM2 does): per-block units, DDP's losses and export."""
+    model = converted["gpt2"]
+    runs = {c: trained(c, tmp_path / c, model, *LORA) for c in ("ddp", "fsdp")}
+    check_losses_agree(runs["ddp"], runs["fsdp"], 3)
+    ranks = json.loads((runs["fsdp"] / "engine.json").read_text())["fsdp_ranks"]
+    assert sum(unit["class"] == "GPT2Block" for unit in ranks[0].values()) == 2
+    reference = export_logits(runs["ddp"] / "final")
+    torch.testing.assert_close(export_logits(runs["fsdp"] / "final"), reference, atol=LOGIT_TOL, rtol=0)
