@@ -30,6 +30,10 @@ from adapt.errors import AdaptError
 log = logging.getLogger(__name__)
 
 CPU_FIX = "on a machine without CUDA GPUs prefix the launch with ACCELERATE_USE_CPU=1 (gloo)"
+CPU_FLAG_FIX = (
+    "`accelerate launch --cpu` starts one process: use ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu "
+    "--num_processes N"
+)
 
 
 @dataclass(frozen=True)
@@ -129,10 +133,10 @@ def check_launch(request: Request, accelerator: Any) -> None:
     """Refuse a run that is not what the launch asked for (before any work, on every rank)."""
     got, kind = accelerator.num_processes, accelerator.distributed_type.name
     if got < request.processes:
+        fix = CPU_FIX if os.environ.get("WORLD_SIZE") else CPU_FLAG_FIX
         raise AdaptError(
-            f"the launch asks for {request.processes} processes but only {got} would train (Accelerate "
-            f"found no device for them: {kind}), each on its own; {CPU_FIX}, or use "
-            "`accelerate launch --multi_gpu --num_processes N` (`--cpu` alone starts one process)"
+            f"the launch asks for {request.processes} processes but only {got} would train together "
+            f"(Accelerate set up {kind}); {fix}"
         )
     if request.engine == "DeepSpeed" and kind != "DEEPSPEED":
         raise AdaptError(
