@@ -33,17 +33,37 @@ def export(session: Any, out: str | Path | None = None) -> Path:
         state_dict = {k.removeprefix("model."): v for k, v in full.items()}
     if acc.is_main_process:
         check_finite_weights(state_dict if state_dict is not None else session.model.state_dict(), out)
-        lora = session.recipe.lora
+        lora, model = session.recipe.lora, session.model
+        if lora is not None and state_dict is not None:
+            model, state_dict = unsharded_peft_model(session, state_dict), None
         with atomic_dir(out) as tmp:
             if lora is not None and lora.export == "adapter":
-                session.model.save_pretrained(tmp)
+                model.save_pretrained(tmp)
             else:
-                save_full_model(session.model, session.settings, tmp, state_dict)
+                save_full_model(model, session.settings, tmp, state_dict)
             session.tokenizer.save_pretrained(tmp)
             save_recipe(session.recipe, tmp / "recipe.yaml")
             (tmp / "training_summary.json").write_text(json_text(training_summary(session)))
     acc.wait_for_everyone()
     return out
+
+
+def unsharded_peft_model(session: Any, state_dict: dict[str, Any]) -> Any:
+    """Rank 0's plain copy of a sharded peft model (FSDP, DeepSpeed): rebuilt as `setup` built it, then the
+    gathered weights loaded, every key accounted for. peft's merge and save then run on one process only
+    (on the sharded model they would wait for the other ranks)."""
+    from adapt.lora import apply_lora
+    from adapt.train import load_model
+
+    model, _, _ = load_model(session.recipe.model)
+    model = apply_lora(model, session.recipe.lora, session.settings.mask_token_id)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    if missing or unexpected:
+        raise AdaptError(
+            f"the gathered LoRA weights do not fit the model ({len(missing)} missing, e.g. {missing[:2]}; "
+            f"{len(unexpected)} unexpected, e.g. {unexpected[:2]}); nothing exported"
+        )
+    return model.eval()
 
 
 def check_finite_weights(state_dict: dict[str, Any], out: Path) -> None:

@@ -45,6 +45,7 @@ logging.getLogger("accelerate.utils.other").addFilter(_not_tied_weights_notice)
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
 METRICS = "metrics.jsonl"
+ENGINE_FILE = "engine.json"
 
 
 @dataclass
@@ -57,6 +58,8 @@ class TrainState:
     """Current pass over the training data."""
     batches_in_epoch: int = 0
     """Micro-batches of the current epoch already consumed (this process)."""
+    processes: int | None = None
+    """Processes that consumed them (None in checkpoints older than this field: taken as now)."""
     tokens_seen: int = 0
     """Real (non-padding) tokens trained on, all processes."""
     train_loss: float | None = None
@@ -112,12 +115,14 @@ def setup(recipe: Recipe) -> Session:
     from accelerate.state import AcceleratorState
     from accelerate.utils import DataLoaderConfiguration, set_seed
 
+    from adapt import engine
     from adapt.convert import ordinary_token_ids
-    from adapt.precision import resolve_mixed_precision
 
     t = recipe.training
     check_outputs(recipe)
-    precision, why = resolve_mixed_precision(t.mixed_precision, launch_device())
+    request, device = engine.requested(), launch_device()
+    engine.check_request(request, device)
+    precision, why = engine.resolve_precision(t.mixed_precision, request, device)
     # The precision is fixed per process by Accelerate's shared state: let a later run in the same
     # process (a notebook, a sweep) choose its own. The process group (PartialState) is kept.
     AcceleratorState._reset_state()
@@ -133,8 +138,7 @@ def setup(recipe: Recipe) -> Session:
             "under DeepSpeed set training.grad_accumulation=1 (DeepSpeed steps the optimizer itself); "
             "raise training.batch_size or the number of processes instead"
         )
-    if accelerator.is_main_process:
-        log.info("mixed precision: %s (%s)", precision, why)
+    engine.settle(request, accelerator, why)
     set_seed(t.seed)
     model, tokenizer, settings = load_model(recipe.model)
     check_context(model.config, recipe)
@@ -150,6 +154,8 @@ def setup(recipe: Recipe) -> Session:
     noiser = make_objective(recipe.diffusion, settings)
     warn_objective_change(settings, recipe)
     objective = TokenLoss(model, fast=fast).train()
+    if accelerator.distributed_type.name == "FSDP":
+        engine.prepare_fsdp(accelerator, objective)
     train_loader, eval_loader = build_loaders(recipe, tokenizer)
     optimizer = build_optimizer(objective, recipe)
     per_epoch = max(1, len(train_loader) // accelerator.num_processes // t.grad_accumulation)
@@ -160,6 +166,7 @@ def setup(recipe: Recipe) -> Session:
     )
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
+    facts = engine.describe(accelerator, objective, why)
     session = Session(
         recipe,
         accelerator,
@@ -178,6 +185,9 @@ def setup(recipe: Recipe) -> Session:
         accelerator.init_trackers("adapt", config=flat_config(recipe))
     if t.resume:
         resume(session)
+    if accelerator.is_main_process:  # once the run is sure to start
+        session.output_dir.mkdir(parents=True, exist_ok=True)
+        (session.output_dir / ENGINE_FILE).write_text(json.dumps(facts, indent=1))
     return session
 
 
@@ -214,6 +224,7 @@ def resume(session: Session) -> None:
             continue
         if path != candidates[-1]:
             log.warning("resumed from %s, the newest checkpoint that loads", path)
+        convert_position(session.state, session.accelerator.num_processes, path)
         drop_replayed_metrics(session.output_dir, session.state.step)
         return
     raise AdaptError(
@@ -228,6 +239,24 @@ def load_checkpoint(session: Session, path: Path) -> None:
     session.state = state
     session.state.interrupted = False
     session.state.checkpoint = str(path)
+
+
+def convert_position(state: TrainState, processes: int, path: Path) -> None:
+    """Carry the data position over to another number of processes: process i of n reads micro-batches
+    i, i+n, ... of one shuffled order, so k batches on each of n processes are the first k*n of that order.
+    Refused when they do not split evenly (some sample would be seen twice or skipped)."""
+    saved = state.processes or processes
+    consumed = state.batches_in_epoch * saved
+    if consumed % processes:
+        raise AdaptError(
+            f"{path} was written by {saved} process{'es' if saved > 1 else ''} after {consumed} "
+            f"micro-batches of epoch {state.epoch}, which do not split over {processes} processes; resume "
+            f"with {saved} (or a number of processes that divides {consumed})"
+        )
+    if saved != processes:
+        per = consumed // processes
+        log.info("data position: %d micro-batches over %d processes -> %d per process", consumed, saved, per)
+    state.batches_in_epoch, state.processes = consumed // processes, processes
 
 
 def explain_load(e: BaseException) -> str:
@@ -481,6 +510,8 @@ def fit(session: Session) -> TrainState:
                 log_evaluation(session)
             if interrupt.requested(acc):
                 state.interrupted = True
+                if acc.is_main_process:  # said first: a save cut short leaves the previous checkpoint
+                    log.warning("interrupted after step %d: saving a checkpoint", state.step)
                 save_checkpoint(session)
                 break
             if t.checkpoint_every and state.step % t.checkpoint_every == 0:
@@ -643,7 +674,7 @@ def save_checkpoint(session: Session) -> Path:
 
     acc, state = session.accelerator, session.state
     path = session.output_dir / CHECKPOINTS / f"step-{state.step:08d}"
-    state.checkpoint = str(path)
+    state.checkpoint, state.processes = str(path), acc.num_processes
     with atomic_dir(path) if acc.is_main_process else contextlib.nullcontext() as tmp:
         where = broadcast_object_list([str(tmp) if tmp is not None else None])[0]
         acc.save_state(where)

@@ -27,6 +27,12 @@ class TokenLoss(nn.Module):
         self.model = model
         self.fast = fast
 
+    @property
+    def _no_split_modules(self) -> Any:
+        """The wrapped model's own decoder-layer class names (a set or list; None when it declares none):
+        Accelerate reads them from the object it prepares to wrap one FSDP unit per layer."""
+        return getattr(causal_lm_of(self.model), "_no_split_modules", None)
+
     def forward(
         self,
         input_ids: torch.Tensor,

@@ -1,0 +1,444 @@
+"""Distributed training with 2 real processes on CPU over gloo, through `accelerate launch finetune.py`:
+launches that would not get what they ask for are refused; FSDP2 shards each decoder layer, trains like
+DDP, resumes from its sharded checkpoints and exports (full, merged LoRA, adapter) what DDP exports;
+checkpoints move between process counts; Ctrl-C and kill -9 under the launcher leave a resumable run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from adapt.engine import Request, resolve_precision
+
+ROOT = Path(__file__).resolve().parents[1]
+QUIET = ["logging.report_to=[]", "logging.progress_bar=false", "logging.log_every=1"]
+SMALL = ["data.max_length=32", "training.batch_size=2", "training.eval_batches=2", *QUIET]
+FULL = ["training.max_steps=4", "training.checkpoint_every=2", "training.keep_checkpoints=5"]
+LORA = ["training.max_steps=3", "lora.r=4", "training.lr=0.01"]
+CONFIGS = {"ddp": "recipes/accelerate/ddp.yaml", "fsdp": "recipes/accelerate/fsdp.yaml"}
+LOSS_TOL = 1e-4  # per-step loss, FSDP against DDP (measured: identical)
+LOGIT_TOL = 1e-4  # exported logits, FSDP against DDP (measured: 0 to 2.1e-7)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+NO_MP = ("--mixed_precision", "no")
+
+
+def launch(
+    config: str, out: Path, model: Path, *overrides: str, cpu: bool = True, flags: tuple = NO_MP
+) -> subprocess.CompletedProcess:
+    """`accelerate launch --config_file CONFIG finetune.py recipes/multi_process.yaml ...` (2 processes)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env.pop("ACCELERATE_USE_CPU", None)
+    if cpu:
+        env["ACCELERATE_USE_CPU"] = "1"
+    where = ["--config_file", CONFIGS[config]] if config in CONFIGS else []
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *where, *flags, "--main_process_port",
+           str(free_port()), "finetune.py", "recipes/multi_process.yaml",
+           f"model.path={model}", f"training.output_dir={out}", *SMALL, *overrides]  # fmt: skip
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def trained(config: str, out: Path, model: Path, *overrides: str, flags: tuple = NO_MP) -> Path:
+    """A launch that must succeed; its stderr is kept beside OUT as OUT.stderr."""
+    proc = launch(config, out, model, *overrides, flags=flags)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out.with_suffix(".stderr").write_text(proc.stderr)
+    return out
+
+
+def start_lines(run: Path) -> list[str]:
+    lines = run.with_suffix(".stderr").read_text().splitlines()
+    return [line for line in lines if line.startswith("engine:")]
+
+
+def losses(out: Path) -> dict[int, float]:
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return {m["step"]: m["loss"] for m in map(json.loads, lines) if "loss" in m}
+
+
+def probe_logits(model: torch.nn.Module) -> torch.Tensor:
+    ids = torch.tensor([[3, 17, 42, 9, 11, 25, 60, 7]])
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+
+
+def export_logits(path: Path, base: Path | None = None) -> torch.Tensor:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    if base is None:
+        return probe_logits(AutoModelForCausalLM.from_pretrained(path))
+    return probe_logits(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), path))
+
+
+# ----------------------------------------------------------------------------- the launch is checked
+
+
+@pytest.mark.parametrize(
+    ("recipe_choice", "launcher", "expected"),
+    [
+        ("auto", "bf16", ("bf16", "launcher's")),
+        ("auto", "no", ("no", "launcher's")),
+        ("no", "bf16", ("no", "recipe overrides launcher's bf16")),
+        ("bf16", "bf16", ("bf16", "recipe")),
+        ("fp16", None, ("fp16", "recipe")),
+    ],
+)
+def test_mixed_precision_rule(recipe_choice: str, launcher: str | None, expected: tuple) -> None:
+    assert resolve_precision(recipe_choice, Request("DDP", 2, launcher), "cpu") == expected
+
+
+def test_auto_precision_outside_a_launcher_asks_the_hardware() -> None:
+    precision, why = resolve_precision("auto", Request("single", 1, None), "cpu")
+    assert precision in ("no", "bf16") and why.startswith("auto: CPU")
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("fsdp-without-cpu-flag", "the launch asks for 2 processes but only 1 would train"),
+        ("cpu-flag-with-2-processes", "the launch asks for 2 processes but only 1 would train"),
+    ],
+)
+def test_launches_that_would_train_apart_are_refused(
+    llama_diffusion: Path, tmp_path: Path, case: str, message: str
+) -> None:
+    """Accelerate turns both into independent single processes; adapt stops before any work."""
+    out = tmp_path / "run"
+    if case == "fsdp-without-cpu-flag":
+        proc = launch("fsdp", out, llama_diffusion, cpu=False)
+    else:
+        proc = launch("none", out, llama_diffusion, flags=("--cpu", "--num_processes", "2"))
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    fix = "prefix the launch with ACCELERATE_USE_CPU=1" if "fsdp" in case else "--cpu` starts one process"
+    assert errors and all(message in line and fix in line for line in errors), proc.stderr
+    assert not out.exists() or not any(out.iterdir()), "nothing written"
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"ACCELERATE_USE_DEEPSPEED": "true"}, "asks for DeepSpeed on CPU, which adapt does not run"),
+        ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "4"}, "ZeRO stage 4 does"),
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "3"}, "FSDP version 3 does not exist"),
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, "asks for FSDP but it would run as single"),
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "two"}, "FSDP_VERSION='two', which is not a whole"),
+        ({"ACCELERATE_MIXED_PRECISION": "fp8"}, "launcher's mixed precision 'fp8' is not one adapt trains"),
+    ],
+)
+def test_engines_that_cannot_run_are_refused_in_one_line(
+    llama_diffusion: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, env: dict, message: str
+) -> None:
+    from typer.testing import CliRunner
+
+    from adapt.cli import app
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    out = tmp_path / "run"
+    args = [
+        "finetune",
+        "recipes/multi_process.yaml",
+        f"model.path={llama_diffusion}",
+        f"training.output_dir={out}",
+    ]
+    result = CliRunner().invoke(app, [*args, *QUIET])
+    assert result.exit_code == 1 and message in result.output, result.output
+    assert result.output.count("\n") == 1 and result.output.startswith("error: ")
+    assert not out.exists() or not any(out.iterdir()), "nothing written"
+
+
+@pytest.mark.parametrize("declared", [True, False])
+def test_fsdp_wraps_the_models_own_layer_class_or_says_which_it_falls_back_to(
+    llama_diffusion: Path, caplog: pytest.LogCaptureFixture, declared: bool
+) -> None:
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from transformers import AutoModelForCausalLM
+
+    from adapt.engine import configure_wrapping
+    from adapt.objectives.loss import TokenLoss
+
+    model = AutoModelForCausalLM.from_pretrained(llama_diffusion)
+    if not declared:
+        model._no_split_modules = None  # as a model class that declares none
+    objective = TokenLoss(model)
+    own = objective._no_split_modules
+    assert (set(own) == {"LlamaDecoderLayer"}) if declared else own is None, "the model's own, seen through"
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy=None)
+    with caplog.at_level("WARNING", logger="adapt.engine"):
+        configure_wrapping(plugin, objective, main=True)
+    assert plugin.transformer_cls_names_to_wrap == ["LlamaDecoderLayer"]
+    assert plugin.auto_wrap_policy is not None, "per-layer wrapping even when the config names no policy"
+    said = "declares no _no_split_modules; FSDP wraps each block of its decoder's layers list"
+    assert (said in caplog.text) is not declared
+
+
+# ----------------------------------------------------------------------------- FSDP2 against DDP
+
+
+@pytest.fixture(scope="module")
+def lora_runs(llama_diffusion: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """LoRA under DDP (merged export) and FSDP2 (adapter export), same recipe and seed."""
+    root = tmp_path_factory.mktemp("lora")
+    # DDP: the launcher's bf16 (ddp.yaml, no --mixed_precision flag) against the recipe's 'no' (quoted:
+    # YAML reads a bare no as false); its step-3 checkpoint serves the change of process count
+    ddp = [*LORA, "training.mixed_precision='no'", "training.checkpoint_every=3"]
+    return {
+        "ddp": trained("ddp", root / "ddp", llama_diffusion, *ddp, flags=()),
+        "fsdp": trained("fsdp", root / "fsdp", llama_diffusion, *LORA, "lora.export=adapter"),
+    }
+
+
+def check_sharded_per_layer(run: Path) -> None:
+    """engine.json: FSDP2 on 2 processes, one unit per decoder layer, each rank holding half of each."""
+    facts = json.loads((run / "engine.json").read_text())
+    assert facts["engine"] == "FSDP2" and facts["processes"] == 2 and facts["device"] == "cpu"
+    ranks = facts["fsdp_ranks"]
+    layers = [name for name, unit in ranks[0].items() if unit["class"] == "LlamaDecoderLayer"]
+    assert [n.rsplit(".", 2)[-2:] for n in layers] == [["layers", "0"], ["layers", "1"]], ranks[0]
+    for name in [*layers, "<root>"]:
+        full = ranks[0][name]["full"]
+        assert sum(rank[name]["local"] for rank in ranks) == full
+        assert all(0.4 * full <= rank[name]["local"] <= 0.6 * full for rank in ranks), (name, ranks)
+
+
+def check_losses_agree(ddp: Path, fsdp: Path, steps: int) -> None:
+    a, b = losses(ddp), losses(fsdp)
+    assert sorted(b) == list(range(1, steps + 1)) and sorted(a) == sorted(b)
+    for step in a:
+        assert b[step] == pytest.approx(a[step], abs=LOSS_TOL), (step, a, b)
+
+
+def test_fsdp_lora_shards_each_layer_trains_like_ddp_and_its_adapter_loads_in_peft(
+    lora_runs: dict[str, Path], llama_diffusion: Path
+) -> None:
+    check_sharded_per_layer(lora_runs["fsdp"])
+    assert json.loads((lora_runs["ddp"] / "engine.json").read_text())["engine"] == "DDP"
+    assert start_lines(lora_runs["fsdp"]) == [
+        "engine: FSDP2, 2 processes, mixed precision: no (launcher's), device: cpu/gloo"
+    ]
+    assert start_lines(lora_runs["ddp"]) == [
+        "engine: DDP, 2 processes, mixed precision: no (recipe overrides launcher's bf16), device: cpu/gloo"
+    ]
+    check_losses_agree(lora_runs["ddp"], lora_runs["fsdp"], 3)
+    reference = export_logits(lora_runs["ddp"] / "final")  # merged
+    assert (reference - export_logits(llama_diffusion)).abs().max() > 1e-3, "LoRA changed the model"
+    adapter = lora_runs["fsdp"] / "final"
+    assert (adapter / "adapter_config.json").is_file() and not (adapter / "model.safetensors").exists()
+    from_adapter = export_logits(adapter, base=llama_diffusion)
+    torch.testing.assert_close(from_adapter, reference, atol=LOGIT_TOL, rtol=0)
+
+
+def one_process_session(out: Path, model: Path, *overrides: str) -> Any:
+    from adapt.config import load_recipe
+    from adapt.train import setup
+
+    base = [f"model.path={model}", f"training.output_dir={out}", *SMALL, *LORA, "training.export=false"]
+    return setup(load_recipe(ROOT / "recipes/multi_process.yaml", [*base, *overrides]))
+
+
+def test_a_two_process_checkpoint_resumes_on_one_process_at_the_same_data_position(
+    lora_runs: dict[str, Path], llama_diffusion: Path, tmp_path: Path
+) -> None:
+    """DDP wrote step 3 after 3 steps x 2 micro-batches on each of 2 processes: one process goes on with
+    micro-batch 12 of the shared shuffled order, the one a fresh single process reads 13th."""
+    from adapt.train import micro_batches
+
+    out = tmp_path / "one"
+    shutil.copytree(lora_runs["ddp"] / "checkpoints", out / "checkpoints")
+    session = one_process_session(out, llama_diffusion, "training.max_steps=4")
+    assert session.state.step == 3 and session.state.batches_in_epoch == 12
+    resumed = next(micro_batches(session))["input_ids"]
+    session.accelerator.end_training()
+    fresh = micro_batches(one_process_session(tmp_path / "fresh", llama_diffusion))
+    expected = [next(fresh)["input_ids"] for _ in range(13)]
+    assert torch.equal(resumed, expected[12]) and not torch.equal(resumed, expected[11])
+
+
+@pytest.mark.slow
+def test_a_one_process_checkpoint_resumes_on_two_processes(llama_diffusion: Path, tmp_path: Path) -> None:
+    from adapt.train import fit
+
+    out = tmp_path / "run"
+    session = one_process_session(out, llama_diffusion, "training.checkpoint_every=3")
+    fit(session)  # 3 steps x 2 micro-batches on one process
+    session.accelerator.end_training()
+    proc = launch("ddp", out, llama_diffusion, *LORA, "training.max_steps=4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("data position: 6 micro-batches over 1 processes -> 3 per process") == 2
+    assert sorted(losses(out))[-1] == 4
+
+
+@pytest.mark.parametrize(("batches", "saved", "now", "expected"), [(6, 2, 1, 12), (6, 1, 2, 3), (4, 2, 2, 4)])
+def test_the_data_position_converts_between_process_counts(
+    batches: int, saved: int, now: int, expected: int
+) -> None:
+    from adapt.train import TrainState, convert_position
+
+    state = TrainState(batches_in_epoch=batches, processes=saved)
+    convert_position(state, now, Path("ckpt"))
+    assert (state.batches_in_epoch, state.processes) == (expected, now)
+
+
+def test_a_data_position_that_does_not_split_is_refused() -> None:
+    from adapt.errors import AdaptError
+    from adapt.train import TrainState, convert_position
+
+    with pytest.raises(AdaptError, match="by 1 process after 3 micro-batches of epoch 0, which do not split"):
+        convert_position(TrainState(batches_in_epoch=3, processes=1), 2, Path("ckpt"))
+
+
+@pytest.mark.slow
+def test_fsdp_lora_merged_export_equals_ddps(
+    lora_runs: dict[str, Path], llama_diffusion: Path, tmp_path: Path
+) -> None:
+    merged = trained("fsdp", tmp_path / "merged", llama_diffusion, *LORA) / "final"
+    from safetensors import safe_open
+
+    keys = [k for f in merged.glob("*.safetensors") for k in safe_open(str(f), "pt").keys()]  # noqa: SIM118
+    assert keys and not any("lora" in k or "trainable_tokens" in k for k in keys), keys
+    reference = export_logits(lora_runs["ddp"] / "final")
+    torch.testing.assert_close(export_logits(merged), reference, atol=LOGIT_TOL, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def full_runs(llama_diffusion: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("full")
+    return {c: trained(c, root / c, llama_diffusion, *FULL) for c in ("ddp", "fsdp")}
+
+
+@pytest.mark.slow
+def test_fsdp_full_finetune_trains_and_exports_like_ddp(
+    full_runs: dict[str, Path], llama_diffusion: Path
+) -> None:
+    check_sharded_per_layer(full_runs["fsdp"])
+    check_losses_agree(full_runs["ddp"], full_runs["fsdp"], 4)
+    ddp, fsdp = (export_logits(full_runs[c] / "final") for c in ("ddp", "fsdp"))
+    torch.testing.assert_close(fsdp, ddp, atol=LOGIT_TOL, rtol=0)
+    assert (fsdp - export_logits(llama_diffusion)).abs().max() > 1e-3, "training changed the model"
+    shards = list((full_runs["fsdp"] / "checkpoints/step-00000004").rglob("*.distcp"))
+    assert len(shards) >= 2, "sharded checkpoint: one file per rank"
+
+
+@pytest.mark.slow
+def test_fsdp_resumes_from_its_sharded_checkpoint(
+    full_runs: dict[str, Path], llama_diffusion: Path, tmp_path: Path
+) -> None:
+    """A run that died right after its step-2 checkpoint continues to the uninterrupted run's numbers."""
+    out = tmp_path / "resumed"
+    step2 = "checkpoints/step-00000002"
+    shutil.copytree(full_runs["fsdp"] / step2, out / step2)
+    trained("fsdp", out, llama_diffusion, *FULL)
+    reference, again = losses(full_runs["fsdp"]), losses(out)
+    assert sorted(again) == [3, 4]
+    for step in again:
+        assert again[step] == pytest.approx(reference[step], abs=1e-6), (step, reference, again)
+    torch.testing.assert_close(export_logits(out / "final"), export_logits(full_runs["fsdp"] / "final"))
+
+
+# ----------------------------------------------------------------------------- interrupts under the launcher
+
+
+def start(config: str, out: Path, model: Path, *overrides: str) -> subprocess.Popen:
+    """Like `launch`, in the background and in its own process group (as a terminal's foreground job)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env["ACCELERATE_USE_CPU"] = "1"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", CONFIGS[config],
+           "--mixed_precision", "no", "--main_process_port", str(free_port()), "finetune.py",
+           "recipes/multi_process.yaml", f"model.path={model}", f"training.output_dir={out}", *SMALL,
+           *overrides]  # fmt: skip
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, **pipes)
+
+
+def wait_for(path: Path, proc: subprocess.Popen, seconds: float = 180) -> None:
+    deadline = time.time() + seconds
+    while not path.exists():
+        assert proc.poll() is None and time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_the_launcher_saves_one_checkpoint_and_the_run_resumes(
+    llama_diffusion: Path, tmp_path: Path
+) -> None:
+    """A terminal's Ctrl-C (SIGINT to the launcher and both ranks): both ranks stop after the same step,
+    one checkpoint holds it, both take the exit-130 path; rerunning continues from it."""
+    out = tmp_path / "run"
+    proc = start("fsdp", out, llama_diffusion, "training.max_steps=100000")
+    wait_for(out / "metrics.jsonl", proc)
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    said = [line for line in err.splitlines() if line.startswith("interrupted at step")]
+    assert len(said) == 2 and said[0] == said[1], err[-3000:]
+    assert err.count("interrupted after step") == 1, "rank 0 says it saves before saving"
+    checkpoints = sorted((out / "checkpoints").iterdir())
+    assert len(checkpoints) == 1 and not (out / "final").exists()
+    state = json.loads((checkpoints[0] / "trainer_state.json").read_text())
+    assert state["interrupted"] is True and said[0].startswith(f"interrupted at step {state['step']};")
+    trained("fsdp", out, llama_diffusion, f"training.max_steps={state['step'] + 2}")
+    assert sorted(losses(out))[-2:] == [state["step"] + 1, state["step"] + 2]
+    assert (out / "final/model.safetensors").is_file()
+
+
+def rank_pids(launcher: int) -> list[int]:
+    """The launcher's child processes (torchrun's agent runs in the launcher itself): the ranks."""
+    children = Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split()
+    return [int(pid) for pid in children]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the ranks through Linux /proc")
+def test_kill_9_of_one_rank_leaves_the_last_checkpoint_resumable(
+    llama_diffusion: Path, tmp_path: Path
+) -> None:
+    from adapt.train import checkpoint_dirs
+
+    out = tmp_path / "run"
+    proc = start("fsdp", out, llama_diffusion, "training.max_steps=100000", "training.checkpoint_every=2")
+    wait_for(out / "checkpoints/step-00000004/trainer_state.json", proc)
+    os.kill(rank_pids(proc.pid)[-1], signal.SIGKILL)
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    last = checkpoint_dirs(out)[-1]
+    step = json.loads((last / "trainer_state.json").read_text())["step"]
+    assert step >= 4 and not json.loads((last / "trainer_state.json").read_text())["interrupted"]
+    trained("fsdp", out, llama_diffusion, f"training.max_steps={step + 1}", "training.checkpoint_every=2")
+    assert sorted(losses(out))[-1] == step + 1 and (out / "final/model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_fsdp_lora_on_a_tied_embedding_model_matches_ddp(converted: dict[str, Path], tmp_path: Path) -> None:
+    """gpt2 ties its LM head to the embeddings (as SmolLM2 does): per-block units, DDP's losses and export."""
+    model = converted["gpt2"]
+    runs = {c: trained(c, tmp_path / c, model, *LORA) for c in ("ddp", "fsdp")}
+    check_losses_agree(runs["ddp"], runs["fsdp"], 3)
+    ranks = json.loads((runs["fsdp"] / "engine.json").read_text())["fsdp_ranks"]
+    assert sum(unit["class"] == "GPT2Block" for unit in ranks[0].values()) == 2
+    reference = export_logits(runs["ddp"] / "final")
+    torch.testing.assert_close(export_logits(runs["fsdp"] / "final"), reference, atol=LOGIT_TOL, rtol=0)
