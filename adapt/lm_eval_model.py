@@ -7,9 +7,10 @@
 `adapt lm-eval` and `python -m adapt.lm_eval_model` are lm-eval's own command line with this model
 registered and `--model adapt` the default; in Python, `import adapt.lm_eval_model` registers it for
 `lm_eval.simple_evaluate(model="adapt", ...)`. Model args: pretrained (a directory or Hub id),
-revision, mc_samples, seed, eps, batch_size (requests per forward pass), max_length, max_gen_toks, dtype, device, and the sampler's options
-(`SAMPLER_ARGS`: steps, block_length, strategy, step_schedule, threshold, temperature, confidence,
-cache, ...); chat templates come from lm-eval's own `--apply_chat_template`.
+revision, mc_samples, seed, eps, batch_size (requests per forward pass), max_length, max_gen_toks,
+dtype, device, and the sampler's options (`SAMPLER_ARGS`: steps, block_length, strategy,
+step_schedule, threshold, temperature, confidence, cache, ...); chat templates come from lm-eval's
+own `--apply_chat_template`.
 
 - `loglikelihood`: Monte Carlo ELBO of the continuation given the context (LLaDA-style): only
   continuation tokens are masked and scored, `mc_samples` stratified t values per request (per block

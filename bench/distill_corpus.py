@@ -39,11 +39,9 @@ def windows(tokenizer, documents: list[str], length: int, stride: int, n: int) -
 
 
 @torch.no_grad()
-def continue_greedily(
-    model, tokenizer, prompts: list[list[int]], gen_length: int, batch: int
-) -> list[list[int]]:  # noqa: ANN001
+def continue_greedily(model, tokenizer, prompts: list[list[int]], gen_length: int, batch: int, sink) -> None:  # noqa: ANN001
+    """Greedy continuations, batch by batch; each finished batch is written to `sink` as JSON lines."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    out = []
     for s in range(0, len(prompts), batch):
         chunk = prompts[s : s + batch]
         ids = torch.tensor(chunk)  # equal lengths: no padding needed
@@ -55,9 +53,11 @@ def continue_greedily(
             do_sample=False,
             pad_token_id=pad,
         )
-        out += gen[:, ids.shape[1] :].tolist()
-        print(f"{len(out)}/{len(prompts)}", file=sys.stderr, flush=True)
-    return out
+        new = gen[:, ids.shape[1] :].tolist()
+        for p, c in zip(chunk, new, strict=True):
+            sink.write(json.dumps({"text": tokenizer.decode(p + c)}) + "\n")
+        sink.flush()
+        print(f"{s + len(chunk)}/{len(prompts)}", file=sys.stderr, flush=True)
 
 
 def main() -> None:
@@ -82,13 +82,11 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(args.source, dtype=getattr(torch, dtype)).eval()
     prompts = windows(tokenizer, read_documents(args.documents), args.prompt_length, args.stride, args.n)
     t0 = time.perf_counter()
-    continuations = continue_greedily(model, tokenizer, prompts, args.gen_length, args.batch)
+    partial = args.out.with_suffix(".partial")  # usable while it grows; renamed when complete
+    with partial.open("w") as sink:
+        continue_greedily(model, tokenizer, prompts, args.gen_length, args.batch, sink)
     seconds = time.perf_counter() - t0
-    tmp = args.out.with_suffix(".tmp")
-    with tmp.open("w") as f:
-        for p, c in zip(prompts, continuations, strict=True):
-            f.write(json.dumps({"text": tokenizer.decode(p + c)}) + "\n")
-    tmp.replace(args.out)
+    partial.replace(args.out)
     tokens = len(prompts) * args.gen_length
     print(f"wrote {len(prompts)} sequences to {args.out}: {tokens} generated tokens in {seconds:.0f} s")
 
