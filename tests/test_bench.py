@@ -48,3 +48,29 @@ def test_block_speed_bench_compares_with_the_ar_source(tmp_path: Path) -> None:
         assert rows["block, 1 token/step + exact cache"]["passes_per_token"] == 1.0
         assert rows["block, threshold 0.9, no cache (reference)"]["agreement"] == 1.0  # the cache is exact
     assert proc.stdout.count("target (>= 1.0x the AR source's tokens/s") == 2
+
+
+def test_distill_corpus_is_the_sources_own_greedy_continuation(llama_src: Path) -> None:
+    import io
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from distill_corpus import continue_greedily, windows
+
+    from adapt.tiny import SAMPLE_TEXT
+
+    tok = AutoTokenizer.from_pretrained(llama_src)
+    model = AutoModelForCausalLM.from_pretrained(llama_src).eval()
+    prompts = windows(tok, [SAMPLE_TEXT, SAMPLE_TEXT[100:]], length=8, stride=16, n=5)
+    assert len(prompts) == 5 and all(len(p) == 8 for p in prompts)
+    assert prompts[1] != prompts[0]  # round-robin: the second window comes from the second document
+    sink = io.StringIO()
+    continue_greedily(model, tok, prompts, gen_length=6, batch=2, sink=sink)
+    lines = [json.loads(line)["text"] for line in sink.getvalue().splitlines()]
+    for prompt, text in zip(prompts, lines, strict=True):
+        ids = torch.tensor([prompt])
+        alone = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6,
+                               do_sample=False, pad_token_id=tok.pad_token_id)  # fmt: skip
+        assert text == tok.decode(alone[0].tolist())
