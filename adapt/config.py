@@ -345,6 +345,8 @@ def convert_value(tp: Any, value: Any, where: str, siblings: list[str]) -> Any:
                 return convert_value(arg, value, where, siblings)
         raise AdaptError(f"{where} must be {_type_name(tp)}, got {_describe(value)}")
     if origin is Literal:
+        if value is False and "no" in args:  # YAML 1.1 reads a bare `no` as false: mixed_precision=no
+            return "no"
         if value not in args:
             raise AdaptError(f"{where} must be one of {', '.join(map(repr, args))}, got {value!r}")
         return value

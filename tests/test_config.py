@@ -133,6 +133,7 @@ def test_overrides_are_yaml_typed() -> None:
             "lora.target_modules=[q_proj, v_proj]",
             "model.path=other/model",
             "push_to_hub=me/model",
+            "training.mixed_precision=no",  # YAML 1.1 reads `no` as false; the choice "no" is meant
         ],
     )
     recipe = recipe_from_dict(raw)
@@ -141,6 +142,7 @@ def test_overrides_are_yaml_typed() -> None:
     assert recipe.diffusion.low_discrepancy is False
     assert recipe.lora == LoraSettings(r=8, target_modules=["q_proj", "v_proj"])
     assert recipe.model.path == "other/model" and recipe.push_to_hub == "me/model"
+    assert recipe.training.mixed_precision == "no"
     assert MINIMAL == {"model": {"path": "some/model"}, "data": {"path": "data.txt"}}, "input not mutated"
     assert recipe_from_dict(apply_overrides({**MINIMAL, "lora": {"r": 4}}, ["lora=null"])).lora is None
 
