@@ -74,3 +74,27 @@ def test_distill_corpus_is_the_sources_own_greedy_continuation(llama_src: Path) 
         alone = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6,
                                do_sample=False, pad_token_id=tok.pad_token_id)  # fmt: skip
         assert text == tok.decode(alone[0].tolist())
+
+
+def test_memory_table_counts_the_parameters_a_model_really_has(llama_src: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from memory_per_gpu import ADAMW_FP32, Dims, bytes_per_gpu, lora_parameters, parameters
+
+    model = AutoModelForCausalLM.from_pretrained(llama_src)
+    c = model.config
+    shape = (c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads)
+    dims = Dims("tiny", *shape, c.num_key_value_heads, c.vocab_size, c.tie_word_embeddings, c.head_dim)
+    assert parameters(dims) == sum(p.numel() for p in model.parameters())
+    from peft import LoraConfig, get_peft_model
+
+    from adapt.lora import lora_target_modules
+
+    lora = get_peft_model(model, LoraConfig(r=4, target_modules=lora_target_modules(model)))
+    adapters = sum(p.numel() for n, p in lora.named_parameters() if "lora_" in n)
+    assert lora_parameters(dims, 4) == adapters + c.hidden_size  # + the trained mask-token row
+    n = 1000
+    assert bytes_per_gpu(n, n, "DDP", 8) == ADAMW_FP32 * n
+    assert bytes_per_gpu(n, n, "ZeRO-3", 8) == bytes_per_gpu(n, n, "FSDP2", 8) == ADAMW_FP32 * n / 8
+    assert bytes_per_gpu(n, n, "ZeRO-2", 8) == 4 * n + 12 * n / 8

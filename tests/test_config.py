@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
+import os
+import socket
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -28,7 +32,7 @@ MINIMAL = {"model": {"path": "some/model"}, "data": {"path": "data.txt"}}
 def test_recipes_are_shipped() -> None:
     names = {p.stem for p in RECIPES}
     assert {"adapt_text", "sft_chat", "lora_chat", "multi_process"} <= names
-    assert {p.stem for p in ACCELERATE} == {"ddp", "fsdp", "deepspeed"}
+    assert {p.stem for p in ACCELERATE} == {"ddp", "fsdp", "deepspeed", "multi_node_fsdp"}
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
@@ -164,3 +168,60 @@ def test_bad_files(tmp_path: Path) -> None:
     (tmp_path / "list.yaml").write_text("- a\n- b\n")
     with pytest.raises(AdaptError, match="must hold a mapping"):
         load_recipe(tmp_path / "list.yaml")
+
+
+def launch_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, str]]:
+    """What `accelerate launch ARGV` would hand torchrun: its parsed arguments and the environment."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    args, _, _ = _validate_launch_command(launch_command_parser().parse_args(argv))
+    return args, prepare_multi_gpu_env(args)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_the_multi_node_config_starts_each_machine_with_its_rank() -> None:
+    config = str(ROOT / "recipes/accelerate/multi_node_fsdp.yaml")
+    port = str(free_port())
+    for rank in (0, 1):
+        argv = ["--config_file", config, "--machine_rank", str(rank), "--main_process_ip", "10.1.2.3",
+                "--main_process_port", port, "finetune.py", "recipes/multi_process.yaml"]  # fmt: skip
+        args, env = launch_args(argv)
+        assert (args.nnodes, args.nproc_per_node, args.node_rank) == ("2", "8", rank)
+        assert args.rdzv_endpoint == f"10.1.2.3:{port}"  # torchrun's rendezvous on machine 0
+        assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2"
+
+
+def test_the_slurm_script_launches_one_accelerate_per_node(tmp_path: Path) -> None:
+    """The sbatch script run with a 3-node allocation's environment: `srun` and `accelerate` stand-ins
+    record the command each node would run, which accelerate's own parser then turns into torchrun's."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/sh\nprintf 'gpu-a\\ngpu-b\\ngpu-c\\n'\n")
+    (bin_dir / "srun").write_text(  # one task per node: run the command as node 2 would
+        '#!/bin/sh\nshift\nexport SLURM_NODEID=2\n"$@"\n'
+    )
+    (bin_dir / "accelerate").write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {tmp_path}/argv\n')
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "gpu-[a-c]",
+           "SLURM_NNODES": "3"}  # fmt: skip
+    script = ROOT / "recipes/slurm/finetune.sbatch"
+    proc = subprocess.run(["bash", str(script), "recipes/multi_process.yaml", "training.max_steps=5"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    argv = (tmp_path / "argv").read_text().split()
+    assert argv[0] == "launch" and argv[-3:] == [
+        "finetune.py",
+        "recipes/multi_process.yaml",
+        "training.max_steps=5",
+    ]
+    argv[argv.index("--main_process_port") + 1] = str(free_port())
+    args, _ = launch_args(argv[1:])
+    assert (args.nnodes, args.nproc_per_node, args.node_rank) == ("3", "8", 2)
+    assert args.rdzv_endpoint.startswith("gpu-a:")
