@@ -19,8 +19,10 @@ recipe value (no, bf16, fp16) wins over the launcher's and the start line says s
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,11 +87,6 @@ def check_request(request: Request, device: str) -> None:
         return
     if request.zero_stage not in (None, 0, 1, 2, 3):
         raise AdaptError(f"DeepSpeed ZeRO stage {request.zero_stage} does not exist; use zero_stage 2 or 3")
-    if device == "cpu":
-        raise AdaptError(
-            "the launch asks for DeepSpeed on CPU, which adapt does not run; use "
-            "recipes/accelerate/fsdp.yaml with ACCELERATE_USE_CPU=1 on CPU, or DeepSpeed on CUDA GPUs"
-        )
     import importlib.util
 
     if importlib.util.find_spec("deepspeed") is None:
@@ -138,10 +135,10 @@ def check_launch(request: Request, accelerator: Any) -> None:
             f"the launch asks for {request.processes} processes but only {got} would train together "
             f"(Accelerate set up {kind}); {fix}"
         )
-    if request.engine == "DeepSpeed" and kind != "DEEPSPEED":
+    if request.engine == "DeepSpeed" and kind not in ("DEEPSPEED", "MULTI_CPU"):
         raise AdaptError(
-            f"the launch asks for DeepSpeed but it would run as {engine_name(accelerator)}; adapt does not "
-            "run DeepSpeed on CPU: use recipes/accelerate/fsdp.yaml with ACCELERATE_USE_CPU=1, or CUDA GPUs"
+            f"the launch asks for DeepSpeed but it would run as {engine_name(accelerator)} ({got} process); "
+            f"DeepSpeed needs at least 2 processes: {CPU_FIX} and --num_processes 2 or more"
         )
     if request.engine == "FSDP" and kind not in ("FSDP", "MULTI_CPU"):
         raise AdaptError(
@@ -160,6 +157,8 @@ def settle(request: Request, accelerator: Any, precision_why: str) -> None:
     check_launch(request, accelerator)
     if request.engine == "FSDP" and accelerator.distributed_type.name == "MULTI_CPU":
         enable_cpu_fsdp2(accelerator)
+    if request.engine == "DeepSpeed" and accelerator.distributed_type.name == "MULTI_CPU":
+        enable_cpu_deepspeed(accelerator)
     if accelerator.is_main_process:
         log.info(start_line(accelerator, precision_why))
 
@@ -184,6 +183,60 @@ def enable_cpu_fsdp2(accelerator: Any) -> None:
     accelerator.state.distributed_type = DistributedType.FSDP
     if not accelerator.is_fsdp2:
         raise AdaptError("could not set FSDP2 up on CPU with this version of accelerate")
+
+
+def enable_cpu_deepspeed(accelerator: Any) -> None:
+    """Turn a CPU (gloo) Accelerate state into DeepSpeed with the launch's DeepSpeed settings.
+
+    Accelerate only selects DeepSpeed on GPU-like devices; DeepSpeed itself runs ZeRO on its CPU
+    accelerator over the gloo group already set up, and from there Accelerate's own `deepspeed.initialize`,
+    checkpointing and state-dict gathering run unchanged.
+    """
+    import deepspeed.comm as ds_dist
+    from accelerate.state import PartialState
+    from accelerate.utils import DeepSpeedPlugin, DistributedType
+
+    if not ds_dist.is_initialized():
+        ds_dist.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    plugin = DeepSpeedPlugin()  # reads the launch's ACCELERATE_DEEPSPEED_* settings
+    plugin.set_mixed_precision(accelerator.mixed_precision)
+    plugin.select(_from_accelerator_state=True)
+    accelerator.state.deepspeed_plugins = plugin
+    accelerator.deepspeed_engine_wrapped = None
+    PartialState().distributed_type = DistributedType.DEEPSPEED
+    accelerator.state.distributed_type = DistributedType.DEEPSPEED
+
+
+def prepare_deepspeed(accelerator: Any, max_grad_norm: float | None) -> None:
+    """Before Accelerate builds the DeepSpeed engine: the recipe's gradient clipping (DeepSpeed clips inside
+    its own step, so the launcher's value would otherwise win silently), and under ZeRO-3 the full weights
+    gathered when saving (the export needs them; checkpoints stay sharded)."""
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    config["gradient_clipping"] = max_grad_norm or 0.0
+    if config.get("zero_optimization", {}).get("stage") == 3:
+        config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+
+
+@contextlib.contextmanager
+def whole_weights() -> Iterator[None]:
+    """Load models whole on this rank even while a ZeRO-3 config is selected.
+
+    Selecting a ZeRO-3 plugin makes transformers partition every model it loads (deepspeed.zero.Init);
+    adapt converts, probes and wraps the model before the engine exists, and rank 0 rebuilds a plain copy
+    for a LoRA export, so it loads whole models and lets `deepspeed.initialize` partition them.
+    """
+    try:
+        from transformers.integrations import deepspeed as hf_deepspeed
+    except ImportError:
+        yield
+        return
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if ref is not None and ref() is not None:
+            hf_deepspeed.set_hf_deepspeed_config(ref())
 
 
 def engine_name(accelerator: Any) -> str:
@@ -270,6 +323,35 @@ def describe(accelerator: Any, objective: Any, precision_why: str) -> dict[str, 
     }
     if accelerator.distributed_type.name == "FSDP" and accelerator.is_fsdp2:
         facts["fsdp_ranks"] = gather_object([fsdp_shares(objective)])
+    if accelerator.distributed_type.name == "DEEPSPEED":
+        facts["deepspeed_ranks"] = gather_object([deepspeed_shares(objective)])
+    return facts
+
+
+def deepspeed_shares(engine: Any) -> dict[str, Any]:
+    """This rank's DeepSpeed engine: its class, ZeRO stage and optimizer, the elements of the fp32 optimizer
+    state (master weights) it holds against all trainable ones, and under ZeRO-3 its parameter partition."""
+    stage = engine.zero_optimization_stage()
+    optimizer = engine.optimizer
+    groups = (
+        optimizer.fp32_partitioned_groups_flat if stage == 3 else optimizer.single_partition_of_fp32_groups
+    )
+    trainable = [p for p in engine.module.parameters() if p.requires_grad]
+    facts: dict[str, Any] = {
+        "wrapper": type(engine).__name__,
+        "zero_stage": stage,
+        "optimizer": type(optimizer).__name__,
+        "optimizer_state": {
+            "local": sum(g.numel() for g in groups),
+            "full": sum(getattr(p, "ds_numel", p.numel()) for p in trainable),
+        },
+    }
+    if stage == 3:
+        params = list(engine.module.parameters())
+        facts["parameters"] = {
+            "local": sum(p.ds_tensor.numel() for p in params),
+            "full": sum(p.ds_numel for p in params),
+        }
     return facts
 
 

@@ -30,7 +30,8 @@ def export(session: Any, out: str | Path | None = None) -> Path:
     state_dict = None
     if acc.distributed_type.name in ("FSDP", "DEEPSPEED"):
         full = acc.get_state_dict(session.objective)  # every process takes part in the gather
-        state_dict = {k.removeprefix("model."): v for k, v in full.items()}
+        if acc.is_main_process:  # ZeRO-3 gathers onto rank 0 alone (the others get None)
+            state_dict = {k.removeprefix("model."): v for k, v in full.items()}
     if acc.is_main_process:
         check_finite_weights(state_dict if state_dict is not None else session.model.state_dict(), out)
         lora, model = session.recipe.lora, session.model
@@ -52,11 +53,13 @@ def unsharded_peft_model(session: Any, state_dict: dict[str, Any]) -> Any:
     """Rank 0's plain copy of a sharded peft model (FSDP, DeepSpeed): rebuilt as `setup` built it, then the
     gathered weights loaded, every key accounted for. peft's merge and save then run on one process only
     (on the sharded model they would wait for the other ranks)."""
+    from adapt.engine import whole_weights
     from adapt.lora import apply_lora
     from adapt.train import load_model
 
-    model, _, _ = load_model(session.recipe.model)
-    model = apply_lora(model, session.recipe.lora, session.settings.mask_token_id)
+    with whole_weights():
+        model, _, _ = load_model(session.recipe.model)
+        model = apply_lora(model, session.recipe.lora, session.settings.mask_token_id)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     if missing or unexpected:
         raise AdaptError(

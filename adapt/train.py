@@ -25,6 +25,7 @@ from torch import nn
 from adapt.boundary import check_writable
 from adapt.checkpoint import DiffusionSettings, checked_settings
 from adapt.config import ModelConfig, Recipe, recipe_to_dict, save_recipe
+from adapt.engine import whole_weights
 from adapt.errors import AdaptError
 from adapt.lora import apply_lora, check_adapter_export
 from adapt.objectives import Objective, make_objective
@@ -133,24 +134,27 @@ def setup(recipe: Recipe) -> Session:
         step_scheduler_with_optimizer=False,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=t.seed),
     )
-    if accelerator.distributed_type.name == "DEEPSPEED" and t.grad_accumulation > 1:
-        raise AdaptError(
-            "under DeepSpeed set training.grad_accumulation=1 (DeepSpeed steps the optimizer itself); "
-            "raise training.batch_size or the number of processes instead"
-        )
     engine.settle(request, accelerator, why)
+    if accelerator.distributed_type.name == "DEEPSPEED":
+        if t.grad_accumulation > 1:
+            raise AdaptError(
+                "under DeepSpeed set training.grad_accumulation=1 (DeepSpeed steps the optimizer itself); "
+                "raise training.batch_size or the number of processes instead"
+            )
+        engine.prepare_deepspeed(accelerator, t.max_grad_norm)
     set_seed(t.seed)
-    model, tokenizer, settings = load_model(recipe.model)
-    check_context(model.config, recipe)
-    probe_ids = ordinary_token_ids(model, tokenizer)
-    if recipe.lora is not None:
-        check_adapter_export(recipe)
-        model = apply_lora(model, recipe.lora, settings.mask_token_id)
-    if t.gradient_checkpointing:
-        causal_lm_of(model).gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False}
-        )
-    fast = check_fast_path(model, probe_ids)
+    with whole_weights():  # until Accelerate prepares it; the engine then shards it
+        model, tokenizer, settings = load_model(recipe.model)
+        check_context(model.config, recipe)
+        probe_ids = ordinary_token_ids(model, tokenizer)
+        if recipe.lora is not None:
+            check_adapter_export(recipe)
+            model = apply_lora(model, recipe.lora, settings.mask_token_id)
+        if t.gradient_checkpointing:
+            causal_lm_of(model).gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        fast = check_fast_path(model, probe_ids)
     noiser = make_objective(recipe.diffusion, settings)
     warn_objective_change(settings, recipe)
     objective = TokenLoss(model, fast=fast).train()
