@@ -138,7 +138,7 @@ def check_launch(request: Request, accelerator: Any) -> None:
     if request.engine == "DeepSpeed" and kind not in ("DEEPSPEED", "MULTI_CPU"):
         raise AdaptError(
             f"the launch asks for DeepSpeed but it would run as {engine_name(accelerator)} ({got} process); "
-            f"DeepSpeed needs at least 2 processes: {CPU_FIX} and --num_processes 2 or more"
+            f"on CPU adapt runs DeepSpeed over gloo with 2 or more processes: {CPU_FIX} and --num_processes 2"
         )
     if request.engine == "FSDP" and kind not in ("FSDP", "MULTI_CPU"):
         raise AdaptError(
@@ -209,10 +209,12 @@ def enable_cpu_deepspeed(accelerator: Any) -> None:
 
 def prepare_deepspeed(accelerator: Any, max_grad_norm: float | None) -> None:
     """Before Accelerate builds the DeepSpeed engine: the recipe's gradient clipping (DeepSpeed clips inside
-    its own step, so the launcher's value would otherwise win silently), and under ZeRO-3 the full weights
-    gathered when saving (the export needs them; checkpoints stay sharded)."""
+    its own step, so the launcher's value would otherwise win silently), one micro-batch per DeepSpeed step
+    (adapt accumulates training.grad_accumulation micro-batches itself and marks the last one), and under
+    ZeRO-3 the full weights gathered when saving (the export needs them; checkpoints stay sharded)."""
     config = accelerator.state.deepspeed_plugin.deepspeed_config
     config["gradient_clipping"] = max_grad_norm or 0.0
+    config["gradient_accumulation_steps"] = 1
     if config.get("zero_optimization", {}).get("stage") == 3:
         config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
 

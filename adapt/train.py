@@ -136,11 +136,6 @@ def setup(recipe: Recipe) -> Session:
     )
     engine.settle(request, accelerator, why)
     if accelerator.distributed_type.name == "DEEPSPEED":
-        if t.grad_accumulation > 1:
-            raise AdaptError(
-                "under DeepSpeed set training.grad_accumulation=1 (DeepSpeed steps the optimizer itself); "
-                "raise training.batch_size or the number of processes instead"
-            )
         engine.prepare_deepspeed(accelerator, t.max_grad_norm)
     set_seed(t.seed)
     with whole_weights():  # until Accelerate prepares it; the engine then shards it
@@ -459,7 +454,9 @@ def train_step(session: Session, batches: Any) -> tuple[torch.Tensor, int, dict[
     for micro in range(ga):
         batch = next(batches)
         inputs = make_inputs(session, batch, step, step_generator(session, step, micro, acc.device))
-        sync = contextlib.nullcontext() if micro == ga - 1 else acc.no_sync(session.objective)
+        last = micro == ga - 1
+        acc.sync_gradients = last  # DeepSpeed steps inside the last micro-batch's backward
+        sync = contextlib.nullcontext() if last else acc.no_sync(session.objective)
         with sync:
             loss, _, _ = session.objective(**inputs)
             acc.backward(loss / ga)

@@ -1,7 +1,8 @@
 """Distributed training with 2 real processes on CPU over gloo, through `accelerate launch finetune.py`:
-launches that would not get what they ask for are refused; FSDP2 shards each decoder layer, trains like
-DDP, resumes from its sharded checkpoints and exports (full, merged LoRA, adapter) what DDP exports;
-checkpoints move between process counts; Ctrl-C and kill -9 under the launcher leave a resumable run."""
+launches that would not get what they ask for are refused; FSDP2 shards each decoder layer and DeepSpeed
+ZeRO-2/3 partitions optimizer state (and, at stage 3, parameters); each trains like DDP, resumes from its
+sharded checkpoints and exports (full, merged LoRA, adapter) what DDP exports; checkpoints move between
+process counts; Ctrl-C and kill -9 under the launcher leave a resumable run."""
 
 from __future__ import annotations
 
@@ -26,9 +27,14 @@ QUIET = ["logging.report_to=[]", "logging.progress_bar=false", "logging.log_ever
 SMALL = ["data.max_length=32", "training.batch_size=2", "training.eval_batches=2", *QUIET]
 FULL = ["training.max_steps=4", "training.checkpoint_every=2", "training.keep_checkpoints=5"]
 LORA = ["training.max_steps=3", "lora.r=4", "training.lr=0.01"]
-CONFIGS = {"ddp": "recipes/accelerate/ddp.yaml", "fsdp": "recipes/accelerate/fsdp.yaml"}
-LOSS_TOL = 1e-4  # per-step loss, FSDP against DDP (measured: identical)
-LOGIT_TOL = 1e-4  # exported logits, FSDP against DDP (measured: 0 to 2.1e-7)
+CONFIGS = {
+    "ddp": "recipes/accelerate/ddp.yaml",
+    "fsdp": "recipes/accelerate/fsdp.yaml",
+    "zero2": "recipes/accelerate/deepspeed.yaml",
+    "zero3": "recipes/accelerate/deepspeed.yaml",
+}
+LOSS_TOL = 1e-4  # per-step loss, FSDP/DeepSpeed against DDP (measured: FSDP identical, ZeRO-2/3 <= 1e-6)
+LOGIT_TOL = 1e-4  # exported logits, FSDP/DeepSpeed against DDP (measured: 0 to 2.1e-7)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -42,20 +48,32 @@ def free_port() -> int:
 NO_MP = ("--mixed_precision", "no")
 
 
-def launch(
-    config: str, out: Path, model: Path, *overrides: str, cpu: bool = True, flags: tuple = NO_MP
-) -> subprocess.CompletedProcess:
-    """`accelerate launch --config_file CONFIG finetune.py recipes/multi_process.yaml ...` (2 processes)."""
+def launch_args(
+    config: str, out: Path, model: Path, overrides: tuple, cpu: bool = True, flags: tuple = NO_MP
+) -> tuple[list[str], dict[str, str]]:
+    """The command and environment of `accelerate launch --config_file CONFIG [--zero_stage N] finetune.py
+    recipes/multi_process.yaml ...` (2 processes; config zero2/zero3 is deepspeed.yaml at that stage)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     env.pop("ACCELERATE_USE_CPU", None)
     if cpu:
         env["ACCELERATE_USE_CPU"] = "1"
     where = ["--config_file", CONFIGS[config]] if config in CONFIGS else []
+    if config.startswith("zero"):
+        where += ["--zero_stage", config.removeprefix("zero")]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *where, *flags, "--main_process_port",
            str(free_port()), "finetune.py", "recipes/multi_process.yaml",
            f"model.path={model}", f"training.output_dir={out}", *SMALL, *overrides]  # fmt: skip
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return cmd, env
+
+
+def launch(
+    config: str, out: Path, model: Path, *overrides: str, cpu: bool = True, flags: tuple = NO_MP
+) -> subprocess.CompletedProcess:
+    """Run a launch to its end (first DeepSpeed launch on a machine: DeepSpeed compiles its CPU
+    shared-memory op, about a minute)."""
+    cmd, env = launch_args(config, out, model, overrides, cpu, flags)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
 
 
 def trained(config: str, out: Path, model: Path, *overrides: str, flags: tuple = NO_MP) -> Path:
@@ -140,7 +158,8 @@ def test_launches_that_would_train_apart_are_refused(
 @pytest.mark.parametrize(
     ("env", "message"),
     [
-        ({"ACCELERATE_USE_DEEPSPEED": "true"}, "asks for DeepSpeed on CPU, which adapt does not run"),
+        ({"ACCELERATE_USE_DEEPSPEED": "true"}, "asks for DeepSpeed but it would run as single process"),
+        ({"ACCELERATE_USE_DEEPSPEED": "true", "no deepspeed": ""}, "DeepSpeed, which is not installed"),
         ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "4"}, "ZeRO stage 4 does"),
         ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "3"}, "FSDP version 3 does not exist"),
         ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, "asks for FSDP but it would run as single"),
@@ -156,7 +175,10 @@ def test_engines_that_cannot_run_are_refused_in_one_line(
     from adapt.cli import app
 
     for name, value in env.items():
-        monkeypatch.setenv(name, value)
+        if name == "no deepspeed":  # as if not installed: the import system finds no such module
+            monkeypatch.setitem(sys.modules, "deepspeed", None)
+        else:
+            monkeypatch.setenv(name, value)
     monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
     out = tmp_path / "run"
     args = [
@@ -324,16 +346,26 @@ def test_fsdp_lora_merged_export_equals_ddps(
     torch.testing.assert_close(export_logits(merged), reference, atol=LOGIT_TOL, rtol=0)
 
 
+class Runs(dict):
+    """Module-wide runs of one recipe under several engines, each launched the first time a test asks."""
+
+    def __init__(self, root: Path, model: Path, *overrides: str) -> None:
+        super().__init__()
+        self.root, self.model, self.overrides = root, model, overrides
+
+    def __missing__(self, config: str) -> Path:
+        self[config] = trained(config, self.root / config, self.model, *self.overrides)
+        return self[config]
+
+
 @pytest.fixture(scope="module")
-def full_runs(llama_diffusion: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("full")
-    return {c: trained(c, root / c, llama_diffusion, *FULL) for c in ("ddp", "fsdp")}
+def full_runs(llama_diffusion: Path, tmp_path_factory: pytest.TempPathFactory) -> Runs:
+    """Full fine-tuning, 4 steps with checkpoints at 2 and 4, under DDP, FSDP2, ZeRO-2 and ZeRO-3."""
+    return Runs(tmp_path_factory.mktemp("full"), llama_diffusion, *FULL)
 
 
 @pytest.mark.slow
-def test_fsdp_full_finetune_trains_and_exports_like_ddp(
-    full_runs: dict[str, Path], llama_diffusion: Path
-) -> None:
+def test_fsdp_full_finetune_trains_and_exports_like_ddp(full_runs: Runs, llama_diffusion: Path) -> None:
     check_sharded_per_layer(full_runs["fsdp"])
     check_losses_agree(full_runs["ddp"], full_runs["fsdp"], 4)
     ddp, fsdp = (export_logits(full_runs[c] / "final") for c in ("ddp", "fsdp"))
@@ -345,7 +377,7 @@ def test_fsdp_full_finetune_trains_and_exports_like_ddp(
 
 @pytest.mark.slow
 def test_fsdp_resumes_from_its_sharded_checkpoint(
-    full_runs: dict[str, Path], llama_diffusion: Path, tmp_path: Path
+    full_runs: Runs, llama_diffusion: Path, tmp_path: Path
 ) -> None:
     """A run that died right after its step-2 checkpoint continues to the uninterrupted run's numbers."""
     out = tmp_path / "resumed"
@@ -359,18 +391,96 @@ def test_fsdp_resumes_from_its_sharded_checkpoint(
     torch.testing.assert_close(export_logits(out / "final"), export_logits(full_runs["fsdp"] / "final"))
 
 
+# ----------------------------------------------------------------------------- DeepSpeed against DDP
+
+
+def check_partitioned(run: Path, stage: int, trainable: int) -> None:
+    """engine.json: DeepSpeed's engine wraps the model on both ranks at the asked stage; each rank holds
+    half of the fp32 optimizer state (ZeRO-1/2/3) and, at stage 3, half of the parameters."""
+    facts = json.loads((run / "engine.json").read_text())
+    assert facts["engine"] == f"DeepSpeed ZeRO-{stage}" and facts["processes"] == 2, facts
+    ranks = facts["deepspeed_ranks"]
+    assert len(ranks) == 2 and {r["wrapper"] for r in ranks} == {"DeepSpeedEngine"}
+    assert {r["zero_stage"] for r in ranks} == {stage}
+    optimizer = "DeepSpeedZeroOptimizer_Stage3" if stage == 3 else "DeepSpeedZeroOptimizer"
+    assert {r["optimizer"] for r in ranks} == {optimizer}
+    parts = ["optimizer_state", "parameters"] if stage == 3 else ["optimizer_state"]
+    assert ("parameters" in ranks[0]) is (stage == 3)
+    for part in parts:
+        full = ranks[0][part]["full"]
+        assert (part == "parameters" or full == trainable) and all(r[part]["full"] == full for r in ranks)
+        assert sum(r[part]["local"] for r in ranks) >= full  # DeepSpeed pads partitions to align them
+        assert all(0.4 * full <= r[part]["local"] <= 0.6 * full for r in ranks), (part, ranks)
+
+
+def trainable_parameters(model: Path, lora: bool) -> int:
+    """Parameters the optimizer holds: all of the model's, or LoRA's adapters and the mask token's row."""
+    from transformers import AutoModelForCausalLM
+
+    from adapt.config import LoraSettings
+    from adapt.lora import apply_lora
+
+    m = AutoModelForCausalLM.from_pretrained(model)
+    if lora:
+        m = apply_lora(m, LoraSettings(r=4), m.config.mask_token_id)
+    return sum(p.numel() for p in m.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize(("stage", "export"), [(2, "adapter"), (3, "merged")])
+def test_deepspeed_lora_partitions_trains_like_ddp_and_exports_what_ddp_does(
+    lora_runs: dict[str, Path], llama_diffusion: Path, tmp_path: Path, stage: int, export: str
+) -> None:
+    run = trained(f"zero{stage}", tmp_path / "run", llama_diffusion, *LORA, f"lora.export={export}")
+    check_partitioned(run, stage, trainable_parameters(llama_diffusion, lora=True))
+    assert start_lines(run) == [
+        f"engine: DeepSpeed ZeRO-{stage}, 2 processes, mixed precision: no (launcher's), device: cpu/gloo"
+    ]
+    check_losses_agree(lora_runs["ddp"], run, 3)
+    reference = export_logits(lora_runs["ddp"] / "final")  # merged
+    if export == "adapter":
+        assert (run / "final/adapter_config.json").is_file()
+        assert not (run / "final/model.safetensors").exists()
+        logits = export_logits(run / "final", base=llama_diffusion)
+    else:
+        logits = export_logits(run / "final")
+    torch.testing.assert_close(logits, reference, atol=LOGIT_TOL, rtol=0)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_full_finetune_trains_and_exports_like_ddp(
+    full_runs: Runs, llama_diffusion: Path, stage: int
+) -> None:
+    run = full_runs[f"zero{stage}"]
+    check_partitioned(run, stage, trainable_parameters(llama_diffusion, lora=False))
+    check_losses_agree(full_runs["ddp"], run, 4)
+    exported = export_logits(run / "final")
+    torch.testing.assert_close(exported, export_logits(full_runs["ddp"] / "final"), atol=LOGIT_TOL, rtol=0)
+    assert (exported - export_logits(llama_diffusion)).abs().max() > 1e-3, "training changed the model"
+    files = sorted(p.name for p in (run / "checkpoints/step-00000004").rglob("*optim_states.pt"))
+    assert files == [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)], "one per rank"
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_resumes_from_its_partitioned_checkpoint(
+    full_runs: Runs, llama_diffusion: Path, tmp_path: Path, stage: int
+) -> None:
+    """A run that died right after its step-2 checkpoint continues to the uninterrupted run's numbers."""
+    config, out, step2 = f"zero{stage}", tmp_path / "resumed", "checkpoints/step-00000002"
+    shutil.copytree(full_runs[config] / step2, out / step2)
+    trained(config, out, llama_diffusion, *FULL)
+    reference, again = losses(full_runs[config]), losses(out)
+    assert sorted(again) == [3, 4]
+    for step in again:
+        assert again[step] == pytest.approx(reference[step], abs=1e-6), (step, reference, again)
+    torch.testing.assert_close(export_logits(out / "final"), export_logits(full_runs[config] / "final"))
+
+
 # ----------------------------------------------------------------------------- interrupts under the launcher
 
 
 def start(config: str, out: Path, model: Path, *overrides: str) -> subprocess.Popen:
     """Like `launch`, in the background and in its own process group (as a terminal's foreground job)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    env["ACCELERATE_USE_CPU"] = "1"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", CONFIGS[config],
-           "--mixed_precision", "no", "--main_process_port", str(free_port()), "finetune.py",
-           "recipes/multi_process.yaml", f"model.path={model}", f"training.output_dir={out}", *SMALL,
-           *overrides]  # fmt: skip
+    cmd, env = launch_args(config, out, model, overrides)
     pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
     return subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, **pipes)
 
