@@ -87,10 +87,27 @@ def check_request(request: Request, device: str) -> None:
         return
     if request.zero_stage not in (None, 0, 1, 2, 3):
         raise AdaptError(f"DeepSpeed ZeRO stage {request.zero_stage} does not exist; use zero_stage 2 or 3")
+    check_deepspeed_config_file(os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none"))
     import importlib.util
 
     if importlib.util.find_spec("deepspeed") is None:
         raise AdaptError("the launch asks for DeepSpeed, which is not installed: pip install deepspeed")
+
+
+def check_deepspeed_config_file(name: str) -> None:
+    """A DeepSpeed config file named by the launch (`deepspeed_config_file`) must hold a JSON object."""
+    if name == "none":
+        return
+    import json
+
+    try:
+        config = json.loads(Path(name).read_text())
+    except OSError as e:
+        raise AdaptError(f"the launch's DeepSpeed config file {name} cannot be read ({e.strerror})") from e
+    except (ValueError, UnicodeDecodeError) as e:
+        raise AdaptError(f"the launch's DeepSpeed config file {name} is not JSON ({e})") from e
+    if not isinstance(config, dict):
+        raise AdaptError(f"the launch's DeepSpeed config file {name} holds no JSON object")
 
 
 def cpu_launch_processes() -> int:

@@ -46,6 +46,7 @@ def free_port() -> int:
 
 
 NO_MP = ("--mixed_precision", "no")
+DS_FILE = "ACCELERATE_DEEPSPEED_CONFIG_FILE"
 
 
 def launch_args(
@@ -160,6 +161,14 @@ def test_launches_that_would_train_apart_are_refused(
     [
         ({"ACCELERATE_USE_DEEPSPEED": "true"}, "asks for DeepSpeed but it would run as single process"),
         ({"ACCELERATE_USE_DEEPSPEED": "true", "no deepspeed": ""}, "DeepSpeed, which is not installed"),
+        (
+            {"ACCELERATE_USE_DEEPSPEED": "true", DS_FILE: "/nonexistent/ds.json"},
+            "DeepSpeed config file /nonexistent/ds.json cannot be read (No such file or directory)",
+        ),
+        (
+            {"ACCELERATE_USE_DEEPSPEED": "true", DS_FILE: "recipes/quickstart.yaml"},
+            "DeepSpeed config file recipes/quickstart.yaml is not JSON",
+        ),
         ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "4"}, "ZeRO stage 4 does"),
         ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "3"}, "FSDP version 3 does not exist"),
         ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, "asks for FSDP but it would run as single"),
