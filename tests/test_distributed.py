@@ -502,13 +502,14 @@ def wait_for(path: Path, proc: subprocess.Popen, seconds: float = 180) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("config", ["fsdp", "zero2"])
 def test_ctrl_c_under_the_launcher_saves_one_checkpoint_and_the_run_resumes(
-    llama_diffusion: Path, tmp_path: Path
+    llama_diffusion: Path, tmp_path: Path, config: str
 ) -> None:
     """A terminal's Ctrl-C (SIGINT to the launcher and both ranks): both ranks stop after the same step,
     one checkpoint holds it, both take the exit-130 path; rerunning continues from it."""
     out = tmp_path / "run"
-    proc = start("fsdp", out, llama_diffusion, "training.max_steps=100000")
+    proc = start(config, out, llama_diffusion, "training.max_steps=100000")
     wait_for(out / "metrics.jsonl", proc)
     time.sleep(1.0)
     os.killpg(proc.pid, signal.SIGINT)
@@ -520,7 +521,7 @@ def test_ctrl_c_under_the_launcher_saves_one_checkpoint_and_the_run_resumes(
     assert len(checkpoints) == 1 and not (out / "final").exists()
     state = json.loads((checkpoints[0] / "trainer_state.json").read_text())
     assert state["interrupted"] is True and said[0].startswith(f"interrupted at step {state['step']};")
-    trained("fsdp", out, llama_diffusion, f"training.max_steps={state['step'] + 2}")
+    trained(config, out, llama_diffusion, f"training.max_steps={state['step'] + 2}")
     assert sorted(losses(out))[-2:] == [state["step"] + 1, state["step"] + 2]
     assert (out / "final/model.safetensors").is_file()
 
@@ -533,13 +534,14 @@ def rank_pids(launcher: int) -> list[int]:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the ranks through Linux /proc")
+@pytest.mark.parametrize("config", ["fsdp", "zero3"])
 def test_kill_9_of_one_rank_leaves_the_last_checkpoint_resumable(
-    llama_diffusion: Path, tmp_path: Path
+    llama_diffusion: Path, tmp_path: Path, config: str
 ) -> None:
     from adapt.train import checkpoint_dirs
 
     out = tmp_path / "run"
-    proc = start("fsdp", out, llama_diffusion, "training.max_steps=100000", "training.checkpoint_every=2")
+    proc = start(config, out, llama_diffusion, "training.max_steps=100000", "training.checkpoint_every=2")
     wait_for(out / "checkpoints/step-00000004/trainer_state.json", proc)
     os.kill(rank_pids(proc.pid)[-1], signal.SIGKILL)
     proc.communicate(timeout=120)
@@ -547,7 +549,7 @@ def test_kill_9_of_one_rank_leaves_the_last_checkpoint_resumable(
     last = checkpoint_dirs(out)[-1]
     step = json.loads((last / "trainer_state.json").read_text())["step"]
     assert step >= 4 and not json.loads((last / "trainer_state.json").read_text())["interrupted"]
-    trained("fsdp", out, llama_diffusion, f"training.max_steps={step + 1}", "training.checkpoint_every=2")
+    trained(config, out, llama_diffusion, f"training.max_steps={step + 1}", "training.checkpoint_every=2")
     assert sorted(losses(out))[-1] == step + 1 and (out / "final/model.safetensors").is_file()
 
 

@@ -57,6 +57,38 @@ def test_avx512_without_bf16_extension_is_not_hardware_bf16(monkeypatch: pytest.
     assert precision.cpu_has_hardware_bf16() is False
 
 
+@pytest.mark.parametrize(("speedup", "expected"), [(3.9, "bf16"), (1.49, "no"), (0.78, "no")])
+def test_a_cpu_with_bf16_instructions_must_also_measure_faster(
+    monkeypatch: pytest.MonkeyPatch, speedup: float, expected: str
+) -> None:
+    """AVX512_BF16 without AMX measured bf16 matmuls at 0.5-1.0x fp32 on one machine: the flag alone
+    does not decide."""
+    monkeypatch.setattr(precision, "cpu_has_hardware_bf16", lambda: True)
+    monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda threads: speedup)
+    mp, why = resolve_mixed_precision("auto", "cpu")
+    assert mp == expected
+    assert why.endswith(f"with hardware bf16, bf16 matmul {speedup:.2f}x fp32"), why
+    assert resolve_inference_dtype("auto", "cpu")[0] == ("bfloat16" if expected == "bf16" else "float32")
+
+
+def test_cpu_without_bf16_instructions_is_not_timed(monkeypatch: pytest.MonkeyPatch) -> None:
+    def never(threads: int) -> float:
+        raise AssertionError("emulated bf16 is never timed")
+
+    monkeypatch.setattr(precision, "cpu_has_hardware_bf16", lambda: False)
+    monkeypatch.setattr(precision, "cpu_bf16_speedup", never)
+    assert resolve_mixed_precision("auto", "cpu") == (
+        "no",
+        "auto: CPU " + f"{torch.backends.cpu.get_cpu_capability()} has no hardware bf16",
+    )
+
+
+def test_the_bf16_timing_is_a_ratio_measured_at_the_given_threads() -> None:
+    before = torch.get_num_threads()
+    speedup = precision.cpu_bf16_speedup.__wrapped__(1)  # uncached
+    assert 0.01 < speedup < 100 and torch.get_num_threads() == before
+
+
 def test_this_cpu_is_described_by_torchs_own_capability() -> None:
     support = precision.bf16_support("cpu")
     assert support.capability == torch.backends.cpu.get_cpu_capability()
@@ -86,6 +118,7 @@ def test_training_auto_autocasts_in_bf16_only_where_it_pays(
     from adapt.train import setup, train_step
 
     monkeypatch.setattr(precision, "cpu_has_hardware_bf16", lambda: fast)
+    monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda threads: 3.9)
     recipe = load_recipe(
         ROOT / "recipes/adapt_text.yaml",
         [f"model.path={llama_diffusion}", f"training.output_dir={tmp_path / 'run'}",
@@ -118,6 +151,7 @@ def test_sampling_auto_loads_bf16_only_where_it_pays_and_says_so(
     from adapt.sampling.config import SamplingConfig
 
     monkeypatch.setattr(precision, "cpu_has_hardware_bf16", lambda: fast)
+    monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda threads: 3.9)
     config = SamplingConfig(gen_length=8, steps=8, stop_at_eos=False)
     sample(llama_diffusion, ["The river"], [], config, device="cpu", as_json=True, stream=False)
     err = capsys.readouterr().err
