@@ -245,8 +245,13 @@ def finetune_cmd(
 @app.command("eval")
 @reports_errors
 def eval_cmd(
-    models: Annotated[list[str], typer.Argument(help="Diffusion checkpoints and/or AR models to compare.")],
+    models: Annotated[
+        list[str], typer.Argument(help="Diffusion checkpoints and/or AR models to compare (paths, Hub ids).")
+    ],
     data: Annotated[str, typer.Option(help="Evaluation text: a local txt/jsonl/json/parquet/csv file.")],
+    revision: Annotated[
+        str | None, typer.Option(help="Hub revision (branch, tag or commit) of the Hub ids among MODELS.")
+    ] = None,
     seq_len: Annotated[int, typer.Option(help="Window length in tokens.")] = 128,
     max_sequences: Annotated[int, typer.Option(help="Evaluate at most this many windows.")] = 64,
     mc_samples: Annotated[int, typer.Option(help="Monte Carlo samples of t per window (ELBO).")] = 8,
@@ -291,6 +296,7 @@ def eval_cmd(
         seed=seed,
         dtype=dtype,
         device=device,
+        revision=revision,
     )
     results = ev.evaluate(models, config)
     diffusion = [r["model"] for r in results["models"] if r["kind"] == "diffusion"]
@@ -301,7 +307,7 @@ def eval_cmd(
         gcfg = ev.GenPplConfig(
             steps=steps, num_samples=gen_samples, gen_length=gen_length, judge=judge, seed=seed
         )
-        results["gen_ppl"] = ev.generative_perplexity_of(diffusion[0], gcfg, dtype, device)
+        results["gen_ppl"] = ev.generative_perplexity_of(diffusion[0], gcfg, dtype, device, revision)
     typer.echo(ev.format_table(results))
     if json_out:
         json_out.write_text(json_text(results))

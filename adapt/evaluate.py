@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from adapt.boundary import about, check_hub_reachable, resolve_device
+from adapt.boundary import about, resolve_device
 from adapt.checkpoint import (
     DiffusionSettings,
     checked_settings,
@@ -38,7 +38,7 @@ from adapt.checkpoint import (
 )
 from adapt.diffusion import mask_tokens, maskable_positions, masked_token_nll, sample_t
 from adapt.errors import AdaptError, first_line
-from adapt.locate import adapter_export
+from adapt.locate import adapter_export, locate, looks_like_hub_id
 from adapt.outputs import current_umask, json_text
 
 RESULTS_NAME = "eval_results.json"
@@ -68,6 +68,9 @@ class EvalConfig:
     dtype: str = "float32"
     device: str | None = None
     """Device; default cuda when available, else cpu."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) read for every Hub id among the models; local directories have
+    none (the judge of generative perplexity is read at its default branch)."""
 
     def __post_init__(self) -> None:
         if self.seq_len < 2:
@@ -324,16 +327,22 @@ def summarize(per_window: torch.Tensor, tokens: torch.Tensor) -> dict[str, float
 # ---------------------------------------------------------------- models
 
 
-def model_config(path: str, seq_len: int | None = None) -> Any:
-    """The config of a model directory or Hub id, checked (settings, `seq_len` against its context)."""
+def revision_for(name: str, revision: str | None) -> str | None:
+    """`revision` for a Hub id; None for a local directory, which has no revisions."""
+    return revision if looks_like_hub_id(name) else None
+
+
+def model_config(path: str, seq_len: int | None = None, revision: str | None = None) -> Any:
+    """The config of a model directory or Hub id (at `revision`), checked (settings, `seq_len` against its
+    context). A Hub id is resolved by `adapt.locate`: its refusals are adapt's one line."""
     from transformers import AutoConfig
 
     from adapt.sampling.engine import context_length
 
-    check_hub_reachable(path)
-    adapter = adapter_export(path)
+    where = locate(path, revision)
+    adapter = adapter_export(str(where))
     try:
-        config = AutoConfig.from_pretrained(config_dir(adapter) if adapter else path)
+        config = AutoConfig.from_pretrained(config_dir(adapter) if adapter else where)
     except Exception as e:
         raise AdaptError(f"cannot load model {path!r}: {first_line(e)}") from None
     checked_settings(config, path)
@@ -343,26 +352,30 @@ def model_config(path: str, seq_len: int | None = None) -> Any:
     return config
 
 
-def load_any(path: str, dtype: str = "float32", device: str | None = None) -> tuple[Any, Any, Any]:
-    """A model directory or Hub id: (model in eval mode, tokenizer, diffusion settings or None for AR); a LoRA
-    adapter export is merged onto its base."""
+def load_any(
+    path: str, dtype: str = "float32", device: str | None = None, revision: str | None = None
+) -> tuple[Any, Any, Any]:
+    """A model directory or Hub id (at `revision`): (model in eval mode, tokenizer, diffusion settings or
+    None for AR); a LoRA adapter export is merged onto its base."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    adapter = adapter_export(path)
+    where = locate(path, revision)
+    adapter = adapter_export(str(where))
     if adapter is not None:
         return load_diffusion_model(adapter, dtype, device)
-    config = model_config(path)
+    config = model_config(str(where))
     device = resolve_device(device)
     dtype_ = weights_dtype(dtype, device)[0]
     with about(f"cannot load the model {path}"):
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype_)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype_)
+        tokenizer = AutoTokenizer.from_pretrained(where)
     return model.to(device).eval(), tokenizer, read_settings(config)
 
 
 def evaluate_model(path: str, config: EvalConfig) -> dict[str, Any]:
     """One row of the results table for a diffusion checkpoint or an AR model."""
-    model, tokenizer, settings = load_any(path, config.dtype, config.device)
+    revision = revision_for(path, config.revision)
+    model, tokenizer, settings = load_any(path, config.dtype, config.device, revision)
     windows = token_windows(config.data, tokenizer, config.seq_len, config.max_sequences, config.text_column)
     gen = torch.Generator().manual_seed(config.seed)
     if settings is None:
@@ -388,8 +401,10 @@ def evaluate(models: Sequence[str], config: EvalConfig) -> dict[str, Any]:
 
     if not config.data:
         raise AdaptError("no evaluation data given (--data FILE)")
+    if config.revision is not None and not any(looks_like_hub_id(m) for m in models):
+        raise AdaptError(f"--revision {config.revision} applies to Hub ids; {', '.join(models)}: local paths")
     for m in models:  # every model checked before the first one is evaluated
-        model_config(m, config.seq_len)
+        model_config(m, config.seq_len, revision_for(m, config.revision))
     rows = [evaluate_model(m, config) for m in models]
     cfg = asdict(config)
     return {"adapt_version": __version__, "dataset": config.data, "seq_len": config.seq_len, "config": cfg,
@@ -441,10 +456,15 @@ def generative_perplexity(
 
 
 def generative_perplexity_of(
-    path: str, cfg: GenPplConfig, dtype: str = "float32", device: str | None = None
+    path: str,
+    cfg: GenPplConfig,
+    dtype: str = "float32",
+    device: str | None = None,
+    revision: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Load a diffusion checkpoint and its judge (cfg.judge or the recorded source) and run the protocol."""
-    model, tokenizer, settings = load_any(path, dtype, device)
+    """Load a diffusion checkpoint (at `revision` when a Hub id) and its judge (cfg.judge or the recorded
+    source) and run the protocol."""
+    model, tokenizer, settings = load_any(path, dtype, device, revision_for(path, revision))
     if settings is None:
         raise AdaptError(f"{path} is not a diffusion checkpoint; generative perplexity needs one")
     judge_path = cfg.judge or settings.source_model

@@ -106,6 +106,38 @@ def test_eval_and_push_take_hub_ids(staged: Path, tmp_path: Path) -> None:
     assert "model.safetensors" in res.stdout and "config.json" in res.stdout
 
 
+def eval_row(text: Path, out: Path, *extra: str) -> dict:
+    """The results of `adapt eval REPO` on `text` (its one row and the recorded config)."""
+    res = cli("eval", REPO, "--data", str(text), "--seq-len", "16", "--mc-samples", "2", "--max-sequences",
+              "1", "--json", str(out), *extra)  # fmt: skip
+    assert res.exit_code == 0, res.output
+    results = json.loads(out.read_text())
+    return {**results["models"][0], "config": results["config"], "gen_ppl": results.get("gen_ppl")}
+
+
+def test_eval_reads_each_revision_of_a_hub_id(llama_diffusion: Path, hub_cache: Path, tmp_path: Path) -> None:
+    """main records no source model (no judge for generative perplexity), v2 is a block checkpoint that
+    does: each eval, generative perplexity included, reads its own revision."""
+    stage(edited_copy(llama_diffusion, tmp_path / "main", source_model=None), REPO, hub_cache)
+    stage(edited_copy(llama_diffusion, tmp_path / "v2", block_size=4), REPO, hub_cache, revision="v2")
+    text = tmp_path / "text.txt"
+    text.write_text("the river runs to the sea and the sea is wide. " * 20)
+    main = eval_row(text, tmp_path / "main.json")
+    assert main["block_size"] is None and main["config"]["revision"] is None
+    gen = ["--gen-steps", "2", "--gen-samples", "1", "--gen-length", "4"]
+    v2 = eval_row(text, tmp_path / "v2.json", "--revision", "v2", *gen)
+    assert v2["block_size"] == 4 and v2["config"]["revision"] == "v2" and v2["model"] == REPO
+    assert len(v2["gen_ppl"]) == 1
+    res = cli("eval", REPO, "--data", str(text), "--revision", "v3")
+    assert res.exit_code == 1
+    assert res.stderr.strip() == (
+        f"error: no local directory {REPO} and {REPO!r} at revision 'v3' is not in the Hub cache "
+        f"({hub_cache}), and HF_HUB_OFFLINE is set; check the path, or go online once to download it"
+    )
+    res = cli("eval", str(llama_diffusion), "--data", str(text), "--revision", "v2")
+    assert res.exit_code == 1 and "--revision v2 applies to Hub ids" in res.stderr, res.output
+
+
 def test_hub_ids_that_are_not_diffusion_checkpoints_or_missing_get_one_line(
     llama_src: Path, hub_cache: Path
 ) -> None:
