@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 
 from adapt import __version__
-from adapt.boundary import about, check_hub_reachable
+from adapt.boundary import about
 from adapt.checkpoint import (
     DiffusionSettings,
     check_model_dir,
@@ -26,6 +26,7 @@ from adapt.checkpoint import (
     write_settings,
 )
 from adapt.errors import AdaptError, first_line
+from adapt.locate import check_hub_id
 from adapt.outputs import atomic_dir, prepare_output_dir
 from adapt.verify import check_source_is_causal, make_probe, record_source, verify_converted
 
@@ -124,7 +125,7 @@ def load_config(source: str, revision: str | None) -> Any:
     from transformers import AutoConfig
 
     _check_source_path(source)
-    check_hub_reachable(source, revision)
+    check_hub_id(source, revision)  # the Hub's refusals in adapt's words, not transformers'
     try:
         return AutoConfig.from_pretrained(source, revision=revision)
     except ValueError as e:

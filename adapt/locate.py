@@ -55,15 +55,25 @@ def locate(name: str | os.PathLike, revision: str | None = None) -> Path:
     return Path(snapshot(text, revision))
 
 
-def snapshot(repo_id: str, revision: str | None) -> str:
-    """The cached (or freshly downloaded) snapshot directory of a Hub model repository."""
+def check_hub_id(name: str, revision: str | None = None) -> None:
+    """Before a library looks `name` up in its own words: a Hub id whose repository or revision the Hub (or,
+    offline, the cache) cannot serve is refused with the one line `locate` gives. Only config.json is
+    fetched (the caller's library fetches the rest); local paths pass untouched."""
+    if looks_like_hub_id(name):
+        snapshot(name, revision, ("config.json",))
+
+
+def snapshot(repo_id: str, revision: str | None, patterns: tuple[str, ...] | None = None) -> str:
+    """The cached (or freshly downloaded) snapshot directory of a Hub model repository: its files matching
+    `patterns` (default `CHECKPOINT_FILES`)."""
     from huggingface_hub import snapshot_download
 
     from adapt.boundary import check_hub_reachable
 
     check_hub_reachable(repo_id, revision)
+    wanted = list(patterns or CHECKPOINT_FILES)
     try:
-        path = snapshot_download(repo_id, revision=revision, allow_patterns=CHECKPOINT_FILES)
+        path = snapshot_download(repo_id, revision=revision, allow_patterns=wanted)
     except Exception as e:
         message = hub_lookup_error(e, repo_id, revision)
         if message is None:

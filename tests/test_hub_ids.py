@@ -12,12 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import Result
 from hubcache import edited_copy, stage
 from typer.testing import CliRunner
 
 from adapt.cli import app
 from adapt.errors import AdaptError
 
+ROOT = Path(__file__).resolve().parents[1]
 REPO = "adapt-test/tiny-diffusion"
 SECRET = "hf_DoNotLeakThisToken1234567890"
 
@@ -27,7 +29,7 @@ def staged(llama_diffusion: Path, hub_cache: Path) -> Path:
     return stage(llama_diffusion, REPO, hub_cache)
 
 
-def cli(*args: str, env: dict[str, str] | None = None) -> object:
+def cli(*args: str, env: dict[str, str] | None = None) -> Result:
     return CliRunner().invoke(app, list(args), env=env)
 
 
@@ -157,7 +159,12 @@ def test_hub_ids_that_are_not_diffusion_checkpoints_or_missing_get_one_line(
 class FakeHub(http.server.BaseHTTPRequestHandler):
     """Answers like the Hub for repositories that do not exist, are private, gated, or lack a revision."""
 
+    authorizations: list[str] = []
+    """The Authorization header of every request about a repository (empty when none was sent)."""
+
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        if "/models/" in self.path or "/resolve/" in self.path:  # (huggingface_hub asks other things too)
+            FakeHub.authorizations.append(self.headers.get("Authorization", ""))
         if "/missing" in self.path or "/private" in self.path:
             # the Hub answers 401 for a private repo without a token, so that it does not reveal it exists
             self.reply(404 if "/missing" in self.path else 401, "RepoNotFound", "Repository Not Found")
@@ -190,6 +197,7 @@ class FakeHub(http.server.BaseHTTPRequestHandler):
 def online_hub(hub_cache: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     from huggingface_hub import constants
 
+    FakeHub.authorizations = []
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     endpoint = f"http://127.0.0.1:{server.server_address[1]}"
@@ -202,19 +210,59 @@ def online_hub(hub_cache: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str
     server.shutdown()
 
 
+def on_the_hub(command: str, repo: str, revision: str | None, tmp_path: Path) -> Result:
+    """`adapt sample`, `adapt eval` or `adapt finetune` (the recipe's model.path) run on the Hub id `repo`."""
+    text = tmp_path / "text.txt"
+    text.write_text("the river runs to the sea. " * 10)
+    if command == "finetune":
+        recipe = ROOT / "recipes/adapt_text.yaml"
+        rev = [f"model.revision={revision}"] if revision else []
+        out = f"training.output_dir={tmp_path / 'run'}"
+        return cli("finetune", str(recipe), f"model.path={repo}", *rev, out, f"data.path={text}",
+                   "logging.report_to=[]", "logging.progress_bar=false")  # fmt: skip
+    rev = ["--revision", revision] if revision else []
+    if command == "eval":
+        return cli("eval", repo, "--data", str(text), *rev)
+    return cli("sample", repo, "--prompt", "x", *rev)
+
+
+def assert_one_line_refusal(res: Result, expected: str) -> None:
+    assert res.exit_code == 1, res.output
+    assert expected in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.output
+    assert "huggingface.co/models" not in res.output  # transformers' own lookup, not adapt's
+    assert SECRET not in res.output
+
+
+COMMANDS = ["sample", "eval", "finetune"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
 @pytest.mark.parametrize(
-    ("repo", "extra", "expected"),
+    ("repo", "revision", "expected"),
     [
-        ("org/missing", [], "no Hub repository 'org/missing' that you can access"),
-        ("org/private", [], "it is private: set HF_TOKEN or run `hf auth login`"),
-        ("org/gated", [], "Hub repository 'org/gated' is gated: accept its terms"),
-        ("org/model", ["--revision", "nope"], "Hub repository 'org/model' has no revision 'nope'"),
+        ("org/missing", None, "no Hub repository 'org/missing' that you can access"),
+        ("org/private", None, "it is private: set HF_TOKEN or run `hf auth login`"),
+        ("org/gated", None, "Hub repository 'org/gated' is gated: accept its terms"),
+        ("org/model", "nope", "Hub repository 'org/model' has no revision 'nope'"),
     ],
 )
 def test_the_hubs_refusals_are_one_line_without_the_token(
-    online_hub: str, repo: str, extra: list[str], expected: str
+    online_hub: str, command: str, repo: str, revision: str | None, expected: str, tmp_path: Path
 ) -> None:
-    res = cli("sample", repo, "--prompt", "x", *extra)
-    assert res.exit_code == 1, res.output
-    assert expected in res.stderr and len(res.stderr.strip().splitlines()) == 1
-    assert SECRET not in res.output
+    res = on_the_hub(command, repo, revision, tmp_path)
+    assert_one_line_refusal(res, expected)
+    assert FakeHub.authorizations and set(FakeHub.authorizations) == {f"Bearer {SECRET}"}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_private_repo_without_any_token_is_one_line(
+    online_hub: str, command: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))  # no `hf auth login` either
+    res = on_the_hub(command, "org/private", None, tmp_path)
+    assert_one_line_refusal(res, "it is private: set HF_TOKEN or run `hf auth login`")
+    assert FakeHub.authorizations and set(FakeHub.authorizations) == {""}  # asked, without a token
