@@ -44,7 +44,7 @@ def prepare(out: Path, tiny: bool) -> tuple[Path, Path, Path]:
 
     source = out / "tiny-source"
     if not (source / "config.json").is_file():
-        build_tiny_model("llama", source)
+        build_tiny_model("llama", source, tie_word_embeddings=True)  # tied, as SmolLM2 is
     docs = [p for p in SAMPLE_TEXT.split("\n") if p.strip()]
     train, held_out = out / "tiny-train.jsonl", out / "tiny-eval.jsonl"
     train.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs * 8))
