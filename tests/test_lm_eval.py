@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from click.testing import Result
 from typer.testing import CliRunner
 
 pytest.importorskip("lm_eval")
@@ -117,6 +118,16 @@ def test_a_request_is_scored_with_the_checkpoints_own_bound(
         assert abs(ll - bound(lm.settings.with_block_size(None))) > 1e-3
 
 
+def in_repo_root(args: list[str]) -> Result:
+    """`adapt ARGS` run from the repository root (the task files name their data relative to it)."""
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        return CliRunner().invoke(app, args)
+    finally:
+        os.chdir(cwd)
+
+
 @pytest.fixture(scope="module")
 def one_process(llama_diffusion: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """`adapt lm-eval` on the three tiny tasks in this process: (output dir, its console output)."""
@@ -124,12 +135,7 @@ def one_process(llama_diffusion: Path, tmp_path_factory: pytest.TempPathFactory)
     model_args = f"pretrained={llama_diffusion},mc_samples=3,seed=7,max_gen_toks=8"
     args = ["lm-eval", "--model_args", model_args, *TASKS, "--batch_size", "2", "--output_path", str(out),
             "--log_samples", "--device", "cpu"]  # fmt: skip
-    cwd = os.getcwd()
-    os.chdir(ROOT)  # the task files name their data relative to the repo root
-    try:
-        res = CliRunner().invoke(app, args)
-    finally:
-        os.chdir(cwd)
+    res = in_repo_root(args)
     assert res.exit_code == 0, res.output
     return out, res.output
 
@@ -174,6 +180,50 @@ def test_adapt_lm_eval_writes_results_with_seed_and_mc_samples(one_process: tupl
     assert 0 <= r["results"]["adapt_tiny_mc"]["acc,none"] <= 1
     assert len(list(out.glob("*/samples_*.jsonl"))) == 3
     assert "loglikelihood: 100%" in console and "|adapt_tiny_mc" in console  # progress, then the table
+
+
+# Each changes the tiny model's greedy text (checked below). Not threshold decoding at 0.5: no confidence of
+# the random tiny model comes near it (they are near 1/vocab), so it decodes as low_confidence would.
+SAMPLER = {"strategy": "margin", "steps": 4, "block_length": 4}
+
+
+def test_sampler_model_args_few_shot_and_limit_reach_the_run(llama_diffusion: Path, tmp_path: Path) -> None:
+    """Non-default sampler options with --num_fewshot 1 and --limit 2: recorded in the results, and the
+    responses are what adapt's sampler gives with those options and differ without any one of them."""
+    out = tmp_path / "out"
+    options = ",".join(f"{k}={v}" for k, v in SAMPLER.items())
+    model_args = f"pretrained={llama_diffusion},seed=7,max_gen_toks=8,{options}"
+    args = ["lm-eval", "--model_args", model_args, "--tasks", "adapt_tiny_gen", "--include_path",
+            "tests/lm_eval_tasks", "--num_fewshot", "1", "--limit", "2", "--batch_size", "2",
+            "--output_path", str(out), "--log_samples", "--device", "cpu"]  # fmt: skip
+    res = in_repo_root(args)
+    assert res.exit_code == 0, res.output
+    r = results(out)
+    assert {k: r["config"]["adapt"]["sampler"][k] for k in SAMPLER} == SAMPLER
+    assert r["n-shot"]["adapt_tiny_gen"] == 1 and r["config"]["limit"] == 2
+    (path,) = out.glob("*/samples_adapt_tiny_gen_*.jsonl")
+    logged = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(logged) == 2
+    lm = AdaptLM(str(llama_diffusion), device="cpu")
+    requests = [(row["arguments"]["gen_args_0"]["arg_0"], row["arguments"]["gen_args_0"]["arg_1"]["until"])
+                for row in logged]  # fmt: skip
+    assert all(prompt.count("Question:") == 2 for prompt, _ in requests)  # one example shot, the question
+    responses = [row["resps"][0][0] for row in logged]
+    assert responses == [sampled(lm, prompt, until, SAMPLER) for prompt, until in requests]
+    for dropped in SAMPLER:
+        without = {k: v for k, v in SAMPLER.items() if k != dropped}
+        assert responses != [sampled(lm, prompt, until, without) for prompt, until in requests], dropped
+
+
+def sampled(lm: AdaptLM, prompt: str, until: list[str], options: dict) -> str:
+    """adapt's sampler on `prompt` with `options` (8 tokens, greedy), cut at the first stop string."""
+    from adapt.sampling import SamplingConfig, generate
+
+    config = SamplingConfig(gen_length=8, stop=tuple(until), seed=7, **options)
+    text = generate(lm.model, lm.tokenizer, [prompt], config, lm.settings).texts[0]
+    for stop in until:
+        text = text.split(stop)[0]
+    return text
 
 
 # `--cpu` would start one process: torchrun's launcher with accelerate forced onto the CPU (gloo)
