@@ -1,6 +1,9 @@
 """adapt: turn pretrained autoregressive causal LMs into masked diffusion language models."""
 
 from adapt.errors import AdaptError
+from adapt.notices import quiet
+
+quiet()  # logging filters for two library notices (adapt/notices.py)
 
 __version__ = "0.1.0"
 

@@ -35,14 +35,6 @@ from adapt.outputs import atomic_dir, check_apart, check_replaceable
 log = logging.getLogger(__name__)
 
 
-def _not_tied_weights_notice(record: logging.LogRecord) -> bool:
-    """Accelerate warns at every checkpoint that it dropped a tied copy (lm_head = embeddings) from the
-    state dict; loading re-ties it, so the notice is noise."""
-    return "Removed shared tensor" not in record.getMessage()
-
-
-logging.getLogger("accelerate.utils.other").addFilter(_not_tied_weights_notice)
-
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
 METRICS = "metrics.jsonl"

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,8 +17,9 @@ from typer.testing import CliRunner
 from adapt.checkpoint import load_settings
 from adapt.cli import app
 
-NOISE = ("Removed shared tensor", "[RANK 0]")
-"""Library lines the quickstart once printed (Accelerate's tied-weights notice at each checkpoint)."""
+NOISE = ("Removed shared tensor", "[RANK 0]", "Setting accelerator to CPU")
+"""Library lines the quickstart once printed (Accelerate's tied-weights notice at each checkpoint;
+DeepSpeed's no-GPU notice on stdout, once per process, when it is installed)."""
 
 
 def test_quickstart_tiny_end_to_end(
@@ -42,3 +47,25 @@ def test_quickstart_tiny_end_to_end(
         assert len(s["texts"]) == 3 and all(t.startswith(("The", "In")) for t in s["texts"])
         assert s["nfe"] >= 1 and math.isfinite(s["judge_perplexity"])
     assert "fine-tuned diffusion" in result.output and "judge perplexity" in result.output
+
+
+LOAD = (
+    "from transformers import AutoModelForCausalLM as M; "
+    "M.from_pretrained({path!r}).save_pretrained({out!r}); "
+    "import sys; print('deepspeed imported:', 'deepspeed' in sys.modules)"
+)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs DeepSpeed")
+def test_a_fresh_process_prints_no_deepspeed_notice(llama_diffusion: Path, tmp_path: Path) -> None:
+    """Saving a model imports DeepSpeed (when installed), which prints its no-GPU notice to stdout once
+    per process: stock transformers shows it, a process using adapt does not (seen only in a new process:
+    under pytest an earlier test may have imported DeepSpeed already)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    code = LOAD.format(path=str(llama_diffusion), out=str(tmp_path / "saved"))
+    for prefix, shown in (("", True), ("import adapt; ", False)):
+        proc = subprocess.run(
+            [sys.executable, "-c", prefix + code], capture_output=True, text=True, env=env, timeout=120
+        )
+        assert "deepspeed imported: True" in proc.stdout, proc.stdout + proc.stderr
+        assert ("Setting accelerator to CPU" in proc.stdout + proc.stderr) is shown, (prefix, proc.stdout)
