@@ -80,9 +80,16 @@ def launch(
 def trained(config: str, out: Path, model: Path, *overrides: str, flags: tuple = NO_MP) -> Path:
     """A launch that must succeed; its stderr is kept beside OUT as OUT.stderr."""
     proc = launch(config, out, model, *overrides, flags=flags)
-    assert proc.returncode == 0, proc.stderr[-3000:]
     out.with_suffix(".stderr").write_text(proc.stderr)
+    assert proc.returncode == 0, failure(proc.stderr)
     return out
+
+
+def failure(stderr: str) -> str:
+    """What a failed launch said: each rank's error lines first (the end of stderr is the launcher's own
+    traceback, which only says that a rank failed), then the end."""
+    said = [line for line in stderr.splitlines() if "error" in line.lower() and "elastic" not in line]
+    return "\n".join(said[:40]) + "\n...\n" + stderr[-1500:]
 
 
 def start_lines(run: Path) -> list[str]:
@@ -373,7 +380,6 @@ def full_runs(llama_diffusion: Path, tmp_path_factory: pytest.TempPathFactory) -
     return Runs(tmp_path_factory.mktemp("full"), llama_diffusion, *FULL)
 
 
-@pytest.mark.slow
 def test_fsdp_full_finetune_trains_and_exports_like_ddp(full_runs: Runs, llama_diffusion: Path) -> None:
     check_sharded_per_layer(full_runs["fsdp"])
     check_losses_agree(full_runs["ddp"], full_runs["fsdp"], 4)
@@ -384,7 +390,6 @@ def test_fsdp_full_finetune_trains_and_exports_like_ddp(full_runs: Runs, llama_d
     assert len(shards) >= 2, "sharded checkpoint: one file per rank"
 
 
-@pytest.mark.slow
 def test_fsdp_resumes_from_its_sharded_checkpoint(
     full_runs: Runs, llama_diffusion: Path, tmp_path: Path
 ) -> None:
