@@ -38,12 +38,16 @@ CPU_FLAG_FIX = (
 )
 
 
+ENGINES = ("single", "DDP", "FSDP", "DeepSpeed")
+MODEL_PARALLEL = {"TP": "tensor parallelism", "CP": "context parallelism", "SP": "sequence parallelism"}
+
+
 @dataclass(frozen=True)
 class Request:
     """What the launch asked for, read from the environment before Accelerate starts."""
 
     engine: str
-    """single, DDP, FSDP or DeepSpeed."""
+    """single, DDP, FSDP or DeepSpeed (anything else is refused)."""
     processes: int
     """World size asked for."""
     mixed_precision: str | None
@@ -70,6 +74,11 @@ def requested() -> Request:
     parent `accelerate launch --cpu --num_processes N` command, which starts one process only)."""
     processes = env_int("WORLD_SIZE", 0) or cpu_launch_processes() or 1
     precision = os.environ.get("ACCELERATE_MIXED_PRECISION") or None
+    if env_flag("ACCELERATE_USE_MEGATRON_LM"):
+        return Request("Megatron-LM", processes, precision)
+    split = [n for n in MODEL_PARALLEL if env_int(f"PARALLELISM_CONFIG_{n}_SIZE", 1) > 1]
+    if env_flag("ACCELERATE_USE_PARALLELISM_CONFIG") and split:
+        return Request(" and ".join(MODEL_PARALLEL[n] for n in split), processes, precision)
     if env_flag("ACCELERATE_USE_DEEPSPEED"):
         stage = env_int("ACCELERATE_DEEPSPEED_ZERO_STAGE", None)
         return Request("DeepSpeed", processes, precision, zero_stage=stage)
@@ -79,8 +88,13 @@ def requested() -> Request:
 
 
 def check_request(request: Request, device: str) -> None:
-    """Refuse, before Accelerate starts, what cannot run at all: an unknown FSDP version or ZeRO stage,
-    DeepSpeed on CPU or not installed."""
+    """Refuse, before Accelerate starts, what cannot run at all: an engine adapt does not train with, an
+    unknown FSDP version or ZeRO stage, DeepSpeed on CPU or not installed."""
+    if request.engine not in ENGINES:
+        raise AdaptError(
+            f"the launch asks for {request.engine}, which adapt does not train with; "
+            "use DDP, FSDP2 or DeepSpeed ZeRO (recipes/accelerate/ddp.yaml, fsdp.yaml, deepspeed.yaml)"
+        )
     if request.engine == "FSDP" and request.fsdp_version not in (1, 2):
         raise AdaptError(f"FSDP version {request.fsdp_version} does not exist; set fsdp_version: 2")
     if request.engine != "DeepSpeed":

@@ -181,6 +181,11 @@ def test_launches_that_would_train_apart_are_refused(
         ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, "asks for FSDP but it would run as single"),
         ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "two"}, "FSDP_VERSION='two', which is not a whole"),
         ({"ACCELERATE_MIXED_PRECISION": "fp8"}, "launcher's mixed precision 'fp8' is not one adapt trains"),
+        ({"ACCELERATE_USE_MEGATRON_LM": "true"}, "asks for Megatron-LM, which adapt does not train with"),
+        (
+            {"ACCELERATE_USE_PARALLELISM_CONFIG": "true", "PARALLELISM_CONFIG_TP_SIZE": "2"},
+            "asks for tensor parallelism, which adapt does not train with",
+        ),
     ],
 )
 def test_engines_that_cannot_run_are_refused_in_one_line(
