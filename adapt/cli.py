@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -233,8 +234,11 @@ def finetune_cmd(
 
     state, exported = run(resolved)
     if state.interrupted:
-        typer.echo(f"interrupted at step {state.step}; saved {state.checkpoint}; rerun to resume", err=True)
-        raise typer.Exit(130)
+        by = state.stopped_by or "SIGINT"
+        typer.echo(
+            f"interrupted at step {state.step} ({by}); saved {state.checkpoint}; rerun to resume", err=True
+        )
+        raise typer.Exit(128 + signal.Signals[by].value)  # the shell's convention: 130, 143
     evaluated = f", eval loss {state.eval_loss:.4f}" if state.eval_loss is not None else ""
     loss = f"{state.train_loss:.4f}" if state.train_loss is not None else "n/a"
     typer.echo(f"trained {state.step} steps on {state.tokens_seen} tokens, loss {loss}{evaluated}")

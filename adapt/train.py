@@ -62,7 +62,9 @@ class TrainState:
     eval_accuracy: float | None = None
     """Share of held-out masked tokens predicted right (argmax) at the last evaluation."""
     interrupted: bool = False
-    """The run stopped on Ctrl-C (after saving a checkpoint)."""
+    """The run stopped on Ctrl-C or SIGTERM (after saving a checkpoint)."""
+    stopped_by: str | None = None
+    """SIGINT or SIGTERM, the signal that interrupted it."""
     checkpoint: str | None = None
     """The latest complete checkpoint written or resumed from."""
 
@@ -228,7 +230,7 @@ def load_checkpoint(session: Session, path: Path) -> None:
     state = TrainState(**json.loads((path / STATE_FILE).read_text()))
     session.accelerator.load_state(str(path))
     session.state = state
-    session.state.interrupted = False
+    session.state.interrupted, session.state.stopped_by = False, None
     session.state.checkpoint = str(path)
 
 
@@ -501,10 +503,11 @@ def fit(session: Session) -> TrainState:
                 log_metrics(session, window.flush(session))
             if t.eval_every and state.step % t.eval_every == 0:
                 log_evaluation(session)
-            if interrupt.requested(acc):
-                state.interrupted = True
+            stop = interrupt.requested(acc)
+            if stop is not None:
+                state.interrupted, state.stopped_by = True, stop
                 if acc.is_main_process:  # said first: a save cut short leaves the previous checkpoint
-                    log.warning("interrupted after step %d: saving a checkpoint", state.step)
+                    log.warning("interrupted (%s) after step %d: saving a checkpoint", stop, state.step)
                 save_checkpoint(session)
                 break
             if t.checkpoint_every and state.step % t.checkpoint_every == 0:
@@ -723,26 +726,32 @@ def flat_config(recipe: Recipe) -> dict[str, Any]:
 
 
 class InterruptFlag:
-    """Turn SIGINT into a flag checked once per step; every process agrees before stopping."""
+    """Turn SIGINT (Ctrl-C) and SIGTERM (a scheduler's stop, `kill`) into a flag checked once per step;
+    every process agrees before stopping."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __enter__(self) -> InterruptFlag:
-        self.flag, self.previous = False, None
+        self.received, self.previous = 0, {}
         with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
-            self.previous = signal.signal(signal.SIGINT, self._handle)
+            for number in self.SIGNALS:
+                self.previous[number] = signal.signal(number, self._handle)
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        self.flag = True
+        self.received = max(self.received, signum)  # SIGTERM (15) outranks SIGINT (2)
 
-    def requested(self, acc: Any) -> bool:
-        if acc.num_processes == 1:
-            return self.flag
-        flag = torch.tensor([float(self.flag)], device=acc.device)
-        return bool(acc.reduce(flag, reduction="sum").item() > 0)
+    def requested(self, acc: Any) -> str | None:
+        """The name of the signal any process received, or None."""
+        received = self.received
+        if acc.num_processes > 1:
+            flag = torch.tensor([float(received)], device=acc.device)
+            received = int(acc.reduce(flag, reduction="max").item())
+        return signal.Signals(received).name if received else None
 
     def __exit__(self, *exc: Any) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        for number, previous in self.previous.items():
+            signal.signal(number, previous)
 
 
 # ----------------------------------------------------------------------------- the whole job

@@ -511,26 +511,41 @@ def wait_for(path: Path, proc: subprocess.Popen, seconds: float = 180) -> None:
         time.sleep(0.2)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("config", ["fsdp", "zero2"])
-def test_ctrl_c_under_the_launcher_saves_one_checkpoint_and_the_run_resumes(
-    llama_diffusion: Path, tmp_path: Path, config: str
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize(
+    ("config", "name", "to"),
+    [
+        pytest.param("fsdp", "SIGINT", "group", marks=SLOW),
+        pytest.param("zero2", "SIGINT", "group", marks=SLOW),
+        ("ddp", "SIGTERM", "launcher"),
+        pytest.param("fsdp", "SIGTERM", "group", marks=SLOW),
+    ],
+)
+def test_a_stop_signal_under_the_launcher_saves_one_checkpoint_and_the_run_resumes(
+    llama_diffusion: Path, tmp_path: Path, config: str, name: str, to: str
 ) -> None:
-    """A terminal's Ctrl-C (SIGINT to the launcher and both ranks): both ranks stop after the same step,
-    one checkpoint holds it, both take the exit-130 path; rerunning continues from it."""
-    out = tmp_path / "run"
+    """A terminal's Ctrl-C (SIGINT to the launcher and both ranks), SLURM's stop (SIGTERM to every
+    process) or `kill` of the launcher (torchrun forwards it): both ranks stop after the same step, one
+    checkpoint holds it, both take the exit path of that signal; rerunning continues from it."""
+    out, stop = tmp_path / "run", signal.Signals[name]
     proc = start(config, out, llama_diffusion, "training.max_steps=100000")
     wait_for(out / "metrics.jsonl", proc)
     time.sleep(1.0)
-    os.killpg(proc.pid, signal.SIGINT)
+    if to == "group":
+        os.killpg(proc.pid, stop)
+    else:
+        os.kill(proc.pid, stop)
     _, err = proc.communicate(timeout=120)
     said = [line for line in err.splitlines() if line.startswith("interrupted at step")]
     assert len(said) == 2 and said[0] == said[1], err[-3000:]
-    assert err.count("interrupted after step") == 1, "rank 0 says it saves before saving"
+    assert err.count(f"interrupted ({stop.name}) after step") == 1, "rank 0 says it saves before saving"
     checkpoints = sorted((out / "checkpoints").iterdir())
     assert len(checkpoints) == 1 and not (out / "final").exists()
     state = json.loads((checkpoints[0] / "trainer_state.json").read_text())
-    assert state["interrupted"] is True and said[0].startswith(f"interrupted at step {state['step']};")
+    assert state["interrupted"] is True and state["stopped_by"] == stop.name
+    assert said[0].startswith(f"interrupted at step {state['step']} ({stop.name}); saved")
     trained(config, out, llama_diffusion, f"training.max_steps={state['step'] + 2}")
     assert sorted(losses(out))[-2:] == [state["step"] + 1, state["step"] + 2]
     assert (out / "final/model.safetensors").is_file()

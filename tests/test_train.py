@@ -265,8 +265,12 @@ def run_cli(*args: str, **extra_env: str) -> subprocess.Popen:
     )
 
 
-def test_sigint_saves_a_checkpoint_and_exits_cleanly(llama_diffusion: Path, tmp_path: Path) -> None:
-    out = tmp_path / "run"
+@pytest.mark.parametrize(("name", "code"), [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_stop_signal_saves_a_checkpoint_and_exits_cleanly(
+    llama_diffusion: Path, tmp_path: Path, name: str, code: int
+) -> None:
+    """Ctrl-C, or a scheduler's SIGTERM: one checkpoint of the last finished step, exit 128 + signal."""
+    out, stop = tmp_path / "run", signal.Signals[name]
     overrides = [f"model.path={llama_diffusion}", f"training.output_dir={out}", *QUIET,
                  "training.max_steps=100000", "data.max_length=32"]  # fmt: skip
     proc = run_cli(sys.executable, "finetune.py", "recipes/adapt_text.yaml", *overrides)
@@ -274,14 +278,14 @@ def test_sigint_saves_a_checkpoint_and_exits_cleanly(llama_diffusion: Path, tmp_
     while time.time() < deadline and not (out / "metrics.jsonl").exists():
         time.sleep(0.2)
     time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(stop)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
-    assert "interrupted at step" in err and "Traceback" not in err
+    assert proc.returncode == code, err
+    assert "interrupted at step" in err and f"({stop.name}); saved" in err and "Traceback" not in err
     checkpoints = list((out / "checkpoints").iterdir())
     assert len(checkpoints) == 1
     state = json.loads((checkpoints[0] / "trainer_state.json").read_text())
-    assert state["interrupted"] is True and state["step"] >= 1
+    assert state["interrupted"] is True and state["step"] >= 1 and state["stopped_by"] == stop.name
     assert checkpoints[0].name == f"step-{state['step']:08d}"
     assert not (out / "final").exists()
 
