@@ -299,9 +299,24 @@ def prepare_fsdp(accelerator: Any, objective: Any) -> None:
     import torch.distributed as dist
 
     configure_wrapping(accelerator.state.fsdp_plugin, objective, accelerator.is_main_process)
+    keep_fp32_edges(accelerator.state.fsdp_plugin)
     if dist.get_backend() == "gloo":
         for tensor in objective.state_dict().values():
             dist.broadcast(tensor, src=0)
+
+
+def keep_fp32_edges(plugin: Any) -> None:
+    """FSDP2 under bf16/fp16: compute in the low dtype, but reduce gradients in fp32 and leave the
+    modules' outputs as computed (Accelerate's policy also reduces in bf16 and casts every output, which
+    rounds the fp32 loss to bf16), as DDP's autocast and torchtitan's default do."""
+    import torch
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    policy = plugin.mixed_precision_policy  # (inputs, the 1/t loss weights included, are still cast)
+    if isinstance(policy, MixedPrecisionPolicy) and policy.param_dtype in (torch.bfloat16, torch.float16):
+        plugin.mixed_precision_policy = MixedPrecisionPolicy(
+            param_dtype=policy.param_dtype, reduce_dtype=torch.float32, output_dtype=None
+        )
 
 
 def configure_wrapping(plugin: Any, objective: Any, main: bool) -> None:
@@ -362,8 +377,9 @@ def describe(accelerator: Any, objective: Any, precision_why: str) -> dict[str, 
 
 
 def deepspeed_shares(engine: Any) -> dict[str, Any]:
-    """This rank's DeepSpeed engine: its class, ZeRO stage and optimizer, the elements of the fp32 optimizer
-    state (master weights) it holds against all trainable ones, and under ZeRO-3 its parameter partition."""
+    """This rank's DeepSpeed engine: its class, ZeRO stage and optimizer, the dtypes of the weights it
+    computes with and of its optimizer state, the elements of that state (master weights) it holds against
+    all trainable ones, and under ZeRO-3 its parameter partition."""
     stage = engine.zero_optimization_stage()
     optimizer = engine.optimizer
     groups = (
@@ -374,6 +390,10 @@ def deepspeed_shares(engine: Any) -> dict[str, Any]:
         "wrapper": type(engine).__name__,
         "zero_stage": stage,
         "optimizer": type(optimizer).__name__,
+        "dtypes": {
+            "weights": str(trainable[0].dtype).removeprefix("torch."),
+            "optimizer_state": str(groups[0].dtype).removeprefix("torch."),
+        },
         "optimizer_state": {
             "local": sum(g.numel() for g in groups),
             "full": sum(getattr(p, "ds_numel", p.numel()) for p in trainable),
@@ -388,13 +408,24 @@ def deepspeed_shares(engine: Any) -> dict[str, Any]:
     return facts
 
 
+def unit_dtypes(module: Any) -> dict[str, str | None]:
+    """The mixed-precision policy this FSDP2 unit runs with: compute, gradient-reduction and output dtypes
+    (None: not cast)."""
+    policy = module._get_fsdp_state()._mp_policy
+    named = {"param": policy.param_dtype, "reduce": policy.reduce_dtype, "output": policy.output_dtype}
+    return {k: str(v).removeprefix("torch.") if v is not None else None for k, v in named.items()}
+
+
 def fsdp_shares(objective: Any) -> dict[str, Any]:
     """This rank's elements of each FSDP2 unit's own parameters against their full size."""
     from torch.distributed.fsdp import FSDPModule
 
-    modules = objective.named_modules()
-    units = {name: type(m).__name__.removeprefix("FSDP") for name, m in modules if isinstance(m, FSDPModule)}
-    shares = {name or "<root>": {"class": cls, "local": 0, "full": 0} for name, cls in units.items()}
+    fsdp = {name: m for name, m in objective.named_modules() if isinstance(m, FSDPModule)}
+    units = {name: type(m).__name__.removeprefix("FSDP") for name, m in fsdp.items()}
+    shares = {
+        name or "<root>": {"class": units[name], "local": 0, "full": 0, "dtypes": unit_dtypes(m)}
+        for name, m in fsdp.items()
+    }
     for pname, p in objective.named_parameters():
         owner = max((u for u in units if u == "" or pname.startswith(u + ".")), key=len, default=None)
         if owner is not None and hasattr(p, "to_local"):

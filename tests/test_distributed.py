@@ -479,6 +479,46 @@ def test_deepspeed_full_finetune_trains_and_exports_like_ddp(
     assert files == [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)], "one per rank"
 
 
+BF16_LOSS_TOL = 3e-2  # per-step loss, bf16 under FSDP2/DeepSpeed against fp32 DDP (measured <= 7e-3)
+BF16_LOGIT_TOL = 2e-2  # exported logits against fp32 DDP's (measured 2e-4 FSDP2, 3.8e-3 ZeRO-2's bf16 export)
+
+
+@pytest.mark.parametrize(("config", "engine"), [("fsdp", "FSDP2"), ("zero2", "DeepSpeed ZeRO-2")])
+def test_bf16_on_cpu_runs_each_engine_in_bf16_and_tracks_fp32_ddp(
+    full_runs: Runs, llama_diffusion: Path, tmp_path: Path, config: str, engine: str
+) -> None:
+    """The recipes' configs ask for bf16 (what `auto` picks on a CPU with fast bf16): FSDP2 computes in
+    bf16 with fp32 gradient reduction and an fp32 loss; DeepSpeed keeps bf16 weights and fp32 master
+    state and exports bf16. Both follow fp32 DDP's losses within bf16 noise and export loadable models."""
+    from transformers import AutoModelForCausalLM
+
+    out = trained(config, tmp_path / "run", llama_diffusion, *FULL, flags=("--mixed_precision", "bf16"))
+    line = f"engine: {engine}, 2 processes, mixed precision: bf16 (launcher's), device: cpu/gloo"
+    assert start_lines(out) == [line]
+    facts = json.loads((out / "engine.json").read_text())
+    got, fp32 = losses(out), losses(full_runs["ddp"])
+    assert sorted(got) == sorted(fp32) == [1, 2, 3, 4]
+    assert max(abs(got[s] - fp32[s]) for s in got) < BF16_LOSS_TOL, (got, fp32)
+    assert any(got[s] != fp32[s] for s in got), "bf16 must change the numbers"
+    rounded = [float(torch.tensor(v).bfloat16()) for v in got.values()]
+    assert rounded != list(got.values()), "the loss is computed and reported in fp32, not rounded to bf16"
+    if config == "fsdp":
+        units = [unit for rank in facts["fsdp_ranks"] for unit in rank.values()]
+        assert len(units) == 6 and all(
+            u["dtypes"] == {"param": "bfloat16", "reduce": "float32", "output": None} for u in units
+        ), units
+        want = torch.float32  # FSDP2 keeps fp32 weights and casts them per forward
+    else:
+        ranks = facts["deepspeed_ranks"]
+        assert all(r["dtypes"] == {"weights": "bfloat16", "optimizer_state": "float32"} for r in ranks), ranks
+        want = torch.bfloat16  # DeepSpeed's bf16 mode trains bf16 weights: its export is bf16
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert next(model.parameters()).dtype == want
+    exported = probe_logits(model).float()
+    reference = export_logits(full_runs["ddp"] / "final")
+    torch.testing.assert_close(exported, reference, atol=BF16_LOGIT_TOL, rtol=0)
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_resumes_from_its_partitioned_checkpoint(
     full_runs: Runs, llama_diffusion: Path, tmp_path: Path, stage: int
