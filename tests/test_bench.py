@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -34,14 +36,17 @@ def test_block_speed_bench_compares_with_the_ar_source(tmp_path: Path) -> None:
     out = tmp_path / "block.json"
     cmd = [sys.executable, str(ROOT / "bench" / "block_speed.py"), "--gen-length", "12", "--prompts", "2"]
     cmd += ["--prompt-lengths", "16", "--batches", "1,2", "--thresholds", "0.9,0.0", "--block", "4"]
-    cmd += ["--threads", "1", "--json", str(out)]
+    cmd += ["--threads", "1", "--repeats", "2", "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr
     record = json.loads(out.read_text())
     assert set(record["rows"]) == {"prompt 16 tokens, batch 1", "prompt 16 tokens, batch 2"}
     for rows in record["rows"].values():
         ar = rows["AR source, greedy generate + KV cache"]
-        assert ar["speedup"] == 1.0 and ar["passes_per_token"] == 1.0
+        assert ar["speedup"] == 1.0 and ar["passes_per_token"] == 1.0 and ar["pass_cost"] == 1.0
+        for r in rows.values():
+            if isinstance(r, dict) and "passes" in r:  # speed = passes per token x cost per pass
+                assert r["speedup"] == pytest.approx(1 / (r["passes_per_token"] * r["pass_cost"]))
         # threshold 0 commits a whole block per step: prompt 17 tokens (BOS), blocks of 4 -> the 12 new
         # tokens span columns 17-28: blocks [16, 20) [20, 24) [24, 28) [28, 32), 4 passes
         assert rows["block, threshold 0.0 + exact cache"]["passes_per_token"] == 4 / 12
