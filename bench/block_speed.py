@@ -7,8 +7,9 @@ python bench/block_speed.py --model CKPT --prompts-from held_out.jsonl --prompt-
 Same prompts (the first N tokens of held-out documents), same number of new tokens, same process, no EOS
 stopping, for every batch size and prompt length. Rows: the AR source's greedy `generate` (the baseline),
 block decoding with the exact cache at each confidence threshold (Fast-dLLM v2's parallel decoding
-inside a block) and with one token per step (low confidence), and uncached block decoding at the first
-threshold (the reference the cache must equal: its agreement column). Rows take turns batch by batch
+inside a block), at each `--entropy-bounds` budget (EB-sampler) and with one token per step (low
+confidence), and uncached block decoding at the first threshold (the reference the cache must equal:
+its agreement column). Rows take turns batch by batch
 (a shared machine's slow spells fall on all of them); `--repeats N` keeps each batch's fastest of N runs.
 Reported per row: tokens/s and its ratio to the AR row, forward passes per generated position, the cost
 of one pass in AR steps (seconds per pass / the AR row's), the judge perplexity of the outputs
@@ -99,6 +100,13 @@ def run_setting(args, model, tokenizer, settings, source, prompts: list[list[int
             gen_length=gen, strategy="threshold", threshold=tau, cache="prefix", stop_at_eos=False
         )
         rows[f"block, threshold {tau} + exact cache"] = lambda p, c=cfg: block_generate(
+            model, tokenizer, settings, p, c
+        )
+    for bound in [float(b) for b in args.entropy_bounds.split(",") if b]:
+        cfg = SamplingConfig(
+            gen_length=gen, strategy="entropy_bounded", entropy_bound=bound, cache="prefix", stop_at_eos=False
+        )
+        rows[f"block, entropy bound {bound} + exact cache"] = lambda p, c=cfg: block_generate(
             model, tokenizer, settings, p, c
         )
     cfg = SamplingConfig(gen_length=gen, strategy="low_confidence", cache="prefix", stop_at_eos=False)
@@ -196,6 +204,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--gen-length", type=int, default=64)
     ap.add_argument("--block", type=int, default=8, help="block size of the default tiny checkpoint")
     ap.add_argument("--thresholds", default="0.9,0.7", help="comma-separated confidence thresholds")
+    ap.add_argument(
+        "--entropy-bounds", default="", help="comma-separated entropy budgets (nats) of EB-sampler rows"
+    )
     ap.add_argument("--threads", type=int, help="torch CPU threads")
     ap.add_argument("--repeats", type=int, default=1, help="runs of each batch; its fastest is kept")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

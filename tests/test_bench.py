@@ -36,7 +36,7 @@ def test_block_speed_bench_compares_with_the_ar_source(tmp_path: Path) -> None:
     out = tmp_path / "block.json"
     cmd = [sys.executable, str(ROOT / "bench" / "block_speed.py"), "--gen-length", "12", "--prompts", "2"]
     cmd += ["--prompt-lengths", "16", "--batches", "1,2", "--thresholds", "0.9,0.0", "--block", "4"]
-    cmd += ["--threads", "1", "--repeats", "2", "--json", str(out)]
+    cmd += ["--entropy-bounds", "1e9", "--threads", "1", "--repeats", "2", "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr
     record = json.loads(out.read_text())
@@ -50,6 +50,7 @@ def test_block_speed_bench_compares_with_the_ar_source(tmp_path: Path) -> None:
         # threshold 0 commits a whole block per step: prompt 17 tokens (BOS), blocks of 4 -> the 12 new
         # tokens span columns 17-28: blocks [16, 20) [20, 24) [24, 28) [28, 32), 4 passes
         assert rows["block, threshold 0.0 + exact cache"]["passes_per_token"] == 4 / 12
+        assert rows["block, entropy bound 1000000000.0 + exact cache"]["passes_per_token"] == 4 / 12
         assert rows["block, 1 token/step + exact cache"]["passes_per_token"] == 1.0
         assert rows["block, threshold 0.9, no cache (reference)"]["agreement"] == 1.0  # the cache is exact
     assert proc.stdout.count("target (>= 1.0x the AR source's tokens/s") == 2
