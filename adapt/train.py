@@ -218,7 +218,8 @@ def resume(session: Session) -> None:
         if path != candidates[-1]:
             log.warning("resumed from %s, the newest checkpoint that loads", path)
         convert_position(session.state, session.accelerator.num_processes, path)
-        drop_replayed_metrics(session.output_dir, session.state.step)
+        if session.accelerator.is_main_process:  # its writer; ranks trimming at once raced on the tmp file
+            drop_replayed_metrics(session.output_dir, session.state.step)
         return
     raise AdaptError(
         f"no checkpoint in {session.output_dir / CHECKPOINTS} can be loaded (see above); move them away "

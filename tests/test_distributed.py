@@ -597,12 +597,13 @@ def rank_pids(launcher: int) -> list[int]:
     return [int(pid) for pid in children]
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the ranks through Linux /proc")
 @pytest.mark.parametrize("config", ["fsdp", "zero3"])
 def test_kill_9_of_one_rank_leaves_the_last_checkpoint_resumable(
     llama_diffusion: Path, tmp_path: Path, config: str
 ) -> None:
+    """The dead run logged steps after its last checkpoint: the resumed run drops them (rank 0 alone:
+    every rank trimming metrics.jsonl at once failed about one resume in four) and logs them again."""
     from adapt.train import checkpoint_dirs
 
     out = tmp_path / "run"
@@ -615,7 +616,11 @@ def test_kill_9_of_one_rank_leaves_the_last_checkpoint_resumable(
     step = json.loads((last / "trainer_state.json").read_text())["step"]
     assert step >= 4 and not json.loads((last / "trainer_state.json").read_text())["interrupted"]
     trained(config, out, llama_diffusion, f"training.max_steps={step + 1}", "training.checkpoint_every=2")
-    assert sorted(losses(out))[-1] == step + 1 and (out / "final/model.safetensors").is_file()
+    logged = [
+        m["step"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in m
+    ]
+    assert logged == list(range(1, step + 2)), "each step logged once, in order"
+    assert (out / "final/model.safetensors").is_file()
 
 
 @pytest.mark.slow
