@@ -740,6 +740,8 @@ class InterruptFlag:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
+        # not "a second signal stops at once": a terminal's Ctrl-C or SLURM signals every process and
+        # torchrun forwards its own copy, so each rank receives two
         self.received = max(self.received, signum)  # SIGTERM (15) outranks SIGINT (2)
 
     def requested(self, acc: Any) -> str | None:
@@ -752,7 +754,8 @@ class InterruptFlag:
 
     def __exit__(self, *exc: Any) -> None:
         for number, previous in self.previous.items():
-            signal.signal(number, previous)
+            if previous is not None:  # None: a handler installed outside Python, which stays
+                signal.signal(number, previous)
 
 
 # ----------------------------------------------------------------------------- the whole job
