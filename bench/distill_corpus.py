@@ -2,6 +2,8 @@
 
 python bench/distill_corpus.py --source ~/.cache/adapt/smollm2-135m-instruct \
     --documents ~/.cache/adapt/corpora/wiki-train.jsonl --out /work/runs/distill.jsonl --n 2400
+# 1200 more sequences from windows that corpus did not use:
+python bench/distill_corpus.py ... --out /work/runs/distill_more.jsonl --n 1200 --skip 2400
 
 Each line is {"text": prompt + continuation}: a window of `--prompt-length` tokens of a training
 document followed by `--gen-length` tokens the source writes greedily (KV cache, EOS suppressed).
@@ -70,6 +72,9 @@ def main() -> None:
     ap.add_argument("--documents", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--n", type=int, default=2400)
+    ap.add_argument(
+        "--skip", type=int, default=0, help="windows to pass over (new text for a corpus made before)"
+    )
     ap.add_argument("--prompt-length", type=int, default=32)
     ap.add_argument("--gen-length", type=int, default=96)
     ap.add_argument("--stride", type=int, default=48)
@@ -80,7 +85,10 @@ def main() -> None:
     print(f"source in {dtype} ({why})", file=sys.stderr)
     tokenizer = AutoTokenizer.from_pretrained(args.source)
     model = AutoModelForCausalLM.from_pretrained(args.source, dtype=getattr(torch, dtype)).eval()
-    prompts = windows(tokenizer, read_documents(args.documents), args.prompt_length, args.stride, args.n)
+    every = windows(
+        tokenizer, read_documents(args.documents), args.prompt_length, args.stride, args.skip + args.n
+    )
+    prompts = every[args.skip :]
     t0 = time.perf_counter()
     partial = args.out.with_suffix(".partial")  # usable while it grows; renamed when complete
     with partial.open("w") as sink:
