@@ -338,6 +338,17 @@ def start_processes() -> Any:
     return Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(weeks=52))])
 
 
+def end_processes() -> None:
+    """After a sharded run: every rank done, then the process group taken down before the interpreter exits
+    (left to exit, gloo's threads sometimes abort a rank that had finished: "terminate called without an
+    active exception", and the launcher reports the run failed)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 # ---------------------------------------------------------------- command line
 
 SUBCOMMANDS = ("run", "ls", "validate")
@@ -365,6 +376,7 @@ def run_cli(argv: list[str]) -> None:
             parsing = parse_only()
         if parsing:  # parsed and checked: the run itself keeps lm-eval's own output
             cli_evaluate()
+            end_processes()
     except SystemExit as e:
         if e.code in (0, None):
             raise

@@ -41,3 +41,6 @@ if __name__ == "__main__":
     if found is not None:
         record = {"results": found["results"], "config": found["config"], "responses": responses(found)}
         out.write_text(json.dumps(record, default=str))
+    from adapt.lm_eval_model import end_processes
+
+    end_processes()  # as `adapt lm-eval` does after lm-eval's run

@@ -570,7 +570,7 @@ def test_a_stop_signal_under_the_launcher_saves_one_checkpoint_and_the_run_resum
     process) or `kill` of the launcher (torchrun forwards it): both ranks stop after the same step, one
     checkpoint holds it, both take the exit path of that signal; rerunning continues from it."""
     out, stop = tmp_path / "run", signal.Signals[name]
-    proc = start(config, out, llama_diffusion, "training.max_steps=100000")
+    proc = start(config, out, llama_diffusion, "training.max_steps=100000", "training.checkpoint_every=0")
     wait_for(out / "metrics.jsonl", proc)
     time.sleep(1.0)
     if to == "group":
