@@ -97,9 +97,14 @@ def start_lines(run: Path) -> list[str]:
     return [line for line in lines if line.startswith("engine:")]
 
 
-def losses(out: Path) -> dict[int, float]:
+def loss_records(out: Path) -> list[dict]:
+    """The training-loss lines of OUT/metrics.jsonl, in file order."""
     lines = (out / "metrics.jsonl").read_text().splitlines()
-    return {m["step"]: m["loss"] for m in map(json.loads, lines) if "loss" in m}
+    return [m for m in map(json.loads, lines) if "loss" in m]
+
+
+def losses(out: Path) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in loss_records(out)}
 
 
 def probe_logits(model: torch.nn.Module) -> torch.Tensor:
@@ -616,9 +621,7 @@ def test_kill_9_of_one_rank_leaves_the_last_checkpoint_resumable(
     step = json.loads((last / "trainer_state.json").read_text())["step"]
     assert step >= 4 and not json.loads((last / "trainer_state.json").read_text())["interrupted"]
     trained(config, out, llama_diffusion, f"training.max_steps={step + 1}", "training.checkpoint_every=2")
-    logged = [
-        m["step"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in m
-    ]
+    logged = [m["step"] for m in loss_records(out)]
     assert logged == list(range(1, step + 2)), "each step logged once, in order"
     assert (out / "final/model.safetensors").is_file()
 
