@@ -89,6 +89,11 @@ def main() -> None:
         tokenizer, read_documents(args.documents), args.prompt_length, args.stride, args.skip + args.n
     )
     prompts = every[args.skip :]
+    if not prompts:
+        raise SystemExit(
+            f"{args.documents} has {len(every)} windows of {args.prompt_length} tokens: --skip {args.skip} "
+            "leaves none"
+        )
     t0 = time.perf_counter()
     partial = args.out.with_suffix(".partial")  # usable while it grows; renamed when complete
     with partial.open("w") as sink:
