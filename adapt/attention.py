@@ -51,16 +51,23 @@ def block_ids(positions: torch.Tensor, block_size: int) -> torch.Tensor:
 
 
 def block_causal_allowed(
-    positions: torch.Tensor, block_size: int, attention_mask: torch.Tensor | None = None
+    positions: torch.Tensor,
+    block_size: int,
+    attention_mask: torch.Tensor | None = None,
+    causal_before: int | None = None,
 ) -> torch.Tensor:
     """Block-causal pattern of one sequence: query block b sees key blocks <= b. -> bool [b, 1, l, l]
 
     Inside a block attention is bidirectional; `attention_mask` [b, l] (0/1) hides padding keys.
     This is how a block-diffusion model runs at sampling time: committed blocks and the block being
-    denoised, never the (masked) blocks after it.
+    denoised, never the (masked) blocks after it. `causal_before` (a checkpoint whose clean tokens attend
+    causally): queries at positions before it are committed tokens and see only the positions <= theirs.
     """
     blocks = block_ids(positions, block_size)  # [b, l]
     allowed = blocks[:, None, :] <= blocks[:, :, None]  # [b, q, k]
+    if causal_before is not None:
+        q, k = positions[:, :, None], positions[:, None, :]
+        allowed = torch.where(q < causal_before, k <= q, allowed)
     if attention_mask is not None:
         allowed = allowed & attention_mask.bool()[:, None, :]
     return _keep_diagonal(allowed[:, None])
@@ -71,12 +78,14 @@ def block_pair_allowed(
     block_size: int,
     attention_mask: torch.Tensor,
     segment_ids: torch.Tensor | None = None,
+    clean: str = "block",
 ) -> torch.Tensor:
     """BD3-LM's training pattern over the pair [x_t ; x_0] (length 2l). -> bool [b, 1, 2l, 2l]
 
-    Noisy block b sees noisy block b and clean blocks < b; clean block b sees clean blocks <= b; clean
-    tokens never see noisy ones. positions, attention_mask (0/1 padding) and segment_ids (packed
-    documents: tokens see their own document only) are [b, l] and shared by both halves.
+    Noisy block b sees noisy block b and clean blocks < b; clean block b sees clean blocks <= b (`clean`
+    "block"), or each clean token sees the clean tokens up to itself (`clean` "causal": the AR source's
+    own pattern); clean tokens never see noisy ones. positions, attention_mask (0/1 padding) and
+    segment_ids (packed documents: tokens see their own document only) are [b, l], shared by both halves.
     """
     blocks = block_ids(positions, block_size)  # [b, l]
     q, k = blocks[:, :, None], blocks[:, None, :]  # [b, l, 1], [b, 1, l]
@@ -84,6 +93,11 @@ def block_pair_allowed(
         torch.ones_like(q == k) if segment_ids is None else segment_ids[:, :, None] == segment_ids[:, None, :]
     )
     noisy = torch.cat([(q == k) & same, (k < q) & same], dim=-1)  # [b, l, 2l] noisy queries
-    clean = torch.cat([torch.zeros_like(same), (k <= q) & same], dim=-1)  # [b, l, 2l] clean queries
+    if clean == "causal":  # columns: within a document they follow positions, and padding is hidden
+        cols = torch.arange(blocks.shape[1], device=blocks.device)
+        sees = (cols[None, :] <= cols[:, None])[None]  # [1, l, l]
+    else:
+        sees = k <= q
+    clean_q = torch.cat([torch.zeros_like(same), sees & same], dim=-1)  # [b, l, 2l] clean queries
     real = attention_mask.bool().repeat(1, 2)[:, None, :]  # [b, 1, 2l] keys
-    return _keep_diagonal((torch.cat([noisy, clean], dim=1) & real)[:, None])
+    return _keep_diagonal((torch.cat([noisy, clean_q], dim=1) & real)[:, None])

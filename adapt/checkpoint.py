@@ -19,6 +19,7 @@ FORMAT_VERSION = 1
 ADAPTER_CONFIG = "adapter_config.json"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 INFERENCE_DTYPES = (*DTYPES, "checkpoint")
+CLEAN_ATTENTION = ("block", "causal")
 
 
 @dataclass
@@ -42,13 +43,16 @@ class DiffusionSettings:
     format_version: int = FORMAT_VERSION
     block_size: int | None = None
     """Block diffusion: trained autoregressive over blocks of this many tokens (None: full attention)."""
+    clean_attention: str = "block"
+    """Block diffusion: how committed tokens attend to each other, "block" (blocks <= their own, BD3-LM)
+    or "causal" (tokens before them, as in the AR source)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def with_block_size(self, block_size: int | None) -> DiffusionSettings:
-        """A copy recording `block_size` (None: a full-attention checkpoint)."""
-        return replace(self, block_size=block_size)
+    def with_block_size(self, block_size: int | None, clean_attention: str = "block") -> DiffusionSettings:
+        """A copy recording `block_size` (None: full attention) and how its clean tokens attend."""
+        return replace(self, block_size=block_size, clean_attention=clean_attention)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DiffusionSettings:
@@ -187,6 +191,11 @@ def check_settings(settings: DiffusionSettings, vocab_size: int | None, where: s
     block = settings.block_size
     if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 1):
         raise AdaptError(f"{where}: diffusion.block_size must be an integer >= 1 or null, got {block!r}")
+    if settings.clean_attention not in CLEAN_ATTENTION:
+        raise AdaptError(
+            f"{where}: diffusion.clean_attention must be one of {', '.join(CLEAN_ATTENTION)}, "
+            f"got {settings.clean_attention!r}"
+        )
 
 
 class _Namespace:

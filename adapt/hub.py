@@ -368,7 +368,10 @@ def block_rows(settings: DiffusionSettings) -> list[tuple[str, str]]:
     if not b:
         return []
     how = f"autoregressive over blocks of {b} tokens, diffusion inside each block; exact KV cache"
-    return [("block size", f"{b} (block diffusion: {how})")]
+    rows = [("block size", f"{b} (block diffusion: {how})")]
+    if settings.clean_attention == "causal":
+        rows.append(("clean attention", "causal (committed tokens attend to the tokens before them only)"))
+    return rows
 
 
 def usage_section(repo_id: str, settings: DiffusionSettings, adapter_of: str | None = None) -> str:
@@ -407,14 +410,24 @@ def stock_snippet(repo_id: str, settings: DiffusionSettings, adapter_of: str | N
         if settings.shift
         else ""
     )
+    causal = bool(block) and settings.clean_attention == "causal"
     block_mask = (
         'block = torch.arange(x.shape[1]) // model.config.diffusion["block_size"]\n'
-        "attn = torch.full((len(block), len(block)), torch.finfo(model.dtype).min, dtype=model.dtype)\n"
-        "attn = attn.masked_fill(block[None, :] <= block[:, None], 0.0)[None, None]  # block-causal\n"
+        + ("pos = torch.arange(x.shape[1])\n" if causal else "")
+        + "attn = torch.full((len(block), len(block)), torch.finfo(model.dtype).min, dtype=model.dtype)\n"
+        + ("" if causal else "attn = attn.masked_fill(block[None, :] <= block[:, None], 0.0)[None, None]\n")
         if block
         else ""
     )
-    attend = ", attention_mask=attn" if block else ""
+    step_mask = (
+        "    open_ = block[x[0] == mask_id].min()  # committed tokens before it attend causally\n"
+        "    seen = block[None, :] <= block[:, None]  # block-causal\n"
+        "    seen &= (block[:, None] >= open_) | (pos[None, :] <= pos[:, None])\n"
+        "    step_attn = attn.masked_fill(seen, 0.0)[None, None]\n"
+        if causal
+        else ""
+    )
+    attend = (", attention_mask=step_attn" if causal else ", attention_mask=attn") if block else ""
     earliest = (
         "    conf[:, block != block[x[0] == mask_id].min()] = -1.0  # the earliest unfinished block\n"
         if block
@@ -438,6 +451,7 @@ def stock_snippet(repo_id: str, settings: DiffusionSettings, adapter_of: str | N
         "x = torch.cat([prompt, torch.full((1, 16), mask_id)], dim=1)\n"
         f"{block_mask}"
         "for _ in range(16):  # unmask the most confident masked position, one per step\n"
+        f"{step_mask}"
         "    with torch.no_grad():\n"
         f"        logits = model(x{attend}).logits\n"
         f"{shift}"

@@ -401,8 +401,9 @@ def make_inputs(
 
 
 def warn_objective_change(settings: DiffusionSettings, recipe: Recipe) -> None:
-    """Say so when the recipe trains a block checkpoint with another objective or block size."""
-    wanted = recipe.diffusion.block_size
+    """Say so when the recipe trains a block checkpoint with another objective, block size or clean
+    attention."""
+    wanted, clean = recipe.diffusion.block_size, recipe.diffusion.clean_attention
     if settings.block_size is not None and settings.block_size != wanted:
         now = f"block size {wanted}" if wanted else "the full-attention objective"
         log.warning(
@@ -411,6 +412,13 @@ def warn_objective_change(settings: DiffusionSettings, recipe: Recipe) -> None:
             settings.block_size,
             now,
             settings.block_size,
+        )
+    if settings.block_size is not None and wanted and settings.clean_attention != clean:
+        log.warning(
+            "the model's clean tokens attend %s (diffusion.clean_attention); training it with %s, and the "
+            "export records that",
+            settings.clean_attention,
+            clean,
         )
 
 

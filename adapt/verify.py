@@ -263,7 +263,9 @@ def check_exact_cache(model, tokenizer, settings: DiffusionSettings, probe: Prob
     prompts = [probe.long[0, :first].tolist(), probe.long[1, :1].tolist()]
     canvas = build_canvas(prompts, tokenizer, settings, length - first, False, None, device, "right")
     ids = canvas.ids.clone()
-    cached, plain = BlockDenoiser(model, block, cached=True), BlockDenoiser(model, block, cached=False)
+    clean, mask_id = settings.clean_attention, settings.mask_token_id
+    cached = BlockDenoiser(model, block, cached=True, clean=clean, mask_id=mask_id)
+    plain = BlockDenoiser(model, block, cached=False, clean=clean, mask_id=mask_id)
     gen = torch.Generator().manual_seed(0)
     end = int(canvas.end.max())
     for lo in range(int(canvas.start.min()) // block * block, end, block):
@@ -342,9 +344,10 @@ def load_checkpoint(
 
 
 def describe(settings: DiffusionSettings) -> str:
-    """How a checkpoint attends: 'full attention' or 'block diffusion, block size B'."""
+    """How a checkpoint attends: 'full attention' or 'block diffusion, block size B' (+ causal clean)."""
     if settings.block_size:
-        return f"block diffusion, block size {settings.block_size}"
+        causal = ", causal clean attention" if settings.clean_attention == "causal" else ""
+        return f"block diffusion, block size {settings.block_size}{causal}"
     return "full attention"
 
 

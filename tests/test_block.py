@@ -63,6 +63,26 @@ PAIR_L8_B4 = grid("""
 00000000 11111111
 """)
 
+# clean_attention causal: the noisy half as above, each clean token sees the clean tokens up to itself
+PAIR_L8_B2_CAUSAL_CLEAN = grid("""
+11000000 00000000
+11000000 00000000
+00110000 11000000
+00110000 11000000
+00001100 11110000
+00001100 11110000
+00000011 11111100
+00000011 11111100
+00000000 10000000
+00000000 11000000
+00000000 11100000
+00000000 11110000
+00000000 11111000
+00000000 11111100
+00000000 11111110
+00000000 11111111
+""")
+
 CAUSAL_L8_B2 = grid("""
 11000000
 11000000
@@ -83,9 +103,31 @@ def test_pair_mask_matches_hand_written(block: int, expected: torch.Tensor) -> N
     assert torch.equal(got[0, 0], expected)
 
 
+def test_pair_mask_with_causal_clean_attention_matches_hand_written() -> None:
+    got = block_pair_allowed(torch.arange(8)[None], 2, torch.ones(1, 8, dtype=torch.long), clean="causal")
+    assert torch.equal(got[0, 0], PAIR_L8_B2_CAUSAL_CLEAN)
+    # left padding and packed documents: the pattern of each real document alone, shifted
+    am = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1]])
+    padded = block_pair_allowed((am.cumsum(-1) - 1).clamp(min=0), 2, am, clean="causal")[0, 0]
+    alone = block_pair_allowed(torch.arange(6)[None], 2, torch.ones(1, 6, dtype=torch.long), clean="causal")
+    real = torch.tensor([2, 3, 4, 5, 6, 7, 10, 11, 12, 13, 14, 15])
+    assert torch.equal(padded[real][:, real], alone[0, 0])
+    seg = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1]])
+    pos = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]])
+    packed = block_pair_allowed(pos, 2, torch.ones_like(seg), seg, clean="causal")[0, 0]
+    second = torch.tensor([3, 4, 5, 6, 7, 11, 12, 13, 14, 15])
+    doc = block_pair_allowed(torch.arange(5)[None], 2, torch.ones(1, 5, dtype=torch.long), clean="causal")
+    assert torch.equal(packed[second][:, second], doc[0, 0])
+
+
 def test_block_causal_mask_matches_hand_written() -> None:
     got = block_causal_allowed(torch.arange(8)[None], 2)
     assert torch.equal(got[0, 0], CAUSAL_L8_B2)
+    # decoding a causal-clean checkpoint: committed positions (< 4) attend causally, the open block not
+    settled = block_causal_allowed(torch.arange(8)[None], 2, causal_before=4)[0, 0]
+    expected = CAUSAL_L8_B2.clone()
+    expected[:4] = torch.ones(4, 8, dtype=torch.bool).tril()
+    assert torch.equal(settled, expected)
 
 
 def test_masks_follow_positions_padding_and_documents() -> None:
@@ -126,9 +168,19 @@ def noisy_batch(model, tokenizer, settings, rows: int = 2, length: int = 12, see
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def reference_block_loss(model, ids, masked, t, block: int, shift: bool, mask_id: int) -> torch.Tensor:  # noqa: ANN001
-    """For each block k, run the model on clean blocks < k followed by noisy block k (block-causal), and
-    score block k's masked tokens; 1/t weights, / l, mean over rows. Written without adapt's helpers."""
+def reference_block_loss(  # noqa: ANN201
+    model,
+    ids,
+    masked,
+    t,
+    block: int,
+    shift: bool,
+    mask_id: int,
+    clean: str = "block",  # noqa: ANN001
+):
+    """For each block k, run the model on clean blocks < k followed by noisy block k (block-causal; with
+    `clean` "causal" the clean tokens attend causally), and score block k's masked tokens; 1/t weights,
+    / l, mean over rows. Written without adapt's helpers."""
     rows, length = ids.shape
     total = torch.zeros(())
     for r in range(rows):
@@ -140,7 +192,8 @@ def reference_block_loss(model, ids, masked, t, block: int, shift: bool, mask_id
             allowed = torch.zeros(hi, hi, dtype=torch.bool)
             for i in range(hi):
                 for j in range(hi):
-                    allowed[i, j] = j // block <= i // block
+                    committed = clean == "causal" and i < lo
+                    allowed[i, j] = j <= i if committed else j // block <= i // block
             bias = torch.zeros(hi, hi).masked_fill(~allowed, torch.finfo(torch.float32).min)
             with torch.no_grad():
                 logits = model(
@@ -172,18 +225,23 @@ def recovered_noise(inputs, length: int, mask_id: int):  # noqa: ANN001
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma", "gpt2"])
-@pytest.mark.parametrize("block", [2, 4])
-def test_one_pass_loss_equals_per_block_reference(converted, arch: str, block: int) -> None:  # noqa: ANN001
+@pytest.mark.parametrize(("block", "clean"), [(2, "block"), (4, "block"), (2, "causal"), (4, "causal")])
+def test_one_pass_loss_equals_per_block_reference(converted, arch: str, block: int, clean: str) -> None:  # noqa: ANN001
     model, tokenizer, settings = load_diffusion_model(converted[arch], device="cpu")
     batch = noisy_batch(model, tokenizer, settings)
-    objective = block_objective(settings, block)
+    objective = block_objective(settings, block, clean_attention=clean)
     inputs = objective.inputs(batch, None, torch.Generator().manual_seed(1), torch.float32)
     masked, t = recovered_noise(inputs, 12, settings.mask_token_id)
     assert masked.any() and not masked[:, 0].any()
     expected = reference_block_loss(
-        model, batch["input_ids"], masked, t, block, settings.shift, settings.mask_token_id
+        model, batch["input_ids"], masked, t, block, settings.shift, settings.mask_token_id, clean
     )
     torch.testing.assert_close(loss_of(model, inputs), expected, rtol=1e-5, atol=1e-5)
+    if clean == "causal":  # the two clean patterns give different losses: the test can tell them apart
+        other = reference_block_loss(
+            model, batch["input_ids"], masked, t, block, settings.shift, settings.mask_token_id
+        )
+        assert not torch.allclose(other, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_one_pass_loss_without_shift_and_with_partial_last_block(converted) -> None:  # noqa: ANN001
@@ -252,8 +310,10 @@ def test_block_of_one_with_shift_is_the_ar_model(converted, tiny_models) -> None
     torch.testing.assert_close(got[:, :vocab], ar[inputs["rows"], cols], rtol=1e-4, atol=1e-4)
 
 
-def test_left_padding_leaves_every_row_s_predictions_unchanged(converted) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("clean", ["block", "causal"])
+def test_left_padding_leaves_every_row_s_predictions_unchanged(converted, clean: str) -> None:  # noqa: ANN001
     model, tokenizer, settings = load_diffusion_model(converted["qwen2"], device="cpu")
+    settings = dataclasses.replace(settings, clean_attention=clean)
     gen = torch.Generator().manual_seed(7)
     long = torch.randint(10, len(tokenizer), (12,), generator=gen)
     short = torch.randint(10, len(tokenizer), (9,), generator=gen)
@@ -360,6 +420,8 @@ def test_schedule_gives_block_size_by_step() -> None:
         ({"block_schedule": [[0, 1]]}, "needs diffusion.block_size"),
         ({"block_size": 4, "anneal_steps": 10}, "anneal_steps does not apply to block diffusion"),
         ({"block_size": "big"}, "diffusion.block_size must be an integer"),
+        ({"clean_attention": "causal"}, "diffusion.clean_attention=causal needs diffusion.block_size"),
+        ({"block_size": 4, "clean_attention": "full"}, "diffusion.clean_attention"),
     ],
 )
 def test_bad_block_settings_are_refused(diffusion: dict, message: str) -> None:
@@ -402,15 +464,18 @@ def test_block_recipes_train_export_and_chain_through_the_cli(llama_src, tmp_pat
     config = json.loads((exported / "config.json").read_text())
     assert config["diffusion"]["block_size"] == 8 and config["is_causal"] is False
     AutoModelForCausalLM.from_pretrained(exported)  # stock transformers loads it
-    # SFT of the block checkpoint, keeping its block size
+    assert config["diffusion"]["clean_attention"] == "block"
+    # SFT of the block checkpoint, keeping its block size, its clean tokens now attending causally
     second = tmp_path / "block_chat"
     args = [f"model.path={exported}", *quiet, "training.max_steps=2", "data.max_length=32",
-            "diffusion.block_size=8"]  # fmt: skip
+            "diffusion.block_size=8", "diffusion.clean_attention=causal"]  # fmt: skip
     result = runner.invoke(
         app, ["finetune", "recipes/block_chat.yaml", f"training.output_dir={second}", *args]
     )
     assert result.exit_code == 0, result.output
-    assert json.loads((second / "final/config.json").read_text())["diffusion"]["block_size"] == 8
+    recorded = json.loads((second / "final/config.json").read_text())["diffusion"]
+    assert recorded["block_size"] == 8 and recorded["clean_attention"] == "causal"
+    assert load_diffusion_model(second / "final", device="cpu")[2].clean_attention == "causal"
     # a block size the sequence length cannot hold is one line, exit 1, nothing written
     bad = tmp_path / "bad"
     result = runner.invoke(

@@ -180,13 +180,18 @@ def test_full_attention_card_has_no_block_line(ckpt: Path) -> None:
     assert "block" not in card.lower() and "--cache" not in card
 
 
-def test_block_card_stock_snippet_decodes_block_by_block_like_adapt(block_ckpt: Path) -> None:
+@pytest.mark.parametrize("clean", ["block", "causal"])
+def test_block_card_stock_snippet_decodes_block_by_block_like_adapt(block_ckpt: Path, clean: str) -> None:
     import adapt
     from adapt.checkpoint import load_diffusion_model
 
+    cfg = json.loads((block_ckpt / "config.json").read_text())
+    cfg["diffusion"]["clean_attention"] = clean
+    (block_ckpt / "config.json").write_text(json.dumps(cfg))
     card = plan_push(block_ckpt, "me/x").card
+    assert ("| clean attention | causal" in card) == (clean == "causal")
     code = re.findall(r"```python\n(.*?)```", card, flags=re.S)[0]
-    assert "attention_mask=attn" in code
+    assert ("attention_mask=step_attn" if clean == "causal" else "attention_mask=attn") in code
     scope: dict = {}
     with contextlib.redirect_stdout(io.StringIO()):
         exec(compile(code.replace('"me/x"', repr(str(block_ckpt))), "card_snippet", "exec"), scope)

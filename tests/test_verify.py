@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from collections.abc import Callable
@@ -62,6 +63,17 @@ def test_block_checkpoints_pass_the_block_checks_too(block_checkpoints: dict, ar
     assert result.exit_code == 0, result.output
     path = block_checkpoints[arch]
     assert result.stdout.splitlines() == [*BLOCK, f"verified {path} (block diffusion, block size 4)"]
+
+
+def test_causal_clean_block_checkpoint_passes(block_checkpoints: dict, tmp_path: Path) -> None:
+    def causal_clean(config: dict) -> None:
+        config["diffusion"]["clean_attention"] = "causal"
+
+    path = edited(block_checkpoints["qwen2"], tmp_path / "causal-clean", causal_clean)
+    result = verify(path)
+    assert result.exit_code == 0, result.output
+    described = "block diffusion, block size 4, causal clean attention"
+    assert result.stdout.splitlines() == [*BLOCK, f"verified {path} ({described})"]
 
 
 def test_a_causal_block_checkpoint_fails_bidirectional_attention(
@@ -202,8 +214,12 @@ def test_block_causality_catches_a_wrong_mask(block_llama: tuple, swap: Callable
         check_block_causality(MaskSwap(model, swap), probe, 4)
 
 
-def test_exact_cache_catches_cached_steps_that_see_too_much(block_llama: tuple) -> None:
+@pytest.mark.parametrize("clean", ["block", "causal"])
+def test_exact_cache_catches_cached_steps_that_see_too_much(block_llama: tuple, clean: str) -> None:
     model, tokenizer, settings, probe = block_llama
+    settings = dataclasses.replace(settings, clean_attention=clean)
+    check_exact_cache(MaskSwap(model, lambda mask, *_: mask), tokenizer, settings, probe)
     check_block_causality(MaskSwap(model, no_mask_with_cache), probe, 4)  # uncached passes are right
-    with pytest.raises(AdaptError, match="^check 'exact KV cache' failed: at block 1, step 1"):
+    where = "block 1, step 1" if clean == "block" else r"block \d, step 1"  # causal: the prompt's first pass
+    with pytest.raises(AdaptError, match=f"^check 'exact KV cache' failed: at {where}"):
         check_exact_cache(MaskSwap(model, no_mask_with_cache), tokenizer, settings, probe)

@@ -2,9 +2,10 @@
 
 One forward pass trains every block at once. The input is the pair [x_t ; x_0] (length 2l) with the
 position ids repeated, under `adapt.attention.block_pair_allowed`: noisy block b sees itself and the
-clean blocks < b, clean block b sees the clean blocks <= b. Each block draws its own t; the loss is
-1/t-weighted cross-entropy on the masked tokens of x_t, normalised like the full-attention objective
-(sequence length for pretraining, response length for SFT).
+clean blocks < b, clean block b sees the clean blocks <= b (`diffusion.clean_attention: causal`: each
+clean token sees the clean tokens before it, the AR source's own attention). Each block draws its own t;
+the loss is 1/t-weighted cross-entropy on the masked tokens of x_t, normalised like the full-attention
+objective (sequence length for pretraining, response length for SFT).
 
 Blocks follow positions (position // B), so left padding and packed documents (whose positions restart)
 keep their blocks, and a block never spans two documents. With `shift` the prediction for token j is
@@ -64,8 +65,9 @@ class BlockDiffusion:
         views = [(masked, t)]
         if d.complementary_masking:
             views.append((complementary_mask(masked, maskable), (1.0 - t).clamp(min=d.eps)))
+        settings = self.record(self.settings)  # the recipe's block settings, not the loaded checkpoint's
         parts = [
-            pair_inputs(ids, am, positions, segments, m, level, maskable, size, self.settings, sft, dtype)
+            pair_inputs(ids, am, positions, segments, m, level, maskable, size, settings, sft, dtype)
             for m, level in views
         ]
         return concat_views(parts, ids.shape[1])
@@ -74,8 +76,8 @@ class BlockDiffusion:
         return {"block_size": float(self.block_size_at(step))}
 
     def record(self, settings: DiffusionSettings) -> DiffusionSettings:
-        """The export records the target block size; samplers decode block by block with it."""
-        return settings.with_block_size(self.config.block_size)
+        """The export records the target block size and how clean tokens attend; samplers decode with them."""
+        return settings.with_block_size(self.config.block_size, self.config.clean_attention)
 
 
 def token_positions(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -134,7 +136,9 @@ def pair_inputs(
     """
     batch, length = ids.shape
     noisy = ids.masked_fill(masked, settings.mask_token_id)
-    allowed = block_pair_allowed(positions, block_size, attention_mask, segments)  # [b, 1, 2l, 2l]
+    allowed = block_pair_allowed(
+        positions, block_size, attention_mask, segments, settings.clean_attention
+    )  # [b, 1, 2l, 2l]
     rows, cols = masked.nonzero(as_tuple=True)  # [n]
     source = cols
     if settings.shift:

@@ -117,17 +117,27 @@ class BlockDenoiser:
 
     The canvas is decoded in model blocks of `block_size` columns (rows are right-padded so that column
     = position). A query in block c sees blocks <= c, never the masked blocks after it.
-    - uncached (the reference): every step recomputes columns [0, hi) under the block-causal mask.
+    - uncached (the reference): every step recomputes columns [0, hi) under the block-causal mask (with
+      `clean` "causal" the committed columns before the block attend causally, as in training).
     - cached: committed blocks never change, so their keys/values are exact. A block's first step feeds
       the columns not yet cached (the block just committed, clean, and the new block) and keeps the
       committed ones in the cache; later steps feed the block alone. With shift, the prediction for the
       block's first token comes from the previous block's last column, computed in that first step.
+    - cached, `clean` "causal": a committed token's keys depend on the tokens before it only, so every
+      step also feeds, clean, the columns committed since the last step (the longest committed run of
+      the block, over all rows) and caches them: the next block starts with the few columns its
+      predecessor committed last instead of the whole block. The block's own queries never see these
+      clean copies of their block (`_causal_mask`), as in training.
     """
 
-    def __init__(self, model: Any, block_size: int, cached: bool) -> None:
+    def __init__(
+        self, model: Any, block_size: int, cached: bool, clean: str = "block", mask_id: int = -1
+    ) -> None:
         self.model = model
         self.block_size = block_size
         self.cached = cached
+        self.clean = clean
+        self.mask_id = mask_id  # tells committed columns from open ones ("causal" only)
         self._cache_kw, self._can_keep = forward_signature(model)
         self.cache: Any = None
         self.committed = 0  # columns [0, committed) are in the cache
@@ -135,12 +145,16 @@ class BlockDenoiser:
         self.first_step = True
         self.earlier: dict[int, torch.Tensor] = {}  # logits [b, V] of committed columns, from the first step
         self.nfe = 0
+        self.fed = 0  # tokens fed to the model, over all steps (per row)
 
     def start_block(self, lo: int, hi: int) -> None:
         """The coming steps denoise columns up to `hi` of the model block that holds column hi - 1."""
         self.hi = hi
         self.lo = (hi - 1) // self.block_size * self.block_size
+        carried = self.earlier.get(self.lo - 1) if self.clean == "causal" else None
         self.first_step, self.earlier = True, {}
+        if carried is not None:  # computed when the previous block's last column was cached
+            self.earlier[self.lo - 1] = carried
 
     def logits(
         self, ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor
@@ -149,17 +163,22 @@ class BlockDenoiser:
         self.nfe += 1
         if not self.cached:
             return self._forward(ids, attention, positions, 0, keep)
+        if self.clean == "causal":
+            return self._causal_step(ids, attention, positions, keep)
         # the first step also feeds the committed columns not cached yet; later steps the block alone
         first = self.committed if self.first_step else self.lo
         self.first_step = False
         fresh = keep[keep >= first]
         logits = self._forward(ids, attention, positions, first, fresh)  # [b, f, V]
-        index = {c: i for i, c in enumerate(fresh.tolist())}
+        self.cache.crop(-(self.hi - self.lo))  # drop the block: the cache holds the committed columns
+        self.committed = self.lo
+        return self._gather(logits, {c: i for i, c in enumerate(fresh.tolist())}, keep)
+
+    def _gather(self, logits: torch.Tensor, index: dict[int, int], keep: torch.Tensor) -> torch.Tensor:
+        """Logits of `keep` from this step's (`index`: column -> row of `logits`) or the block's first."""
         for c, i in index.items():
             if c < self.lo:  # committed: what it predicts never changes within the block
                 self.earlier[c] = logits[:, i]
-        self.cache.crop(-(self.hi - self.lo))  # drop the block: the cache holds the committed columns
-        self.committed = self.lo
         parts = [self.earlier[c] if c < self.lo else logits[:, index[c]] for c in keep.tolist()]
         return torch.stack(parts, dim=1)
 
@@ -172,17 +191,78 @@ class BlockDenoiser:
         keep: torch.Tensor,
     ) -> torch.Tensor:
         """Logits at `keep` of queries [first, hi) attending block-causally to columns [0, hi)."""
-        from transformers import DynamicCache
-
         from adapt.attention import block_causal_allowed, to_additive
 
         dtype = next(self.model.parameters()).dtype
         hi = self.hi
-        allowed = block_causal_allowed(positions[:, :hi], self.block_size, attention[:, :hi])
-        kw: dict[str, Any] = {"attention_mask": to_additive(allowed[:, :, first:hi], dtype)}
+        causal_before = self.lo if self.clean == "causal" else None
+        allowed = block_causal_allowed(positions[:, :hi], self.block_size, attention[:, :hi], causal_before)
+        inputs = {"input_ids": ids[:, first:hi], "position_ids": positions[:, first:hi]}
+        return self._run(inputs, to_additive(allowed[:, :, first:hi], dtype), keep - first)
+
+    def _run(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        from transformers import DynamicCache
+
+        kw: dict[str, Any] = {"attention_mask": mask}
         if self.cached:
             if self.cache is None:
                 self.cache = DynamicCache(config=self.model.config)
             kw[self._cache_kw] = self.cache
-        inputs = {"input_ids": ids[:, first:hi], "position_ids": positions[:, first:hi]}
-        return logits_kept(self.model, self._can_keep, keep - first, use_cache=self.cached, **inputs, **kw)[0]
+        self.fed += inputs["input_ids"].shape[1]
+        return logits_kept(self.model, self._can_keep, keep, use_cache=self.cached, **inputs, **kw)[0]
+
+    def _causal_step(
+        self, ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor
+    ) -> torch.Tensor:
+        """One step of a causal-clean checkpoint: clean columns [committed, upto), then the block [lo, hi)."""
+        lo, hi, start = self.lo, self.hi, self.committed
+        upto = self._committed_run(ids)
+        columns = torch.cat([torch.arange(start, upto), torch.arange(lo, hi)]).to(ids.device)
+        inputs = {"input_ids": ids[:, columns], "position_ids": positions[:, columns]}
+        wanted = keep.tolist()
+        clean = [c for c in wanted if start <= c < lo]  # (columns before `start`: from `earlier`)
+        if upto == hi > start:  # the block's last column, just cached, predicts the next block's first
+            clean.append(hi - 1)
+        block = [c for c in wanted if c >= lo]
+        rows = [c - start for c in clean] + [upto - start + c - lo for c in block]
+        logits = self._run(
+            inputs,
+            self._causal_mask(attention, upto),
+            torch.tensor(rows, dtype=torch.long, device=ids.device),
+        )
+        self.cache.crop(-(hi - lo))  # the block's noisy columns; its clean copies stay
+        self.committed = upto
+        for i, c in enumerate(clean):
+            self.earlier[c] = logits[:, i]  # committed columns: what they predict never changes
+        index = {c: len(clean) + i for i, c in enumerate(block)}
+        return torch.stack([logits[:, index[c]] if c >= lo else self.earlier[c] for c in wanted], dim=1)
+
+    def _committed_run(self, ids: torch.Tensor) -> int:
+        """The end of the committed columns: every column before the block, then the block's columns up to
+        the first one still masked in any row (a clean copy is exact only when all before it are final)."""
+        open_ = (ids[:, self.lo : self.hi] == self.mask_id).any(0)  # [w]
+        first_open = int(open_.nonzero()[0]) if bool(open_.any()) else self.hi - self.lo
+        return max(self.lo + first_open, self.committed)
+
+    def _causal_mask(self, attention: torch.Tensor, upto: int) -> torch.Tensor:
+        """Additive mask of the queries [clean committed..upto ; block lo..hi) over keys [0, upto) + block.
+
+        Clean queries see the keys at or before their column; block queries see the keys before the
+        block and the whole block (padding keys hidden; every query sees itself)."""
+        from adapt.attention import to_additive
+
+        lo, hi, start = self.lo, self.hi, self.committed
+        device = attention.device
+        key_cols = torch.cat([torch.arange(upto, device=device), torch.arange(lo, hi, device=device)])
+        query_cols = key_cols[start:]
+        in_block = torch.arange(len(key_cols), device=device) >= upto  # [k] noisy keys
+        q_block = in_block[start:]  # [q]
+        clean_q = (key_cols[None, :] <= query_cols[:, None]) & ~in_block[None, :]
+        block_q = (key_cols[None, :] < lo) & ~in_block[None, :] | in_block[None, :]
+        allowed = torch.where(q_block[:, None], block_q, clean_q)  # [q, k]
+        allowed = allowed[None] & attention[:, key_cols].bool()[:, None, :]  # [b, q, k]
+        eye = torch.zeros_like(allowed[0])
+        eye[torch.arange(len(query_cols)), torch.arange(start, len(key_cols))] = True
+        allowed = allowed | eye
+        dtype = next(self.model.parameters()).dtype
+        return to_additive(allowed[:, None], dtype)

@@ -129,7 +129,10 @@ def resolve_cache(config: SamplingConfig, settings: DiffusionSettings) -> Sampli
 def make_denoiser(model: Any, config: SamplingConfig, settings: DiffusionSettings) -> Any:
     """The forward passes a checkpoint needs: block-causal with an exact cache, or full attention."""
     if settings.block_size:
-        return BlockDenoiser(model, settings.block_size, cached=config.cache == "prefix")
+        cached = config.cache == "prefix"
+        return BlockDenoiser(
+            model, settings.block_size, cached, settings.clean_attention, settings.mask_token_id
+        )
     return Denoiser(model, config.cache, config.cache_refresh)
 
 
