@@ -104,3 +104,16 @@ def test_memory_table_counts_the_parameters_a_model_really_has(llama_src: Path) 
     assert bytes_per_gpu(n, n, "DDP", 8) == ADAMW_FP32 * n
     assert bytes_per_gpu(n, n, "ZeRO-3", 8) == bytes_per_gpu(n, n, "FSDP2", 8) == ADAMW_FP32 * n / 8
     assert bytes_per_gpu(n, n, "ZeRO-2", 8) == 4 * n + 12 * n / 8
+
+
+def test_pass_cost_bench_times_every_pass_size_against_generate(tmp_path: Path) -> None:
+    out = tmp_path / "cost.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "pass_cost.py"), "--max-new", "3", "--rounds", "2"]
+    cmd += ["--new", "4", "--prompt-length", "16", "--threads", "1", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert sorted(result["passes"]) == ["1", "2", "3"] and result["ar_step_ms"] > 0
+    for row in result["passes"].values():  # each ratio is the row's time over the AR step's
+        assert abs(row["ar_steps"] - row["ms"] / result["ar_step_ms"]) < 1e-9
+    assert proc.stdout.count("\n| ") == 4  # the header and M = 1, 2, 3
