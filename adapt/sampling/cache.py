@@ -217,7 +217,8 @@ class BlockDenoiser:
         """One step of a causal-clean checkpoint: clean columns [committed, upto), then the block [lo, hi)."""
         lo, hi, start = self.lo, self.hi, self.committed
         upto = self._committed_run(ids)
-        columns = torch.cat([torch.arange(start, upto), torch.arange(lo, hi)]).to(ids.device)
+        device = ids.device
+        columns = torch.cat([torch.arange(start, upto, device=device), torch.arange(lo, hi, device=device)])
         inputs = {"input_ids": ids[:, columns], "position_ids": positions[:, columns]}
         wanted = keep.tolist()
         clean = [c for c in wanted if start <= c < lo]  # (columns before `start`: from `earlier`)
@@ -228,7 +229,7 @@ class BlockDenoiser:
         logits = self._run(
             inputs,
             self._causal_mask(attention, upto),
-            torch.tensor(rows, dtype=torch.long, device=ids.device),
+            torch.tensor(rows, dtype=torch.long, device=device),
         )
         self.cache.crop(-(hi - lo))  # the block's noisy columns; its clean copies stay
         self.committed = upto
@@ -239,10 +240,11 @@ class BlockDenoiser:
 
     def _committed_run(self, ids: torch.Tensor) -> int:
         """The end of the committed columns: every column before the block, then the block's columns up to
-        the first one still masked in any row (a clean copy is exact only when all before it are final)."""
+        the first one still masked in any row (a clean copy is exact only when all before it are final).
+        Never behind `committed`: a cached column was final, and final columns are never masked again."""
         open_ = (ids[:, self.lo : self.hi] == self.mask_id).any(0)  # [w]
         first_open = int(open_.nonzero()[0]) if bool(open_.any()) else self.hi - self.lo
-        return max(self.lo + first_open, self.committed)
+        return self.lo + first_open
 
     def _causal_mask(self, attention: torch.Tensor, upto: int) -> torch.Tensor:
         """Additive mask of the queries [clean committed..upto ; block lo..hi) over keys [0, upto) + block.
