@@ -7,6 +7,7 @@ A converted checkpoint is a plain Hugging Face causal-LM directory whose config.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -46,6 +47,9 @@ class DiffusionSettings:
     clean_attention: str = "block"
     """Block diffusion: how committed tokens attend to each other, "block" (blocks <= their own, BD3-LM)
     or "causal" (tokens before them, as in the AR source)."""
+    ar_loss_weight: float = 0.0
+    """Weight of the next-token loss the clean half was trained with (0: none). > 0: the checkpoint is an
+    AR model too, and its AR head verifies diffusion drafts (`--strategy ar` / `verify`)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -196,6 +200,9 @@ def check_settings(settings: DiffusionSettings, vocab_size: int | None, where: s
             f"{where}: diffusion.clean_attention must be one of {', '.join(CLEAN_ATTENTION)}, "
             f"got {settings.clean_attention!r}"
         )
+    a = settings.ar_loss_weight
+    if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a) or a < 0:
+        raise AdaptError(f"{where}: diffusion.ar_loss_weight must be a finite number >= 0, got {a!r}")
 
 
 class _Namespace:

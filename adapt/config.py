@@ -65,10 +65,16 @@ class DiffusionConfig:
     <= b. causal: each clean token sees the clean tokens before it, as in the AR source, so a committed
     token's keys depend only on the past and the sampler caches it in the very next pass instead of
     re-feeding its whole block (fewer tokens per pass: B + 1 instead of 2B at one token per step)."""
+    ar_loss_weight: float = 0.0
+    """Joint objective (TiDAR): also train next-token cross-entropy on the clean half, the AR source's own
+    loss, added with this weight. Needs clean_attention: causal (the clean half is then an AR pass); the
+    checkpoint is then an AR model and a block-diffusion drafter at once (`adapt sample --strategy verify`).
+    0: the diffusion loss alone."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.eps < 1.0:
             raise AdaptError(f"diffusion.eps must be in (0, 1), got {self.eps}")
+        self.check_ar_loss_weight()
         if self.anneal_steps < 0:
             raise AdaptError(f"diffusion.anneal_steps must be >= 0, got {self.anneal_steps}")
         if self.block_size is None:
@@ -94,6 +100,19 @@ class DiffusionConfig:
             )
         if self.block_schedule is not None:
             check_block_schedule(self.block_schedule, self.block_size)
+
+    def check_ar_loss_weight(self) -> None:
+        """The AR term is a finite weight >= 0, and only where the clean half is an AR pass."""
+        a = self.ar_loss_weight
+        if not math.isfinite(a) or a < 0:
+            raise AdaptError(f"diffusion.ar_loss_weight must be a finite number >= 0, got {a}")
+        if a and (self.block_size is None or self.clean_attention != "causal"):
+            where = "full attention" if self.block_size is None else "clean_attention: block"
+            raise AdaptError(
+                f"diffusion.ar_loss_weight={a} trains the clean half as an AR model, which needs block "
+                f"diffusion with clean_attention: causal (this recipe has {where}); set "
+                "diffusion.block_size and diffusion.clean_attention=causal, or ar_loss_weight=0"
+            )
 
     def block_sizes(self) -> list[int]:
         """Every block size training will use (the schedule's and the target)."""

@@ -18,7 +18,7 @@ schedule (LLaDA2) moves from the first towards the second during adaptation.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -26,6 +26,7 @@ from adapt.attention import block_ids, block_pair_allowed, position_ids_from_mas
 from adapt.checkpoint import DiffusionSettings
 from adapt.config import DiffusionConfig
 from adapt.diffusion import complementary_mask, maskable_positions, sample_t
+from adapt.errors import AdaptError
 
 Inputs = dict[str, "torch.Tensor | None"]
 
@@ -37,6 +38,13 @@ class BlockDiffusion:
     config: DiffusionConfig
     settings: DiffusionSettings
     name: str = "block"
+
+    def __post_init__(self) -> None:
+        if self.config.ar_loss_weight and not self.settings.shift:
+            raise AdaptError(
+                "diffusion.ar_loss_weight needs a checkpoint with shift (logits at i predict token i + 1, "
+                "the AR head's meaning); this one reads each prediction at its own position"
+            )
 
     def block_size_at(self, step: int | None) -> int:
         """The schedule's block size at `step`; None (evaluation) is the target `diffusion.block_size`."""
@@ -70,14 +78,19 @@ class BlockDiffusion:
             pair_inputs(ids, am, positions, segments, m, level, maskable, size, settings, sft, dtype)
             for m, level in views
         ]
-        return concat_views(parts, ids.shape[1])
+        out = concat_views(parts, ids.shape[1])
+        if d.ar_loss_weight:
+            out = with_ar_term(out, ar_term(ids, positions, maskable, d.ar_loss_weight))
+        return out
 
     def step_metrics(self, step: int, batch: dict[str, torch.Tensor], inputs: Inputs) -> dict[str, float]:
         return {"block_size": float(self.block_size_at(step))}
 
     def record(self, settings: DiffusionSettings) -> DiffusionSettings:
-        """The export records the target block size and how clean tokens attend; samplers decode with them."""
-        return settings.with_block_size(self.config.block_size, self.config.clean_attention)
+        """The export records the target block size, how clean tokens attend and the AR term's weight;
+        samplers decode with them."""
+        recorded = settings.with_block_size(self.config.block_size, self.config.clean_attention)
+        return replace(recorded, ar_loss_weight=self.config.ar_loss_weight)
 
 
 def token_positions(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -172,4 +185,35 @@ def concat_views(parts: list[Inputs], length: int) -> Inputs:
         out[key] = torch.cat([p[key] for p in parts])  # type: ignore[misc]
     out["rows"] = torch.cat(rows)
     out["weights"] = out["weights"] / len(parts)  # type: ignore[operator]
+    return out
+
+
+def ar_term(ids: torch.Tensor, positions: torch.Tensor, maskable: torch.Tensor, weight: float) -> Inputs:
+    """The joint objective's AR term: token j predicted by clean column l + j - 1 (clean attention causal,
+    so that column sees tokens < j only: the AR source's own next-token prediction).
+
+    Targets are the maskable tokens (real, not prompt, not a row's first) that are not a document's first
+    (position 0); each weighs `weight` over their count, so with weight 1 the term is the batch's mean
+    next-token cross-entropy, the AR source's own causal-LM loss. ids, positions, maskable: [b, l].
+    """
+    targets = maskable & (positions > 0)
+    targets[:, 0] = False
+    rows, cols = targets.nonzero(as_tuple=True)  # [n]
+    n = max(rows.numel(), 1)
+    return {
+        "rows": rows,
+        "cols": ids.shape[1] + cols - 1,
+        "targets": ids[rows, cols],
+        "weights": torch.full((rows.numel(),), weight / n, device=ids.device),
+    }
+
+
+def with_ar_term(inputs: Inputs, ar: Inputs) -> Inputs:
+    """The diffusion entries followed by the AR term's (over the first view's rows); `ar` [n] marks which
+    entries are the AR term, for the metrics."""
+    out = dict(inputs)
+    for key in ("rows", "cols", "targets", "weights"):
+        out[key] = torch.cat([inputs[key], ar[key]])  # type: ignore[list-item]
+    diffusion = inputs["rows"].numel()  # type: ignore[union-attr]
+    out["ar"] = torch.arange(out["rows"].numel(), device=out["rows"].device) >= diffusion  # type: ignore[union-attr]
     return out

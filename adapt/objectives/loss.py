@@ -42,9 +42,11 @@ class TokenLoss(nn.Module):
         cols: torch.Tensor,
         targets: torch.Tensor,
         weights: torch.Tensor,
+        ar: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """input_ids [b, l] (noisy), attention_mask [b, l] or additive [b, 1, l, l], rows/cols [n]
-        (where the prediction is read: already shifted), targets [n], weights [n]
+        (where the prediction is read: already shifted), targets [n], weights [n], ar [n] (which entries
+        are the joint objective's AR term; only the metrics read it)
         -> (loss [], nll [n], correct [n]: argmax == target)."""
         logits = self.logits_at(input_ids, attention_mask, position_ids, rows, cols)  # [n, V]
         nll = F.cross_entropy(logits.float(), targets, reduction="none")  # [n]

@@ -1,0 +1,191 @@
+"""The joint objective (diffusion.ar_loss_weight): the clean half of block diffusion with causal clean
+attention also trains next-token prediction, so one checkpoint is an AR model and a diffusion drafter."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from adapt.checkpoint import check_settings, load_diffusion_model
+from adapt.config import DiffusionConfig, recipe_from_dict
+from adapt.errors import AdaptError
+from adapt.objectives.block import BlockDiffusion
+from adapt.objectives.loss import TokenLoss
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def joint(settings, weight: float, block: int = 4) -> BlockDiffusion:  # noqa: ANN001
+    config = DiffusionConfig(block_size=block, clean_attention="causal", ar_loss_weight=weight)
+    return BlockDiffusion(config, settings)
+
+
+def random_batch(tokenizer, rows: int, length: int, seed: int) -> dict[str, torch.Tensor]:  # noqa: ANN001
+    """Random ordinary tokens (never the mask token, which converted tokenizers end with)."""
+    vocab = len(tokenizer) - 1
+    ids = torch.randint(10, vocab, (rows, length), generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def ar_part(inputs: dict) -> dict:  # noqa: ANN001
+    """The AR term's entries alone (same forward input)."""
+    keep = inputs["ar"]
+    out = dict(inputs)
+    for key in ("rows", "cols", "targets", "weights"):
+        out[key] = inputs[key][keep]
+    out.pop("ar")
+    return out
+
+
+def loss(model, inputs: dict) -> torch.Tensor:  # noqa: ANN001
+    return TokenLoss(model)(**inputs)[0]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma", "gpt2"])
+def test_ar_term_is_the_source_s_own_causal_lm_loss(converted, tiny_models, arch: str) -> None:  # noqa: ANN001
+    model, tokenizer, settings = load_diffusion_model(converted[arch], device="cpu")
+    batch = random_batch(tokenizer, rows=2, length=12, seed=1)
+    inputs = joint(settings, 1.0).inputs(batch, 0, torch.Generator().manual_seed(2), torch.float32)
+    with torch.no_grad():
+        got = loss(model, ar_part(inputs))
+        # stock transformers, the same weights run causally, its own labels loss
+        causal = AutoModelForCausalLM.from_pretrained(converted[arch], is_causal=True).eval()
+        want = causal(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert int(inputs["ar"].sum()) == 2 * 11  # every token but each row's first
+    # and the source's own next-token logits, every row of its vocabulary but the new mask token's
+    source = AutoModelForCausalLM.from_pretrained(tiny_models[arch]).eval()
+    entries = ar_part(inputs)
+    with torch.no_grad():
+        logits = TokenLoss(model).logits_at(
+            entries["input_ids"],
+            entries["attention_mask"],
+            entries["position_ids"],
+            entries["rows"],
+            entries["cols"],
+        )
+        ar = source(**batch).logits[entries["rows"], entries["cols"] - batch["input_ids"].shape[1]]
+    keep = torch.arange(ar.shape[-1]) != settings.mask_token_id  # (a reused spare row has new weights)
+    torch.testing.assert_close(logits[:, : ar.shape[-1]][:, keep], ar[:, keep], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("weight", [0.5, 2.0])
+def test_joint_loss_and_gradients_are_the_two_terms_of_separate_forwards(converted, weight: float) -> None:  # noqa: ANN001
+    model, tokenizer, settings = load_diffusion_model(converted["llama"], device="cpu")
+    batch = random_batch(tokenizer, rows=2, length=16, seed=3)
+
+    def grads_of(value: torch.Tensor) -> list[torch.Tensor]:
+        model.zero_grad()
+        value.backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    both = joint(settings, weight).inputs(batch, 0, torch.Generator().manual_seed(4), torch.float32)
+    diffusion = joint(settings, 0.0).inputs(batch, 0, torch.Generator().manual_seed(4), torch.float32)
+    assert "ar" not in diffusion
+    causal = AutoModelForCausalLM.from_pretrained(converted["llama"], is_causal=True)
+    joint_loss = loss(model, both)
+    g_joint = grads_of(joint_loss)
+    d_loss = loss(model, diffusion)
+    g_diff = grads_of(d_loss)
+    a_loss = causal(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
+    causal.zero_grad()
+    a_loss.backward()
+    g_ar = [p.grad for p in causal.parameters() if p.grad is not None]
+    torch.testing.assert_close(joint_loss, d_loss + weight * a_loss, rtol=1e-5, atol=1e-5)
+    assert len(g_joint) == len(g_diff) == len(g_ar)
+    for gj, gd, ga in zip(g_joint, g_diff, g_ar, strict=True):
+        torch.testing.assert_close(gj, gd + weight * ga, rtol=1e-4, atol=1e-6)
+    assert all(float(g.abs().sum()) > 0 for g in g_ar[-3:])  # the AR term moves the top layers too
+    assert not torch.allclose(g_joint[-1], g_diff[-1])
+
+
+def test_left_padding_keeps_the_ar_term_exact(converted) -> None:  # noqa: ANN001
+    model, tokenizer, settings = load_diffusion_model(converted["qwen2"], device="cpu")
+    gen = torch.Generator().manual_seed(5)
+    long = torch.randint(10, len(tokenizer) - 1, (12,), generator=gen)
+    short = torch.randint(10, len(tokenizer) - 1, (9,), generator=gen)
+    pad = tokenizer.pad_token_id
+    batch = {
+        "input_ids": torch.stack([long, torch.cat([torch.full((3,), pad), short])]),
+        "attention_mask": torch.tensor([[1] * 12, [0] * 3 + [1] * 9]),
+    }
+    objective = joint(settings, 1.0)
+
+    def ar_nll(b: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        inputs = ar_part(objective.inputs(b, 0, torch.Generator().manual_seed(6), torch.float32))
+        with torch.no_grad():
+            _, nll, _ = TokenLoss(model)(**inputs)
+        return nll, inputs["rows"], inputs["targets"]
+
+    nll, rows, targets = ar_nll(batch)
+    for r, row in enumerate((long, short)):
+        alone, _, alone_targets = ar_nll({"input_ids": row[None], "attention_mask": torch.ones(1, len(row))})
+        assert torch.equal(targets[rows == r], alone_targets)
+        torch.testing.assert_close(nll[rows == r], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_documents_each_keep_their_own_ar_loss(converted) -> None:  # noqa: ANN001
+    model, tokenizer, settings = load_diffusion_model(converted["llama"], device="cpu")
+    ids = random_batch(tokenizer, rows=1, length=10, seed=7)["input_ids"]
+    packed = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "segment_ids": torch.tensor([[0] * 6 + [1] * 4]),
+        "position_ids": torch.tensor([[0, 1, 2, 3, 4, 5, 0, 1, 2, 3]]),
+    }
+    objective = joint(settings, 1.0, block=2)
+    inputs = ar_part(objective.inputs(packed, 0, torch.Generator().manual_seed(8), torch.float32))
+    assert inputs["targets"].tolist() == ids[0, [1, 2, 3, 4, 5, 7, 8, 9]].tolist()  # no doc's first
+    causal = AutoModelForCausalLM.from_pretrained(converted["llama"], is_causal=True).eval()
+    with torch.no_grad():
+        got = loss(model, inputs)
+        first = causal(input_ids=ids[:, :6], labels=ids[:, :6]).loss
+        second = causal(input_ids=ids[:, 6:], labels=ids[:, 6:]).loss
+    torch.testing.assert_close(got, (5 * first + 3 * second) / 8, rtol=1e-5, atol=1e-5)
+
+
+def test_sft_prompts_stay_out_of_the_ar_term(converted) -> None:  # noqa: ANN001
+    _, tokenizer, settings = load_diffusion_model(converted["llama"], device="cpu")
+    batch = random_batch(tokenizer, rows=1, length=10, seed=9)
+    prompt = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
+    prompt[:, :6] = True
+    inputs = joint(settings, 1.0, block=2).inputs(
+        {**batch, "prompt_mask": prompt}, 0, torch.Generator().manual_seed(1), torch.float32
+    )
+    assert inputs["targets"][inputs["ar"]].tolist() == batch["input_ids"][0, 6:].tolist()
+    torch.testing.assert_close(inputs["weights"][inputs["ar"]], torch.full((4,), 0.25))
+
+
+def test_the_export_records_the_weight_and_a_bad_recorded_weight_is_refused(converted) -> None:  # noqa: ANN001
+    _, _, settings = load_diffusion_model(converted["llama"], device="cpu")
+    recorded = joint(settings, 0.5).record(settings)
+    assert (recorded.block_size, recorded.clean_attention, recorded.ar_loss_weight) == (4, "causal", 0.5)
+    for bad in (-1.0, math.nan, "1", True):
+        with pytest.raises(AdaptError, match="ar_loss_weight"):
+            check_settings(dataclasses.replace(recorded, ar_loss_weight=bad), None, "ckpt")
+
+
+@pytest.mark.parametrize(
+    ("diffusion", "message"),
+    [
+        ({"ar_loss_weight": 1.0}, "needs block diffusion with clean_attention: causal .*full attention"),
+        ({"block_size": 4, "ar_loss_weight": 1.0}, "clean_attention: block"),
+        ({"block_size": 4, "clean_attention": "causal", "ar_loss_weight": -0.1}, "finite number >= 0"),
+        ({"block_size": 4, "clean_attention": "causal", "ar_loss_weight": float("nan")}, "finite number"),
+        ({"block_size": 4, "clean_attention": "causal", "ar_loss_weight": "x"}, "ar_loss_weight"),
+    ],
+)
+def test_bad_ar_loss_weights_are_refused(diffusion: dict, message: str) -> None:
+    recipe = {"model": {"path": "m"}, "data": {"path": "d", "max_length": 16}, "diffusion": diffusion}
+    with pytest.raises(AdaptError, match=message):
+        recipe_from_dict(recipe)
+
+
+def test_a_checkpoint_without_shift_is_refused(converted) -> None:  # noqa: ANN001
+    _, _, settings = load_diffusion_model(converted["llama"], device="cpu")
+    with pytest.raises(AdaptError, match="needs a checkpoint with shift"):
+        joint(dataclasses.replace(settings, shift=False), 1.0)
