@@ -364,8 +364,19 @@ def sample_cmd(
     steps: Annotated[int | None, typer.Option(help="Denoising steps (scheduled strategies).")] = None,
     block_length: Annotated[int | None, typer.Option(help="Semi-autoregressive block size.")] = None,
     strategy: Annotated[
-        str, typer.Option(help="low_confidence, random, margin, entropy, threshold or entropy_bounded.")
+        str,
+        typer.Option(
+            help="low_confidence, random, margin, entropy, threshold, entropy_bounded; for a block "
+            "checkpoint with causal clean attention also ar (its AR stream) or verify (diffusion "
+            "drafts checked by it)."
+        ),
     ] = "low_confidence",
+    draft_length: Annotated[
+        int | None, typer.Option(help="verify: drafts per pass, at most block size - 1 (default).")
+    ] = None,
+    redraft: Annotated[
+        bool, typer.Option(help="verify: draft for every possible number of accepted drafts (TiDAR).")
+    ] = False,
     step_schedule: Annotated[
         str, typer.Option(help="Tokens per step: uniform (LLaDA) or dream (Dream's s/t ratio).")
     ] = "uniform",
@@ -417,6 +428,8 @@ def sample_cmd(
         strategy=strategy,  # type: ignore[arg-type]
         step_schedule=step_schedule,  # type: ignore[arg-type]
         threshold=threshold,
+        draft_length=draft_length,
+        redraft=redraft,
         entropy_bound=entropy_bound,
         temperature=temperature,
         top_k=top_k,

@@ -7,7 +7,9 @@ from typing import Literal
 
 from adapt.errors import AdaptError
 
-Strategy = Literal["low_confidence", "random", "margin", "entropy", "threshold", "entropy_bounded"]
+Strategy = Literal[
+    "low_confidence", "random", "margin", "entropy", "threshold", "entropy_bounded", "ar", "verify"
+]
 CacheMode = Literal["auto", "none", "prefix", "dual"]
 Confidence = Literal["auto", "untempered", "tempered"]
 StepSchedule = Literal["uniform", "dream"]
@@ -18,7 +20,10 @@ STRATEGIES: tuple[str, ...] = (
     "entropy",
     "threshold",
     "entropy_bounded",
+    "ar",
+    "verify",
 )
+SPECULATIVE: tuple[str, ...] = ("ar", "verify")  # decoders of a causal-clean checkpoint's AR stream
 CACHE_MODES: tuple[str, ...] = ("auto", "none", "prefix", "dual")
 CONFIDENCES: tuple[str, ...] = ("auto", "untempered", "tempered")
 STEP_SCHEDULES: tuple[str, ...] = ("uniform", "dream")
@@ -36,12 +41,18 @@ class SamplingConfig:
     """Semi-autoregressive block size: blocks are denoised left to right (default: gen_length; for a
     block-diffusion checkpoint its own block size, and a multiple of it only groups the step budget)."""
     strategy: Strategy = "low_confidence"
-    """Which masked positions to unmask at each step."""
+    """Which masked positions to unmask at each step; `ar` and `verify` decode a block checkpoint with
+    causal clean attention through its AR stream (left to right, or drafts by diffusion verified by it)."""
     step_schedule: StepSchedule = "uniform"
     """Tokens per step of scheduled strategies: uniform (LLaDA: an even split, the remainder first) or dream
     (Dream: floor(left * (1 - s/t)) on the times linspace(1, 1e-3, steps + 1), the rest on the last step)."""
     threshold: float = 0.9
     """Confidence threshold of `threshold` decoding (Fast-dLLM): unmask all >= it, at least one."""
+    draft_length: int | None = None
+    """`verify`: diffusion drafts per pass, at most block size - 1 (default: block size - 1)."""
+    redraft: bool = False
+    """`verify`: one mask block per possible number of accepted drafts (TiDAR), so the pass after a
+    rejection has drafts too; costs B tokens per draft in every pass."""
     entropy_bound: float = 1.0
     """Entropy budget (nats) per step of `entropy_bounded` decoding (EB-sampler)."""
     temperature: float = 0.0
@@ -112,6 +123,8 @@ class SamplingConfig:
             raise AdaptError(f"top_k must be >= 0, not {self.top_k}")
         if self.entropy_bound < 0:
             raise AdaptError(f"entropy_bound must be >= 0, not {self.entropy_bound}")
+        if self.draft_length is not None and self.draft_length < 1:
+            raise AdaptError(f"draft_length must be >= 1, not {self.draft_length}")
         if self.cache_refresh < 0:
             raise AdaptError(f"cache_refresh must be >= 0, not {self.cache_refresh}")
         if self.eos_confidence_cap is not None:
@@ -158,6 +171,15 @@ class GenerationOutput:
     """Positions the model decoded (masks filled by the model, summed over the batch)."""
     prompts: list[list[int]] = field(default_factory=list)
     """The token ids each canvas started from (prompt, or template with mask ids)."""
+    drafted: list[int] = field(default_factory=list)
+    """`verify`: drafts verified, by draft position (summed over the batch)."""
+    accepted: list[int] = field(default_factory=list)
+    """`verify`: drafts accepted, by draft position."""
+
+    @property
+    def acceptance(self) -> list[float]:
+        """`verify`: share of the drafts at each position that the AR head accepted."""
+        return [a / d if d else 0.0 for a, d in zip(self.accepted, self.drafted, strict=True)]
 
     @property
     def tokens_per_second(self) -> float:
@@ -172,4 +194,5 @@ class GenerationOutput:
             "tokens": self.tokens,
             "seconds": round(self.seconds, 4),
             "tokens_per_second": round(self.tokens_per_second, 2),
+            **({"acceptance_by_position": [round(a, 4) for a in self.acceptance]} if self.drafted else {}),
         }

@@ -21,7 +21,8 @@ from adapt.checkpoint import DiffusionSettings, read_settings
 from adapt.errors import AdaptError
 from adapt.sampling.cache import BlockDenoiser, Denoiser
 from adapt.sampling.canvas import Canvas, build_canvas, encode
-from adapt.sampling.config import GenerationOutput, SamplingConfig
+from adapt.sampling.config import SPECULATIVE, GenerationOutput, SamplingConfig
+from adapt.sampling.speculative import SpeculativeDecoder, check_checkpoint, warn_untrained
 from adapt.sampling.strategies import SCHEDULES, Strategy, make_strategy, propose, skip_empty_steps
 
 
@@ -73,6 +74,8 @@ def generate(
             f"infilling needs a full-attention checkpoint: this one is block-causal (block size "
             f"{settings.block_size}), so a block never sees the text after it"
         )
+    if config.strategy in SPECULATIVE:
+        return decode_ar_stream(model, tokenizer, canvas, config, settings, on_step)
     approximate = config.cache != "none" and not settings.block_size
     groups = cache_groups(canvas) if approximate else [list(range(len(prompts)))]
     if len(groups) > 1:
@@ -104,11 +107,71 @@ def generate(
     )
 
 
+def decode_ar_stream(
+    model: Any,
+    tokenizer: Any,
+    canvas: Canvas,
+    config: SamplingConfig,
+    settings: DiffusionSettings,
+    on_step: Callable[[StepEvent], None] | None,
+) -> GenerationOutput:
+    """`ar` and `verify`: the checkpoint's AR stream, left to right or checking diffusion drafts."""
+    draft_length = check_checkpoint(config, settings)
+    warn_untrained(config, settings)
+    eos_ids = stop_token_ids(tokenizer, model)
+    device = canvas.ids.device
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    vocab = max(len(tokenizer), settings.mask_token_id + 1)
+    decoder = SpeculativeDecoder(
+        model,
+        config,
+        settings.mask_token_id,
+        settings.block_size or 1,
+        draft_length,
+        vocab,
+        eos_ids,
+        generator,
+    )
+
+    def stopped(region: list[int]) -> bool:
+        if config.stop_at_eos and any(t in eos_ids for t in region):
+            return True
+        return (
+            bool(config.stop)
+            and first_stop(tokenizer.decode(region, skip_special_tokens=True), config.stop) is not None
+        )
+
+    def notify(ids: torch.Tensor, passes: int) -> None:
+        if on_step is not None:
+            on_step(StepEvent(ids, canvas, 0, passes, settings.mask_token_id))
+
+    _sync(device)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        decoded = decoder.decode(canvas, stopped, notify)
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    sequences, texts = finish(canvas, decoded.ids, tokenizer, config, eos_ids, settings.mask_token_id)
+    return GenerationOutput(
+        sequences=sequences,
+        texts=texts,
+        nfe=decoded.passes,
+        steps=decoded.passes,
+        seconds=seconds,
+        tokens=decoded.tokens,
+        prompts=canvas.prompts,
+        drafted=decoded.drafted,
+        accepted=decoded.accepted,
+    )
+
+
 def resolve_cache(config: SamplingConfig, settings: DiffusionSettings) -> SamplingConfig:
     """`cache=auto` made concrete, and the sampling settings checked against a block checkpoint."""
     import dataclasses
 
     block = settings.block_size
+    if config.strategy in SPECULATIVE:
+        check_checkpoint(config, settings)
     if config.cache == "auto":
         return resolve_cache(dataclasses.replace(config, cache="prefix" if block else "none"), settings)
     if not block:

@@ -1,0 +1,354 @@
+"""AR and self-speculative decoding of a block checkpoint with causal clean attention (TiDAR-style).
+
+Such a checkpoint holds an AR model: its clean stream attends causally and, with shift, the logits at a
+clean token predict the next one (trained with `diffusion.ar_loss_weight`). One loop serves both decoders:
+- `ar`: every pass feeds the committed tokens not yet cached (the prompt, then one token) and commits the
+  AR prediction: plain KV-cached left-to-right decoding.
+- `verify`: every pass feeds, clean and causal, the uncached committed tokens and the drafts, followed by a
+  block of B masks that sees the cache and everything fed before it. The AR logits accept the longest draft
+  prefix the AR model agrees with, plus one token of its own; the mask block's predictions (mask k predicts
+  the token after it) are the next drafts. Greedy output equals `ar` token for token. At temperature > 0 a
+  draft x is accepted with probability min(1, p(x) / q(x)) and the first rejected one is replaced by a
+  sample of norm(max(0, p - q)) (speculative sampling), so samples follow the AR distribution p.
+  With `redraft`, a pass holds one mask block per possible number of accepted drafts (block i sees the
+  first i drafts), so the next pass has drafts whatever was rejected; without it, the pass after a rejection
+  has no drafts and only drafts anew.
+
+Cache columns are shared by the batch; `key_valid` [b, C] says which hold a row's accepted tokens (rows
+accept different numbers of drafts; rejected columns stay, hidden, and are cropped when no row needs them).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from adapt.attention import to_additive
+from adapt.checkpoint import DiffusionSettings
+from adapt.errors import AdaptError
+from adapt.sampling.cache import forward_signature
+from adapt.sampling.canvas import Canvas
+from adapt.sampling.config import SamplingConfig
+from adapt.sampling.strategies import model_logits, sampling_logits
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Decoded:
+    """What the loop leaves: the canvas with committed tokens, and its counters."""
+
+    ids: torch.Tensor  # [b, l]
+    passes: int = 0
+    tokens: int = 0
+    drafted: list[int] = field(default_factory=list)  # drafts verified, by draft position
+    accepted: list[int] = field(default_factory=list)  # drafts accepted, by draft position
+
+
+@dataclass
+class Row:
+    """One row's state between passes."""
+
+    fresh: list[int]  # committed tokens not in the cache yet (the prompt, then the last AR token)
+    cached: int = 0  # the row's tokens in the cache (= the position of fresh[0])
+    generated: int = 0  # tokens committed after the prompt
+    drafts: list[int] = field(default_factory=list)
+    q: torch.Tensor | None = None  # [d, V] the distributions the drafts were drawn from (temperature > 0)
+    done: bool = False
+
+
+class SpeculativeDecoder:
+    """The shared loop of `ar` (no drafts) and `verify` (drafts from mask blocks, verified by the AR head)."""
+
+    def __init__(
+        self,
+        model: Any,
+        config: SamplingConfig,
+        mask_id: int,
+        block_size: int,
+        draft_length: int,
+        vocab: int,
+        eos_ids: list[int],
+        generator: torch.Generator,
+    ) -> None:
+        self.model, self.config = model, config
+        self.mask_id, self.block = mask_id, block_size
+        self.draft_length = draft_length if config.strategy == "verify" else 0
+        self.redraft = config.redraft
+        self.vocab, self.eos_ids, self.generator = vocab, eos_ids, generator
+        self._cache_kw, _ = forward_signature(model)
+        self.dtype = next(model.parameters()).dtype
+        self.limit = context_limit(model.config)
+
+    # ------------------------------------------------------------------ the loop
+
+    def decode(
+        self,
+        canvas: Canvas,
+        stopped: Callable[[list[int]], bool],
+        notify: Callable[[torch.Tensor, int], None] | None = None,
+    ) -> Decoded:
+        """Fill each row's generated region [start, end) of `canvas` (right-padded: column = position)."""
+        from transformers import DynamicCache
+
+        ids = canvas.ids.clone()
+        out = Decoded(ids, drafted=[0] * self.draft_length, accepted=[0] * self.draft_length)
+        starts, ends = canvas.start.tolist(), canvas.end.tolist()
+        rows = [Row(fresh=ids[r, : starts[r]].tolist()) for r in range(ids.shape[0])]
+        self.cache = DynamicCache(config=self.model.config)
+        self.key_valid = torch.zeros(len(rows), 0, dtype=torch.bool, device=ids.device)
+        while not all(row.done for row in rows):
+            logits, layout = self.forward(rows, ids.device)
+            out.passes += 1
+            accepted = self.verify(rows, logits, layout, out)
+            for r, row in enumerate(rows):
+                if row.done:
+                    continue
+                new = self.cut(accepted[r][: ends[r] - starts[r] - row.generated])
+                ids[r, starts[r] + row.generated : starts[r] + row.generated + len(new)] = torch.tensor(new)
+                row.generated += len(new)
+                out.tokens += len(new)
+                row.done = row.generated >= ends[r] - starts[r] or stopped(
+                    ids[r, starts[r] : starts[r] + row.generated].tolist()
+                )
+            if notify is not None:
+                notify(ids, out.passes)
+        return out
+
+    def cut(self, tokens: list[int]) -> list[int]:
+        """Tokens up to and including the first stop token (with stop_at_eos): nothing is decoded past it."""
+        if self.config.stop_at_eos:
+            for i, t in enumerate(tokens):
+                if t in self.eos_ids:
+                    return tokens[: i + 1]
+        return tokens
+
+    # ------------------------------------------------------------------ one pass
+
+    def forward(self, rows: list[Row], device: torch.device) -> tuple[torch.Tensor, Layout]:
+        """One model pass over every row's fed tokens and mask blocks. -> (logits [b, n, V], layout)"""
+        layout = Layout.of(rows, self.block, self.draft_length > 0, self.redraft)
+        ids, positions = layout.inputs(rows, self.mask_id, device)
+        positions = positions.clamp(max=self.limit - 1) if self.limit else positions
+        allowed = layout.allowed(rows, self.key_valid, device)  # [b, 1, n, C + n]
+        kw = {self._cache_kw: self.cache}
+        logits = self.model(
+            input_ids=ids,
+            position_ids=positions,
+            attention_mask=to_additive(allowed, self.dtype),
+            use_cache=True,
+            **kw,
+        ).logits
+        return logits, layout
+
+    def verify(self, rows: list[Row], logits: torch.Tensor, layout: Layout, out: Decoded) -> list[list[int]]:
+        """Accept drafts, pick each row's next AR token, keep the accepted keys, draw the next drafts.
+        -> per row, the tokens committed by this pass."""
+        b = len(rows)
+        device = logits.device
+        # p: the AR distributions at the fed slots u - 1 + i, i = 0..d (the last one gives the bonus token)
+        reads = torch.tensor([[max(len(r.fresh) - 1 + i, 0) for i in range(layout.most + 1)] for r in rows])
+        reads = reads.clamp(max=layout.width - 1).to(device)
+        ar = self.scores(logits.gather(1, reads[..., None].expand(-1, -1, logits.shape[-1])))  # [b, D+1, V]
+        committed: list[list[int]] = []
+        kept = torch.zeros(b, layout.width, dtype=torch.bool, device=device)
+        for r, row in enumerate(rows):
+            if row.done:
+                committed.append([])
+                continue
+            a, bonus = self.accept(row, ar[r])
+            d = len(row.drafts)
+            for i in range(d):
+                out.drafted[i] += 1
+                out.accepted[i] += int(i < a)
+            kept[r, : len(row.fresh) + a] = True
+            committed.append([*row.drafts[:a], bonus])
+            nxt = layout.block_for(r, a)
+            row.cached += len(row.fresh) + a
+            row.fresh = [bonus]
+            row.drafts, row.q = self.next_drafts(logits[r], layout, nxt, row.generated + a + 1)
+        self.keep_columns(kept)
+        return committed
+
+    def accept(self, row: Row, p: torch.Tensor) -> tuple[int, int]:
+        """(drafts accepted, the token after them) from the row's AR distributions p [D+1, V]."""
+        d = len(row.drafts)
+        if self.config.temperature == 0:
+            target = p.argmax(-1).tolist()
+            a = 0
+            while a < d and row.drafts[a] == target[a]:
+                a += 1
+            return a, target[a]
+        assert row.q is not None or d == 0
+        for i in range(d):
+            x = row.drafts[i]
+            ratio = float(p[i, x]) / max(float(row.q[i, x]), 1e-30)  # type: ignore[index]
+            if float(torch.rand((), generator=self.generator, device=p.device)) >= min(1.0, ratio):
+                residual = (p[i] - row.q[i]).clamp(min=0)  # type: ignore[index]
+                dist = residual if float(residual.sum()) > 0 else p[i]
+                return i, int(torch.multinomial(dist, 1, generator=self.generator))
+        return d, int(torch.multinomial(p[d], 1, generator=self.generator))
+
+    def next_drafts(
+        self, logits: torch.Tensor, layout: Layout, block: int | None, generated: int
+    ) -> tuple[list[int], torch.Tensor | None]:
+        """The drafts the mask block `block` (None: no valid block) gives for the tokens after the bonus
+        (no more than the next pass can still commit beside its own AR token, with `generated` done)."""
+        if block is None:
+            return [], None
+        n = min(self.draft_length, self.config.gen_length - generated - 1)
+        if n <= 0:
+            return [], None
+        lo = layout.width + block * self.block  # mask k (k = 0..) predicts the token after the bonus + k
+        q = self.scores(logits[None, lo : lo + n])[0]  # [n, V]
+        if self.config.temperature == 0:
+            return q.argmax(-1).tolist(), None
+        return torch.multinomial(q, 1, generator=self.generator)[:, 0].tolist(), q
+
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """What tokens are chosen from: processed logits at temperature 0, else probabilities. [.., V]"""
+        logits = model_logits(logits, self.config, self.mask_id, self.eos_ids, self.vocab)
+        if self.config.temperature == 0:
+            return logits
+        return sampling_logits(logits, self.config).softmax(-1)
+
+    def keep_columns(self, kept: torch.Tensor) -> None:
+        """Drop the mask blocks and the fed columns no row accepted from the cache; mark the rest."""
+        valid = torch.cat([self.key_valid, kept], dim=1)  # [b, C + w]
+        used = valid.any(0).nonzero()
+        length = int(used.max()) + 1 if used.numel() else 0
+        drop = self.cache.get_seq_length() - length
+        if drop:
+            self.cache.crop(-drop)
+        self.key_valid = valid[:, :length]
+
+
+@dataclass
+class Layout:
+    """Where each row's tokens sit in one pass: fed slots [0, width), then `blocks` mask blocks of B."""
+
+    width: int  # fed slots (the longest row's uncached tokens + drafts)
+    blocks: int  # mask blocks
+    block: int
+    redraft: bool
+    most: int  # the most drafts any row has
+
+    @classmethod
+    def of(cls, rows: list[Row], block: int, drafting: bool, redraft: bool) -> Layout:
+        live = [r for r in rows if not r.done]
+        most = max(len(r.drafts) for r in live)
+        width = max(len(r.fresh) + len(r.drafts) for r in live)
+        blocks = (most + 1 if redraft else 1) if drafting else 0
+        return cls(width, blocks, block, redraft, most)
+
+    def block_for(self, r: int, accepted: int) -> int | None:
+        """The mask block whose drafts follow `accepted` accepted drafts of a row with `drafts` drafts."""
+        del r
+        if not self.blocks:
+            return None
+        return accepted if self.redraft else 0
+
+    def base(self, row: Row, i: int) -> int:
+        """Position of mask block i's first mask: the bonus token's position when i drafts are accepted
+        (redraft), or when all are (one block)."""
+        return row.cached + len(row.fresh) + (i if self.redraft else len(row.drafts))
+
+    def inputs(
+        self, rows: list[Row], mask_id: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """input_ids and position_ids [b, width + blocks * B]."""
+        n = self.width + self.blocks * self.block
+        ids = torch.full((len(rows), n), mask_id, dtype=torch.long)
+        pos = torch.zeros((len(rows), n), dtype=torch.long)
+        for r, row in enumerate(rows):
+            fed = row.fresh + row.drafts if not row.done else []
+            ids[r, : len(fed)] = torch.tensor(fed, dtype=torch.long)
+            pos[r, : self.width] = row.cached + torch.arange(self.width)
+            for i in range(self.blocks):
+                lo = self.width + i * self.block
+                pos[r, lo : lo + self.block] = self.base(row, i) + torch.arange(self.block)
+        return ids.to(device), pos.to(device)
+
+    def allowed(self, rows: list[Row], key_valid: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """[b, 1, n, C + n]: fed slot j sees the row's cache and fed slots <= j; mask block i sees the cache,
+        the fed slots before its bonus position and itself; a slot the row does not use sees itself."""
+        b, cached = key_valid.shape
+        n = self.width + self.blocks * self.block
+        allowed = torch.zeros(b, n, cached + n, dtype=torch.bool)
+        slot = torch.arange(self.width)
+        for r, row in enumerate(rows):
+            fed = 0 if row.done else len(row.fresh) + len(row.drafts)
+            valid_cache = key_valid[r].cpu()
+            allowed[r, :fed, :cached] = valid_cache
+            allowed[r, :fed, cached : cached + self.width] = (slot[None, :] <= slot[:, None])[:fed] & (
+                slot[None, :] < fed
+            )
+            for i in range(self.blocks):
+                if row.done or (self.redraft and i > len(row.drafts)):
+                    continue
+                lo = self.width + i * self.block
+                sees = len(row.fresh) + (i if self.redraft else len(row.drafts))
+                allowed[r, lo : lo + self.block, :cached] = valid_cache
+                allowed[r, lo : lo + self.block, cached : cached + sees] = True
+                allowed[r, lo : lo + self.block, cached + lo : cached + lo + self.block] = True
+        allowed[:, torch.arange(n), cached + torch.arange(n)] = True  # every query sees itself
+        return allowed[:, None].to(device)
+
+
+def check_checkpoint(config: SamplingConfig, settings: DiffusionSettings) -> int:
+    """Refuse `ar` / `verify` where the checkpoint has no AR stream; -> the draft length to use (0: ar)."""
+    block, name = settings.block_size, config.strategy
+    if block is None or settings.clean_attention != "causal" or not settings.shift:
+        what = (
+            "full attention"
+            if block is None
+            else "clean_attention: block"
+            if settings.clean_attention != "causal"
+            else "no shift"
+        )
+        raise AdaptError(
+            f"--strategy {name} decodes the AR stream of a block checkpoint trained with causal clean "
+            f"attention and shift (diffusion.clean_attention: causal); this checkpoint has {what}: use "
+            "--strategy threshold or low_confidence"
+        )
+    if config.cache in ("none", "dual"):
+        raise AdaptError(
+            f"--strategy {name} always decodes with the exact KV cache; drop --cache {config.cache}"
+        )
+    if name == "ar":
+        return 0
+    if block < 2:
+        raise AdaptError(
+            "--strategy verify needs drafts: a block size of 1 drafts nothing; use --strategy ar"
+        )
+    most = block - 1
+    length = config.draft_length if config.draft_length is not None else most
+    if length > most:
+        raise AdaptError(
+            f"--draft-length {length} is more than a block of {block} masks drafts: at most {most} (the "
+            "block's last mask would predict past it)"
+        )
+    return length
+
+
+def warn_untrained(config: SamplingConfig, settings: DiffusionSettings) -> None:
+    """Allowed, but said: a checkpoint trained without the AR term has an untrained AR head."""
+    if not settings.ar_loss_weight:
+        log.warning(
+            "this checkpoint was trained without the AR term (diffusion.ar_loss_weight 0): its clean stream "
+            "predicts the next token only as a side effect of block diffusion,"
+            " so %s with an untrained AR head",
+            "verify checks drafts" if config.strategy == "verify" else "ar decodes",
+        )
+
+
+def context_limit(config: Any) -> int | None:
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
