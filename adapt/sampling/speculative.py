@@ -167,7 +167,7 @@ class SpeculativeDecoder:
                 out.accepted[i] += int(i < a)
             kept[r, : len(row.fresh) + a] = True
             committed.append([*row.drafts[:a], bonus])
-            nxt = layout.block_for(r, a)
+            nxt = layout.block_for(row, a)
             row.cached += len(row.fresh) + a
             row.fresh = [bonus]
             row.drafts, row.q = self.next_drafts(logits[r], layout, nxt, row.generated + a + 1)
@@ -245,12 +245,14 @@ class Layout:
         blocks = (most + 1 if redraft else 1) if drafting else 0
         return cls(width, blocks, block, redraft, most)
 
-    def block_for(self, r: int, accepted: int) -> int | None:
-        """The mask block whose drafts follow `accepted` accepted drafts of a row with `drafts` drafts."""
-        del r
+    def block_for(self, row: Row, accepted: int) -> int | None:
+        """The mask block whose drafts follow `accepted` accepted drafts of `row` (None: none does; one
+        block drafts only past all of the row's drafts)."""
         if not self.blocks:
             return None
-        return accepted if self.redraft else 0
+        if self.redraft:
+            return accepted
+        return 0 if accepted == len(row.drafts) else None
 
     def base(self, row: Row, i: int) -> int:
         """Position of mask block i's first mask: the bonus token's position when i drafts are accepted
