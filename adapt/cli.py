@@ -16,8 +16,8 @@ from typing import Annotated, Any, TypeVar
 import click
 import typer
 
-from adapt.boundary import explain
-from adapt.errors import AdaptError, first_line
+from adapt.core.boundary import explain
+from adapt.core.errors import AdaptError, first_line
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -50,7 +50,7 @@ def debugging() -> bool:
 def reports_errors(fn: F) -> F:
     """The error boundary: expected failures become `error: ...` on stderr and exit code 1 (130 on Ctrl-C).
 
-    `adapt.boundary.explain` decides what is expected (our `AdaptError`, file system, corrupt weights,
+    `adapt.core.boundary.explain` decides what is expected (our `AdaptError`, file system, corrupt weights,
     blocked pickles, bad bytes, the Hub); anything else is a bug and keeps its traceback, as does
     everything under --debug.
     """
@@ -283,8 +283,8 @@ def eval_cmd(
     """ELBO perplexity bound and masked accuracy of diffusion checkpoints beside AR models' perplexity."""
 
     from adapt import evaluate as ev
-    from adapt.boundary import check_output_file, resolve_device
-    from adapt.outputs import json_text
+    from adapt.core.boundary import check_output_file, resolve_device
+    from adapt.core.outputs import json_text
 
     device = resolve_device(device)
     for option, target in (("--json", json_out), ("--plot", plot)):

@@ -18,8 +18,8 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from adapt.core.errors import AdaptError, first_line
 from adapt.data import DataConfig
-from adapt.errors import AdaptError, first_line
 
 
 @dataclass

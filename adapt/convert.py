@@ -16,18 +16,18 @@ from typing import Any, Literal
 
 import torch
 
-from adapt import __version__
-from adapt.boundary import about
-from adapt.checkpoint import (
+from adapt.core.boundary import about
+from adapt.core.checkpoint import (
     DiffusionSettings,
     check_model_dir,
     read_settings,
     resolve_dtype,
     write_settings,
 )
-from adapt.errors import AdaptError, first_line
-from adapt.locate import check_hub_id
-from adapt.outputs import atomic_dir, prepare_output_dir
+from adapt.core.errors import AdaptError, first_line
+from adapt.core.locate import check_hub_id
+from adapt.core.outputs import atomic_dir, prepare_output_dir
+from adapt.core.version import __version__
 from adapt.verify import check_source_is_causal, make_probe, record_source, verify_converted
 
 log = logging.getLogger(__name__)

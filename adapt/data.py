@@ -13,7 +13,7 @@ Public API:
 
 Batches hold `input_ids`, `attention_mask` [b, l] always; `prompt_mask` [b, l] bool in chat mode;
 `segment_ids` and `position_ids` [b, l] in text mode unless `allow_cross_document` (feed
-`document_mask(segment_ids)` to `adapt.diffusion.build_attention_mask(segment_allowed=...)` and pass
+`document_mask(segment_ids)` to `adapt.core.diffusion.build_attention_mask(segment_allowed=...)` and pass
 `position_ids` to the model so that positions restart at each document).
 """
 
@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import torch
 
-from adapt.errors import AdaptError, first_line
+from adapt.core.errors import AdaptError, first_line
 
 log = logging.getLogger(__name__)
 

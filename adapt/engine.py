@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adapt.errors import AdaptError
+from adapt.core.errors import AdaptError
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ def cpu_launch_processes() -> int:
 
 def resolve_precision(recipe_choice: str, request: Request, device: str) -> tuple[str, str]:
     """(no|bf16|fp16, why) by the module's rule: recipe auto defers to the launcher, explicit wins."""
-    from adapt.precision import resolve_mixed_precision
+    from adapt.loading.precision import resolve_mixed_precision
 
     launcher = request.mixed_precision
     if launcher is not None and launcher not in ("no", "bf16", "fp16"):

@@ -27,19 +27,20 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from adapt.boundary import about, resolve_device
-from adapt.checkpoint import (
+from adapt.core.boundary import about, resolve_device
+from adapt.core.checkpoint import (
     DiffusionSettings,
+    adapter_export,
     checked_settings,
     config_dir,
-    load_diffusion_model,
     read_settings,
-    weights_dtype,
 )
-from adapt.diffusion import mask_tokens, maskable_positions, masked_token_nll, sample_t
-from adapt.errors import AdaptError, first_line
-from adapt.locate import adapter_export, locate, looks_like_hub_id
-from adapt.outputs import current_umask, json_text
+from adapt.core.diffusion import mask_tokens, maskable_positions, masked_token_nll, sample_t
+from adapt.core.errors import AdaptError, first_line
+from adapt.core.locate import locate, looks_like_hub_id
+from adapt.core.outputs import current_umask, json_text
+from adapt.loading.model import load_diffusion_model
+from adapt.loading.precision import weights_dtype
 
 RESULTS_NAME = "eval_results.json"
 
@@ -334,7 +335,7 @@ def revision_for(name: str, revision: str | None) -> str | None:
 
 def model_config(path: str, seq_len: int | None = None, revision: str | None = None) -> Any:
     """The config of a model directory or Hub id (at `revision`), checked (settings, `seq_len` against its
-    context). A Hub id is resolved by `adapt.locate`: its refusals are adapt's one line."""
+    context). A Hub id is resolved by `adapt.core.locate`: its refusals are adapt's one line."""
     from transformers import AutoConfig
 
     from adapt.sampling.engine import context_length
@@ -397,7 +398,7 @@ def evaluate_model(path: str, config: EvalConfig) -> dict[str, Any]:
 
 def evaluate(models: Sequence[str], config: EvalConfig) -> dict[str, Any]:
     """The results of every model on the same text: {"dataset", "seq_len", "models": [rows]}."""
-    from adapt import __version__
+    from adapt.core.version import __version__
 
     if not config.data:
         raise AdaptError("no evaluation data given (--data FILE)")

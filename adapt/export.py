@@ -11,11 +11,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from adapt import __version__
-from adapt.checkpoint import write_settings
 from adapt.config import save_recipe
-from adapt.errors import AdaptError
-from adapt.outputs import atomic_dir, json_text
+from adapt.core.checkpoint import write_settings
+from adapt.core.errors import AdaptError
+from adapt.core.outputs import atomic_dir, json_text
+from adapt.core.version import __version__
 
 log = logging.getLogger(__name__)
 

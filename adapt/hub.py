@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adapt.checkpoint import ADAPTER_CONFIG, DiffusionSettings, adapter_base, load_settings
-from adapt.errors import AdaptError, first_line
-from adapt.locate import locate, looks_like_hub_id, redact
+from adapt.core.checkpoint import ADAPTER_CONFIG, DiffusionSettings, adapter_base, load_settings
+from adapt.core.errors import AdaptError, first_line
+from adapt.core.locate import locate, looks_like_hub_id, redact
 
 TAGS = ["diffusion", "masked-diffusion", "adapt", "text-generation"]
 BLOCK_TAG = "block-diffusion"
@@ -58,7 +58,7 @@ class PushPlan:
         """Write exactly what would be uploaded into the new directory `out` (to inspect or load it)."""
         import shutil
 
-        from adapt.outputs import atomic_dir
+        from adapt.core.outputs import atomic_dir
 
         with atomic_dir(Path(out)) as tmp:
             for name, content in self.contents():
@@ -377,7 +377,7 @@ def block_rows(settings: DiffusionSettings) -> list[tuple[str, str]]:
 def usage_section(repo_id: str, settings: DiffusionSettings, adapter_of: str | None = None) -> str:
     with_adapt = (
         "import adapt\n"
-        "from adapt.checkpoint import load_diffusion_model\n\n"
+        "from adapt.loading.model import load_diffusion_model\n\n"
         f'model, tok, settings = load_diffusion_model("{repo_id}")\n'
         'out = adapt.generate(model, tok, ["The river"], adapt.SamplingConfig(gen_length=64, steps=64))\n'
         "print(out.texts[0])\n"

@@ -45,10 +45,10 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from adapt.checkpoint import load_diffusion_model
-from adapt.diffusion import maskable_positions
-from adapt.errors import AdaptError
+from adapt.core.diffusion import maskable_positions
+from adapt.core.errors import AdaptError
 from adapt.evaluate import elbo_noise, masked_nll_sums
+from adapt.loading.model import load_diffusion_model
 from adapt.sampling.config import SamplingConfig
 
 log = logging.getLogger(__name__)
@@ -141,7 +141,7 @@ class AdaptLM(LM):
 
     def get_model_info(self) -> dict[str, Any]:
         """Recorded in the results' `config`: what a score depends on beyond the model args given."""
-        from adapt import __version__
+        from adapt.core.version import __version__
 
         return {
             "adapt": {

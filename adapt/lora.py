@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from adapt.checkpoint import read_settings
 from adapt.config import LoraSettings, Recipe
-from adapt.errors import AdaptError, first_line
+from adapt.core.checkpoint import read_settings
+from adapt.core.errors import AdaptError, first_line
 from adapt.objectives.loss import causal_lm_of
 
 
@@ -51,7 +51,7 @@ def check_adapter_export(recipe: Recipe) -> None:
     publishable when that checkpoint is on the Hub."""
     if recipe.lora is not None and recipe.lora.export == "adapter":
         from adapt.convert import load_config
-        from adapt.locate import looks_like_hub_id
+        from adapt.core.locate import looks_like_hub_id
 
         if recipe.push_to_hub and not looks_like_hub_id(recipe.model.path):
             raise AdaptError(

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adapt.errors import AdaptError
+from adapt.core.errors import AdaptError
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
 PROMPTS = ("The history of the city", "In mathematics, a function is", "The river")
@@ -116,8 +116,8 @@ def _evaluate(models: list[str], eval_file: Path, tiny: bool) -> list[dict[str, 
 def _sample(exported: Path, source: Path) -> list[dict[str, Any]]:
     from transformers import AutoModelForCausalLM
 
-    from adapt.checkpoint import load_diffusion_model
     from adapt.evaluate import judge_nll
+    from adapt.loading.model import load_diffusion_model
     from adapt.sampling import SamplingConfig, generate
 
     model, tokenizer, settings = load_diffusion_model(exported)

@@ -22,15 +22,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from adapt.boundary import check_writable
-from adapt.checkpoint import DiffusionSettings, checked_settings
 from adapt.config import ModelConfig, Recipe, recipe_to_dict, save_recipe
+from adapt.core.boundary import check_writable
+from adapt.core.checkpoint import DiffusionSettings, checked_settings
+from adapt.core.errors import AdaptError
+from adapt.core.outputs import atomic_dir, check_apart, check_replaceable
 from adapt.engine import whole_weights
-from adapt.errors import AdaptError
 from adapt.lora import apply_lora, check_adapter_export
 from adapt.objectives import Objective, make_objective
 from adapt.objectives.loss import TokenLoss, causal_lm_of, check_fast_path
-from adapt.outputs import atomic_dir, check_apart, check_replaceable
 
 log = logging.getLogger(__name__)
 
@@ -254,8 +254,8 @@ def convert_position(state: TrainState, processes: int, path: Path) -> None:
 
 
 def explain_load(e: BaseException) -> str:
-    from adapt.boundary import explain
-    from adapt.errors import first_line
+    from adapt.core.boundary import explain
+    from adapt.core.errors import first_line
 
     return explain(e) or f"{type(e).__name__}: {first_line(e)}"
 

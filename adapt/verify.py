@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from adapt.attention import block_causal_allowed, causal_mask_4d, position_ids_from_mask, to_additive
-from adapt.checkpoint import DiffusionSettings
-from adapt.errors import AdaptError
+from adapt.core.attention import block_causal_allowed, causal_mask_4d, position_ids_from_mask, to_additive
+from adapt.core.checkpoint import DiffusionSettings
+from adapt.core.errors import AdaptError
 
 
 @dataclass
@@ -334,8 +334,8 @@ def load_checkpoint(
 
     A missing directory or a non-diffusion checkpoint gets `load_settings`' own error.
     """
-    from adapt.checkpoint import load_diffusion_model
-    from adapt.errors import first_line
+    from adapt.core.errors import first_line
+    from adapt.loading.model import load_diffusion_model
 
     try:
         return load_diffusion_model(path, device="cpu", revision=revision)

@@ -18,7 +18,7 @@ Inference: a no-grad forward of the same (bidirectional) model with full logits,
 All variants are timed in interleaved rounds (the CPU may be shared) and the median is reported, with
 tokens/s and the ratio to fp32. The first training step's loss of each variant (identical weights and
 masks) shows what bf16 does to the numbers. The CPU capability and the bf16 detection that
-`adapt.precision` uses for `auto` are printed first.
+`adapt.loading.precision` uses for `auto` are printed first.
 """
 
 from __future__ import annotations
@@ -40,11 +40,11 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from train_step import build, timed  # noqa: E402
 
-from adapt.checkpoint import DiffusionSettings  # noqa: E402
 from adapt.config import DiffusionConfig  # noqa: E402
+from adapt.core.checkpoint import DiffusionSettings  # noqa: E402
+from adapt.loading.precision import bf16_support, resolve_inference_dtype, resolve_mixed_precision  # noqa: E402
 from adapt.objectives.loss import TokenLoss  # noqa: E402
 from adapt.objectives.masked import noise_batch  # noqa: E402
-from adapt.precision import bf16_support, resolve_inference_dtype, resolve_mixed_precision  # noqa: E402
 
 
 class MasterWeights:

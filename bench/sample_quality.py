@@ -48,8 +48,8 @@ def ar_baseline(judge, tokenizer, n: int, length: int, greedy: bool, seed: int) 
 def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from adapt.checkpoint import load_diffusion_model
     from adapt.evaluate import GenPplConfig, generative_perplexity
+    from adapt.loading.model import load_diffusion_model
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

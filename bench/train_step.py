@@ -78,8 +78,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from adapt.checkpoint import DiffusionSettings
     from adapt.config import DiffusionConfig
+    from adapt.core.checkpoint import DiffusionSettings
     from adapt.objectives import make_objective
     from adapt.objectives.loss import TokenLoss
 

@@ -423,7 +423,7 @@ def dead_pid() -> int:
 
 
 def test_leftovers_of_killed_writes_are_recovered(tmp_path: Path) -> None:
-    from adapt.outputs import atomic_dir
+    from adapt.core.outputs import atomic_dir
 
     pid = dead_pid()
     (tmp_path / f".a.tmp-{pid}-x").mkdir()  # killed while writing: removed
@@ -439,7 +439,7 @@ def test_leftovers_of_killed_writes_are_recovered(tmp_path: Path) -> None:
 
 
 def test_outputs_follow_the_umask(world: Path, tmp_path: Path) -> None:
-    from adapt.outputs import atomic_dir
+    from adapt.core.outputs import atomic_dir
 
     old = os.umask(0o022)
     try:
@@ -452,7 +452,7 @@ def test_outputs_follow_the_umask(world: Path, tmp_path: Path) -> None:
 
 
 def test_summaries_are_strict_json(tmp_path: Path) -> None:
-    from adapt.outputs import json_text
+    from adapt.core.outputs import json_text
 
     assert json.loads(json_text({"a": float("nan"), "b": [float("inf"), 1.5]})) == {
         "a": None,

@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adapt.attention import block_causal_allowed, block_pair_allowed
-from adapt.checkpoint import load_diffusion_model
 from adapt.config import DiffusionConfig, recipe_from_dict
-from adapt.errors import AdaptError
+from adapt.core.attention import block_causal_allowed, block_pair_allowed
+from adapt.core.errors import AdaptError
+from adapt.loading.model import load_diffusion_model
 from adapt.objectives import make_objective
 from adapt.objectives.block import BlockDiffusion, block_index, pair_inputs
 from adapt.objectives.loss import TokenLoss

@@ -20,7 +20,7 @@ from adapt.config import (
     recipe_from_dict,
     save_recipe,
 )
-from adapt.errors import AdaptError
+from adapt.core.errors import AdaptError
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))

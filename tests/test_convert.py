@@ -13,11 +13,11 @@ from conftest import CORE_ARCHS
 from transformers import AutoModelForCausalLM, AutoTokenizer, BertConfig, BertForMaskedLM
 from typer.testing import CliRunner
 
-from adapt.attention import causal_mask_4d, position_ids_from_mask
-from adapt.checkpoint import load_settings
 from adapt.cli import app
 from adapt.convert import ConvertOptions, convert
-from adapt.errors import AdaptError
+from adapt.core.attention import causal_mask_4d, position_ids_from_mask
+from adapt.core.checkpoint import load_settings
+from adapt.core.errors import AdaptError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -352,7 +352,7 @@ def test_the_data_position_converts_between_process_counts(
 
 
 def test_a_data_position_that_does_not_split_is_refused() -> None:
-    from adapt.errors import AdaptError
+    from adapt.core.errors import AdaptError
     from adapt.train import TrainState, convert_position
 
     with pytest.raises(AdaptError, match="by 1 process after 3 micro-batches of epoch 0, which do not split"):

@@ -12,7 +12,6 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from adapt.checkpoint import load_diffusion_model
 from adapt.cli import app
 from adapt.evaluate import (
     EvalConfig,
@@ -23,6 +22,7 @@ from adapt.evaluate import (
     token_windows,
     unigram_entropy,
 )
+from adapt.loading.model import load_diffusion_model
 from adapt.tiny import SAMPLE_TEXT
 
 

@@ -17,7 +17,7 @@ from hubcache import edited_copy, stage
 from huggingface_hub import ModelCard
 from test_hub_ids import cli
 
-from adapt.errors import AdaptError
+from adapt.core.errors import AdaptError
 from adapt.hub import plan_push
 
 BASE = "org/tiny-base"

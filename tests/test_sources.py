@@ -6,7 +6,7 @@ import importlib.util
 
 import pytest
 
-from adapt.errors import AdaptError
+from adapt.core.errors import AdaptError
 from adapt.sources import clean_wiki, package_dir
 
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from adapt.config import Recipe, load_recipe
-from adapt.diffusion import diffusion_loss
-from adapt.errors import AdaptError
+from adapt.core.diffusion import diffusion_loss
+from adapt.core.errors import AdaptError
 
 ROOT = Path(__file__).resolve().parents[1]
 STORIES = ROOT / "recipes/data/stories.txt"
@@ -85,7 +85,7 @@ def test_loss_decreases_on_a_repeated_corpus(llama_diffusion: Path, tmp_path: Pa
     changed = ids.clone()
     changed[0, -1] = 8
     assert not torch.allclose(probe_logits(model, ids)[0, 0], probe_logits(model, changed)[0, 0])
-    from adapt.checkpoint import load_diffusion_model
+    from adapt.loading.model import load_diffusion_model
 
     _, tokenizer, settings = load_diffusion_model(exported)
     assert tokenizer.mask_token_id == settings.mask_token_id
@@ -344,9 +344,9 @@ def test_recipes_run_end_to_end_through_the_cli(llama_src: Path, tmp_path: Path)
     "arch", ["llama", "qwen2", "qwen3", "mistral", "gemma", "gpt2", "olmo2", "phi3", "granite"]
 )
 def test_fast_objective_equals_reference_loss_on_every_architecture(converted: dict, arch: str) -> None:
-    from adapt.checkpoint import load_diffusion_model
     from adapt.config import DiffusionConfig
     from adapt.convert import ordinary_token_ids
+    from adapt.loading.model import load_diffusion_model
     from adapt.objectives.loss import TokenLoss, check_fast_path
     from adapt.objectives.masked import noise_batch
 
@@ -399,8 +399,8 @@ def test_fast_path_handles_soft_capped_heads() -> None:
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma", "gpt2", "phi3", "olmo2"])
 def test_lora_targets_are_found_per_architecture(converted: dict, arch: str) -> None:
-    from adapt.checkpoint import load_diffusion_model
     from adapt.config import LoraSettings
+    from adapt.loading.model import load_diffusion_model
     from adapt.lora import apply_lora, lora_target_modules
 
     model, _, settings = load_diffusion_model(converted[arch])

@@ -15,8 +15,8 @@ from typing import Protocol
 
 import torch
 
-from adapt.checkpoint import DiffusionSettings
 from adapt.config import DiffusionConfig
+from adapt.core.checkpoint import DiffusionSettings
 
 Inputs = dict[str, "torch.Tensor | None"]
 

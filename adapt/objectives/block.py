@@ -1,7 +1,7 @@
 """Block diffusion (BD3-LM): autoregressive over blocks of B tokens, masked diffusion inside a block.
 
 One forward pass trains every block at once. The input is the pair [x_t ; x_0] (length 2l) with the
-position ids repeated, under `adapt.attention.block_pair_allowed`: noisy block b sees itself and the
+position ids repeated, under `adapt.core.attention.block_pair_allowed`: noisy block b sees itself and the
 clean blocks < b, clean block b sees the clean blocks <= b (`diffusion.clean_attention: causal`: each
 clean token sees the clean tokens before it, the AR source's own attention). Each block draws its own t;
 the loss is 1/t-weighted cross-entropy on the masked tokens of x_t, normalised like the full-attention
@@ -22,10 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
-from adapt.attention import block_ids, block_pair_allowed, position_ids_from_mask, to_additive
-from adapt.checkpoint import DiffusionSettings
 from adapt.config import DiffusionConfig
-from adapt.diffusion import complementary_mask, maskable_positions, sample_t
+from adapt.core.attention import block_ids, block_pair_allowed, position_ids_from_mask, to_additive
+from adapt.core.checkpoint import DiffusionSettings
+from adapt.core.diffusion import complementary_mask, maskable_positions, sample_t
 
 Inputs = dict[str, "torch.Tensor | None"]
 

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
-from adapt.attention import position_ids_from_mask
-from adapt.checkpoint import DiffusionSettings
 from adapt.config import DiffusionConfig
-from adapt.diffusion import (
+from adapt.core.attention import position_ids_from_mask
+from adapt.core.checkpoint import DiffusionSettings
+from adapt.core.diffusion import (
     build_attention_mask,
     complementary_mask,
     mask_tokens,

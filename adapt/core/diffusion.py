@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from adapt.attention import causal_allowed, key_padding_allowed, to_additive
+from adapt.core.attention import causal_allowed, key_padding_allowed, to_additive
 
 
 def sample_t(

@@ -23,8 +23,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from adapt.checkpoint import DTYPES as WEIGHT_DTYPES
-from adapt.errors import AdaptError
+from adapt.core.checkpoint import DTYPES as WEIGHT_DTYPES
+from adapt.core.checkpoint import INFERENCE_DTYPES, resolve_dtype
+from adapt.core.errors import AdaptError
 
 MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
 CPU_BF16_MIN_SPEEDUP = 1.5
@@ -165,3 +166,17 @@ def resolve_inference_dtype(
         return choice, "requested"
     support = support or bf16_support(device)
     return ("bfloat16" if support.fast else "float32"), f"auto: {support.why()}"
+
+
+def weights_dtype(name: str, device: str) -> tuple[Any, str]:
+    """A dtype name for loading a model to sample or evaluate -> (torch dtype or "auto", reason).
+
+    auto: bfloat16 where the device multiplies bf16 natively (CUDA with bf16, a CPU with AVX512_BF16 or
+    AMX), else float32; checkpoint: the dtype the checkpoint was saved in; or a dtype by name.
+    """
+    if name == "checkpoint":
+        return "auto", "the checkpoint's saved dtype"
+    if name not in WEIGHT_DTYPES:
+        raise AdaptError(f"unknown dtype {name!r}; choose one of {', '.join(INFERENCE_DTYPES)}")
+    chosen, why = resolve_inference_dtype(name, device)
+    return resolve_dtype(chosen), why

@@ -21,8 +21,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from adapt.boundary import check_writable
-from adapt.errors import AdaptError
+from adapt.core.boundary import check_writable
+from adapt.core.errors import AdaptError
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import pickle
 from collections.abc import Iterator
 from pathlib import Path
 
-from adapt.errors import AdaptError, first_line
+from adapt.core.errors import AdaptError, first_line
 
 _HINTS = {
     errno.ENOSPC: "free some disk space or choose another location",

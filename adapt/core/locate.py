@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from adapt.errors import AdaptError, first_line
+from adapt.core.errors import AdaptError, first_line
 
 CHECKPOINT_FILES = [
     "*.json",
@@ -68,7 +68,7 @@ def snapshot(repo_id: str, revision: str | None, patterns: tuple[str, ...] | Non
     `patterns` (default `CHECKPOINT_FILES`)."""
     from huggingface_hub import snapshot_download
 
-    from adapt.boundary import check_hub_reachable
+    from adapt.core.boundary import check_hub_reachable
 
     check_hub_reachable(repo_id, revision)
     wanted = list(patterns or CHECKPOINT_FILES)
@@ -129,20 +129,3 @@ def redact(text: str, *secrets: str | None) -> str:
         if secret:
             text = text.replace(secret, "***")
     return text
-
-
-def adapter_export(name: str, revision: str | None = None) -> Path | None:
-    """The local directory of `name` when it is a LoRA adapter export (a directory, or a Hub repository
-    holding adapter_config.json and no config.json); None for anything else, left to transformers."""
-    from huggingface_hub import hf_hub_download
-
-    from adapt.checkpoint import ADAPTER_CONFIG, adapter_base
-
-    if not looks_like_hub_id(name):
-        return Path(name) if Path(name).is_dir() and adapter_base(name) is not None else None
-    try:
-        hf_hub_download(name, ADAPTER_CONFIG, revision=revision)
-    except Exception:
-        return None  # not an adapter (or not reachable: transformers' own lookup then says why)
-    path = locate(name, revision)
-    return path if adapter_base(path) is not None else None

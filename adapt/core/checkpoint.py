@@ -1,4 +1,4 @@
-"""The diffusion checkpoint format: settings recorded in config.json, loading, and atomic writes.
+"""The diffusion checkpoint format: settings recorded in config.json, read back and checked.
 
 A converted checkpoint is a plain Hugging Face causal-LM directory whose config.json carries
 `is_causal: false`, `mask_token_id`, and a `diffusion` block (see `DiffusionSettings`). Stock
@@ -12,8 +12,8 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from adapt.boundary import about, resolve_device
-from adapt.errors import AdaptError
+from adapt.core.errors import AdaptError
+from adapt.core.locate import locate, looks_like_hub_id
 
 FORMAT_VERSION = 1
 ADAPTER_CONFIG = "adapter_config.json"
@@ -86,22 +86,6 @@ def resolve_dtype(name: str) -> Any:
     return getattr(torch, name)
 
 
-def weights_dtype(name: str, device: str) -> tuple[Any, str]:
-    """A dtype name for loading a model to sample or evaluate -> (torch dtype or "auto", reason).
-
-    auto: bfloat16 where the device multiplies bf16 natively (CUDA with bf16, a CPU with AVX512_BF16 or
-    AMX), else float32; checkpoint: the dtype the checkpoint was saved in; or a dtype by name.
-    """
-    from adapt.precision import resolve_inference_dtype
-
-    if name == "checkpoint":
-        return "auto", "the checkpoint's saved dtype"
-    if name not in DTYPES:
-        raise AdaptError(f"unknown dtype {name!r}; choose one of {', '.join(INFERENCE_DTYPES)}")
-    chosen, why = resolve_inference_dtype(name, device)
-    return resolve_dtype(chosen), why
-
-
 def check_model_dir(path: str | os.PathLike) -> Path:
     """A local checkpoint directory that exists and has a config.json."""
     p = Path(path)
@@ -153,8 +137,6 @@ def adapter_base(path: str | os.PathLike) -> str | None:
 
 def config_dir(path: str | os.PathLike) -> Path:
     """The directory holding config.json and the base weights: `path`, or an adapter's base model."""
-    from adapt.locate import locate
-
     base = adapter_base(path)
     if base is None:
         return Path(path)
@@ -198,46 +180,21 @@ def check_settings(settings: DiffusionSettings, vocab_size: int | None, where: s
         )
 
 
+def adapter_export(name: str, revision: str | None = None) -> Path | None:
+    """The local directory of `name` when it is a LoRA adapter export (a directory, or a Hub repository
+    holding adapter_config.json and no config.json); None for anything else, left to transformers."""
+    from huggingface_hub import hf_hub_download
+
+    if not looks_like_hub_id(name):
+        return Path(name) if Path(name).is_dir() and adapter_base(name) is not None else None
+    try:
+        hf_hub_download(name, ADAPTER_CONFIG, revision=revision)
+    except Exception:
+        return None  # not an adapter (or not reachable: transformers' own lookup then says why)
+    path = locate(name, revision)
+    return path if adapter_base(path) is not None else None
+
+
 class _Namespace:
     def __init__(self, data: dict[str, Any]) -> None:
         self.__dict__.update(data)
-
-
-def load_diffusion_model(
-    path: str | os.PathLike,
-    dtype: str = "float32",
-    device: str | None = None,
-    attn_implementation: str | None = None,
-    revision: str | None = None,
-) -> tuple[Any, Any, DiffusionSettings]:
-    """Load a converted checkpoint with stock transformers: (model in eval mode, tokenizer, settings).
-
-    `path` is a local directory or a Hub id (at `revision`; see `adapt.locate`), of a full checkpoint or
-    of a LoRA adapter export (loaded onto its base model with peft and merged). `device` defaults to cuda
-    when available, else cpu; `dtype` is read by `weights_dtype` (auto: bf16 where the device multiplies it
-    natively).
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from adapt.locate import locate
-
-    path = locate(path, revision)
-    settings = load_settings(path)
-    device = resolve_device(device)
-    kwargs: dict[str, Any] = {"dtype": weights_dtype(dtype, device)[0]}
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
-    with about(f"cannot load the model in {path}"):
-        model = AutoModelForCausalLM.from_pretrained(config_dir(path), **kwargs)
-        if adapter_base(path) is not None:
-            model = merged_adapter(model, path)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    model.to(device)
-    return model.eval(), tokenizer, settings
-
-
-def merged_adapter(base: Any, adapter: str | os.PathLike) -> Any:
-    """`base` with the peft adapter in `adapter` applied and merged: a plain transformers model."""
-    from peft import PeftModel
-
-    return PeftModel.from_pretrained(base, adapter).merge_and_unload()
