@@ -108,7 +108,7 @@ def convert_cmd(
     force: Annotated[bool, typer.Option(help="Overwrite a non-empty OUT.")] = False,
 ) -> None:
     """Convert a causal LM into a masked-diffusion checkpoint loadable by stock transformers."""
-    from adapt.convert import ConvertOptions, convert
+    from adapt.conversion.convert import ConvertOptions, convert
 
     if mask_init not in ("mean", "normal", "zero"):
         raise AdaptError(f"--mask-init must be mean, normal or zero, not {mask_init!r}")
@@ -148,7 +148,7 @@ def verify_cmd(
 
     Example: adapt verify out/smollm2-diffusion
     """
-    from adapt.verify import checkpoint_checks, describe, load_checkpoint
+    from adapt.conversion.verify import checkpoint_checks, describe, load_checkpoint
 
     model, tokenizer, settings = load_checkpoint(checkpoint, revision)
     for name in checkpoint_checks(model, tokenizer, settings):

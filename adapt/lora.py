@@ -50,7 +50,7 @@ def check_adapter_export(recipe: Recipe) -> None:
     """An adapter alone is only usable on top of a diffusion checkpoint, not of an AR source, and is only
     publishable when that checkpoint is on the Hub."""
     if recipe.lora is not None and recipe.lora.export == "adapter":
-        from adapt.convert import load_config
+        from adapt.conversion.convert import load_config
         from adapt.core.locate import looks_like_hub_id
 
         if recipe.push_to_hub and not looks_like_hub_id(recipe.model.path):

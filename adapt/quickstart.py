@@ -57,7 +57,7 @@ def run_quickstart(
 ) -> QuickstartResult:
     """convert -> fine-tune -> evaluate (before/after, vs the AR source) -> sample; returns the figures."""
     from adapt.config import load_recipe
-    from adapt.convert import convert
+    from adapt.conversion.convert import convert
     from adapt.train import run
 
     out = Path(out)

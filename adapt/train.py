@@ -111,7 +111,7 @@ def setup(recipe: Recipe) -> Session:
     from accelerate.utils import DataLoaderConfiguration, set_seed
 
     from adapt import engine
-    from adapt.convert import ordinary_token_ids
+    from adapt.conversion.verify import ordinary_token_ids
 
     t = recipe.training
     check_outputs(recipe)
@@ -308,7 +308,7 @@ def logged_step(line: str) -> int:
 
 def load_model(cfg: ModelConfig) -> tuple[Any, Any, DiffusionSettings]:
     """A diffusion model to train: a converted checkpoint, or an AR model converted now (in memory)."""
-    from adapt.convert import (
+    from adapt.conversion.convert import (
         ConvertOptions,
         check_supported,
         convert_model,

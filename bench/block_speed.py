@@ -43,7 +43,7 @@ SPEED_TARGET, QUALITY_TARGET = 1.0, 1.5
 
 def build_default(root: Path, block: int) -> tuple[Path, Path]:
     """A tiny llama (4 x 256, 1024 context), converted and recorded as a block checkpoint (untrained)."""
-    from adapt.convert import convert
+    from adapt.conversion.convert import convert
     from adapt.tiny import build_tiny_model
 
     src = build_tiny_model("llama", root / "src", hidden=256, layers=4, max_position_embeddings=1024)

@@ -39,7 +39,7 @@ TARGET = 3.0
 
 def build_default(root: Path) -> tuple[Path, Path]:
     """A tiny llama (4 layers, 256 wide, 1024 context) and its conversion."""
-    from adapt.convert import convert
+    from adapt.conversion.convert import convert
     from adapt.tiny import build_tiny_model
 
     src = build_tiny_model("llama", root / "src", hidden=256, layers=4, max_position_embeddings=1024)

@@ -306,7 +306,7 @@ if not torch.cuda.is_available():
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from adapt.convert import convert
+    from adapt.conversion.convert import convert
     from adapt.tiny import SAMPLE_TEXT, build_tiny_model
 
     root = tmp_path_factory.mktemp("world")

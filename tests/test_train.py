@@ -345,7 +345,7 @@ def test_recipes_run_end_to_end_through_the_cli(llama_src: Path, tmp_path: Path)
 )
 def test_fast_objective_equals_reference_loss_on_every_architecture(converted: dict, arch: str) -> None:
     from adapt.config import DiffusionConfig
-    from adapt.convert import ordinary_token_ids
+    from adapt.conversion.verify import ordinary_token_ids
     from adapt.loading.model import load_diffusion_model
     from adapt.objectives.loss import TokenLoss, check_fast_path
     from adapt.objectives.masked import noise_batch

@@ -37,6 +37,16 @@ def make_probe(token_ids: Sequence[int], length: int = 12, short: int = 7, seed:
     return Probe(long=ids[:2].clone(), short=ids[2:, :short].clone())
 
 
+def ordinary_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Ids of ordinary tokens: in both tokenizer and embedding matrix, not special."""
+    rows = model.get_input_embeddings().num_embeddings
+    special = set(tokenizer.all_special_ids)
+    ids = [i for i in range(min(len(tokenizer), rows)) if i not in special]
+    if len(ids) < 2:
+        raise AdaptError("the tokenizer has fewer than two ordinary tokens")
+    return ids
+
+
 def tolerance(dtype: torch.dtype) -> float:
     """Relative tolerance on logits for computations that should agree up to kernel rounding."""
     return 1e-4 if dtype == torch.float32 else 5e-2
@@ -297,7 +307,6 @@ def checkpoint_checks(model, tokenizer, settings: DiffusionSettings) -> Iterator
     also: block causality under the block-causal mask and the exact KV cache, on a probe of >= 3 blocks.
     The first failure raises `AdaptError` naming the check.
     """
-    from adapt.convert import ordinary_token_ids
     from adapt.sampling.canvas import pad_id
     from adapt.sampling.engine import context_length
 

@@ -16,6 +16,13 @@ from typing import Any, Literal
 
 import torch
 
+from adapt.conversion.verify import (
+    check_source_is_causal,
+    make_probe,
+    ordinary_token_ids,
+    record_source,
+    verify_converted,
+)
 from adapt.core.boundary import about
 from adapt.core.checkpoint import (
     DiffusionSettings,
@@ -28,7 +35,6 @@ from adapt.core.errors import AdaptError, first_line
 from adapt.core.locate import check_hub_id
 from adapt.core.outputs import atomic_dir, prepare_output_dir
 from adapt.core.version import __version__
-from adapt.verify import check_source_is_causal, make_probe, record_source, verify_converted
 
 log = logging.getLogger(__name__)
 
@@ -199,16 +205,6 @@ def load_model_and_tokenizer(source: str, options: ConvertOptions) -> tuple[Any,
     except (ValueError, RuntimeError) as e:
         raise AdaptError(f"cannot load the weights of {source}: {first_line(e)}") from e
     return model, tokenizer
-
-
-def ordinary_token_ids(model: Any, tokenizer: Any) -> list[int]:
-    """Ids of ordinary tokens: in both tokenizer and embedding matrix, not special."""
-    rows = model.get_input_embeddings().num_embeddings
-    special = set(tokenizer.all_special_ids)
-    ids = [i for i in range(min(len(tokenizer), rows)) if i not in special]
-    if len(ids) < 2:
-        raise AdaptError("the tokenizer has fewer than two ordinary tokens")
-    return ids
 
 
 def ensure_pad_token(model: Any, tokenizer: Any) -> None:
