@@ -185,7 +185,7 @@ def push_cmd(
 ) -> None:
     """Upload a diffusion checkpoint or a LoRA adapter export with a generated model card (token: HF_TOKEN or
     `hf auth login`)."""
-    from adapt.hub import plan_push, upload
+    from adapt.publishing.hub import plan_push, upload
 
     if stage is not None and stage.exists() and (not stage.is_dir() or any(stage.iterdir())):
         raise AdaptError(f"--stage {stage} exists and is not an empty directory; choose a new one")

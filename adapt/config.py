@@ -254,7 +254,7 @@ class Recipe:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Metrics and progress."""
     push_to_hub: str | None = None
-    """Hub repo id to publish the exported checkpoint to (needs adapt.hub and a token)."""
+    """Hub repo id to publish the exported checkpoint to (needs adapt.publishing.hub and a token)."""
 
     def __post_init__(self) -> None:
         length = self.data.max_length

@@ -113,13 +113,15 @@ def training_summary(session: Any) -> dict[str, Any]:
 
 
 def push_if_requested(session: Any, exported: Path) -> None:
-    """Publish the export when the recipe names a Hub repo and adapt.hub is available."""
+    """Publish the export when the recipe names a Hub repo and adapt.publishing.hub is available."""
     repo_id = session.recipe.push_to_hub
     if not repo_id or not session.accelerator.is_main_process:
         return
     try:
-        from adapt import hub
+        from adapt.publishing import hub
     except ImportError:
-        log.warning("push_to_hub=%s skipped: adapt.hub is not available in this installation", repo_id)
+        log.warning(
+            "push_to_hub=%s skipped: adapt.publishing.hub is not available in this installation", repo_id
+        )
         return
     hub.push(exported, repo_id)

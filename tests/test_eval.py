@@ -142,7 +142,7 @@ def test_cli_eval_side_by_side_save_plot_and_card(
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(ckpt.glob(".*"))
 
-    from adapt.hub import plan_push
+    from adapt.publishing.hub import plan_push
 
     card = plan_push(ckpt, "someone/tiny").card
     assert "## Evaluation" in card and "| `llama` | autoregressive |" in card

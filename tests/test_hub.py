@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from adapt.cli import app
 from adapt.core.errors import AdaptError
-from adapt.hub import plan_push, push
+from adapt.publishing.hub import plan_push, push
 
 SECRET = "hf_DoNotLeakThisToken1234567890"
 

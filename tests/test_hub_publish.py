@@ -18,7 +18,7 @@ from huggingface_hub import ModelCard
 from test_hub_ids import cli
 
 from adapt.core.errors import AdaptError
-from adapt.hub import plan_push
+from adapt.publishing.hub import plan_push
 
 BASE = "org/tiny-base"
 ADAPTER = "me/tiny-lora"
