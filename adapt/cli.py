@@ -215,7 +215,7 @@ def finetune_cmd(
     print_config: Annotated[bool, typer.Option(help="Print the resolved recipe and exit.")] = False,
 ) -> None:
     """Fine-tune on the masked-diffusion objective (full or LoRA); export a ready-to-sample checkpoint."""
-    from adapt.config import load_recipe, recipe_to_dict
+    from adapt.training.config import load_recipe, recipe_to_dict
 
     resolved = load_recipe(recipe, overrides or [])
     if print_config:
@@ -230,7 +230,7 @@ def finetune_cmd(
     logging.basicConfig(level=logging.WARNING, format="%(message)s")  # libraries: warnings only
     logging.getLogger("adapt").setLevel(logging.INFO)
     datasets.disable_progress_bars()
-    from adapt.train import run
+    from adapt.training.loop import run
 
     state, exported = run(resolved)
     if state.interrupted:

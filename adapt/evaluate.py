@@ -107,7 +107,7 @@ class GenPplConfig:
 
 def token_windows(path: str, tokenizer: Any, seq_len: int, max_sequences: int, column: str = "text") -> Any:
     """The evaluation text as non-overlapping windows of `seq_len` token ids. -> long [n, l]"""
-    from adapt.data import load_raw, tokenize_documents
+    from adapt.training.data import load_raw, tokenize_documents
 
     ds = load_raw(path)
     if column not in ds.column_names:
@@ -273,8 +273,8 @@ def block_masked_nll(
 
     `attention_mask` [rows, l] (0/1) hides right padding from both halves of the pair.
     """
-    from adapt.objectives.block import pair_inputs
-    from adapt.objectives.loss import TokenLoss
+    from adapt.training.objectives.block import pair_inputs
+    from adapt.training.objectives.loss import TokenLoss
 
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype

@@ -56,9 +56,9 @@ def run_quickstart(
     out: str | Path = "out/quickstart", tiny: bool = False, steps: int | None = None
 ) -> QuickstartResult:
     """convert -> fine-tune -> evaluate (before/after, vs the AR source) -> sample; returns the figures."""
-    from adapt.config import load_recipe
     from adapt.conversion.convert import convert
-    from adapt.train import run
+    from adapt.training.config import load_recipe
+    from adapt.training.loop import run
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -40,11 +40,11 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from train_step import build, timed  # noqa: E402
 
-from adapt.config import DiffusionConfig  # noqa: E402
 from adapt.core.checkpoint import DiffusionSettings  # noqa: E402
 from adapt.loading.precision import bf16_support, resolve_inference_dtype, resolve_mixed_precision  # noqa: E402
-from adapt.objectives.loss import TokenLoss  # noqa: E402
-from adapt.objectives.masked import noise_batch  # noqa: E402
+from adapt.training.config import DiffusionConfig  # noqa: E402
+from adapt.training.objectives.loss import TokenLoss  # noqa: E402
+from adapt.training.objectives.masked import noise_batch  # noqa: E402
 
 
 class MasterWeights:

@@ -101,7 +101,7 @@ def checkpoints_of(model: str, corrupt: bool = False) -> Callable[[Path], None]:
     """A run directory holding one checkpoint recorded for `model` (its weights garbage when `corrupt`)."""
 
     def setup(w: Path) -> None:
-        from adapt.config import load_recipe, save_recipe
+        from adapt.training.config import load_recipe, save_recipe
 
         step = w / "run/checkpoints/step-00000001"
         step.mkdir(parents=True)
@@ -394,8 +394,8 @@ def test_a_bug_keeps_its_traceback_and_debug_shows_every_traceback(world: Path, 
 
 
 def run_recipe(world: Path, out: Path, *overrides: str) -> None:
-    from adapt.config import load_recipe
-    from adapt.train import run
+    from adapt.training.config import load_recipe
+    from adapt.training.loop import run
 
     base = [a.format(w=world) for a in finetune()[2:] if not a.startswith("training.output_dir")]
     run(load_recipe(RECIPE, [*base, f"training.output_dir={out}", *overrides]))

@@ -9,14 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adapt.config import DiffusionConfig, recipe_from_dict
 from adapt.core.attention import block_causal_allowed, block_pair_allowed
 from adapt.core.errors import AdaptError
 from adapt.loading.model import load_diffusion_model
-from adapt.objectives import make_objective
-from adapt.objectives.block import BlockDiffusion, block_index, pair_inputs
-from adapt.objectives.loss import TokenLoss
-from adapt.objectives.masked import MaskedDiffusion
+from adapt.training.config import DiffusionConfig, recipe_from_dict
+from adapt.training.objectives import make_objective
+from adapt.training.objectives.block import BlockDiffusion, block_index, pair_inputs
+from adapt.training.objectives.loss import TokenLoss
+from adapt.training.objectives.masked import MaskedDiffusion
 
 
 def grid(text: str) -> torch.Tensor:
@@ -496,8 +496,8 @@ def test_block_objective_learns_and_resumes_exactly(llama_diffusion, tmp_path) -
     import json
     import shutil
 
-    from adapt.config import load_recipe
-    from adapt.train import fit, setup
+    from adapt.training.config import load_recipe
+    from adapt.training.loop import fit, setup
 
     torch.set_num_threads(1)
     corpus = tmp_path / "repeated.txt"

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from adapt.core.errors import AdaptError
-from adapt.data import (
+from adapt.tiny import build_tokenizer
+from adapt.training.data import (
     Collator,
     DataConfig,
     DataStats,
@@ -20,7 +21,6 @@ from adapt.data import (
     pack_documents,
     prepare_datasets,
 )
-from adapt.tiny import build_tokenizer
 
 DOCS = [
     "The river ran slowly past the old mill.",

@@ -194,7 +194,7 @@ def build_attention_mask(
     """The `attention_mask=` argument for a training batch.
 
     attention_mask [b, l] (0/1 padding); `segment_allowed` bool [b, 1, l, l] from packed documents
-    (`adapt.data.document_mask`), if any. Returns the 2D mask unchanged when attention is fully
+    (`adapt.training.data.document_mask`), if any. Returns the 2D mask unchanged when attention is fully
     bidirectional and there are no segments; otherwise the additive float mask [b, 1, l, l] in `dtype`
     combining annealing, segments and key padding. Every query keeps its own key so no row is empty.
     """

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
-from adapt.config import DiffusionConfig
 from adapt.core.attention import block_ids, block_pair_allowed, position_ids_from_mask, to_additive
 from adapt.core.checkpoint import DiffusionSettings
 from adapt.core.diffusion import complementary_mask, maskable_positions, sample_t
+from adapt.training.config import DiffusionConfig
 
 Inputs = dict[str, "torch.Tensor | None"]
 

@@ -344,7 +344,7 @@ def configure_wrapping(plugin: Any, objective: Any, main: bool) -> None:
 
 def decoder_layer_classes(objective: Any) -> list[str]:
     """Class names of the blocks in the decoder's `layers`/`h`/`blocks` list."""
-    from adapt.objectives.loss import causal_lm_of
+    from adapt.training.objectives.loss import causal_lm_of
 
     decoder = causal_lm_of(objective.model).get_decoder()
     for attr in ("layers", "h", "blocks"):

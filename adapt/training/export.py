@@ -11,11 +11,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from adapt.config import save_recipe
 from adapt.core.checkpoint import write_settings
 from adapt.core.errors import AdaptError
 from adapt.core.outputs import atomic_dir, json_text
 from adapt.core.version import __version__
+from adapt.training.config import save_recipe
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,8 @@ FINAL = "final"
 
 
 def export(session: Any, out: str | Path | None = None) -> Path:
-    """Write the trained model of a `adapt.train.Session` to OUT (default OUTPUT_DIR/final), atomically."""
+    """Write the trained model of a `adapt.training.session.Session` to OUT (default OUTPUT_DIR/final),
+    atomically."""
     acc = session.accelerator
     out = Path(out) if out is not None else session.output_dir / FINAL
     acc.wait_for_everyone()
@@ -53,9 +54,9 @@ def unsharded_peft_model(session: Any, state_dict: dict[str, Any]) -> Any:
     """Rank 0's plain copy of a sharded peft model (FSDP, DeepSpeed): rebuilt as `setup` built it, then the
     gathered weights loaded, every key accounted for. peft's merge and save then run on one process only
     (on the sharded model they would wait for the other ranks)."""
-    from adapt.engine import whole_weights
-    from adapt.lora import apply_lora
-    from adapt.train import load_model
+    from adapt.training.engine import whole_weights
+    from adapt.training.loop import load_model
+    from adapt.training.lora import apply_lora
 
     with whole_weights():
         model, _, _ = load_model(session.recipe.model)

@@ -15,8 +15,8 @@ from typing import Protocol
 
 import torch
 
-from adapt.config import DiffusionConfig
 from adapt.core.checkpoint import DiffusionSettings
+from adapt.training.config import DiffusionConfig
 
 Inputs = dict[str, "torch.Tensor | None"]
 
@@ -44,8 +44,8 @@ class Objective(Protocol):
 
 def make_objective(config: DiffusionConfig, settings: DiffusionSettings) -> Objective:
     """The objective a recipe's `diffusion` section asks for."""
-    from adapt.objectives.block import BlockDiffusion
-    from adapt.objectives.masked import MaskedDiffusion
+    from adapt.training.objectives.block import BlockDiffusion
+    from adapt.training.objectives.masked import MaskedDiffusion
 
     if config.block_size is not None:
         return BlockDiffusion(config, settings)

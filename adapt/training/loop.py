@@ -22,15 +22,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from adapt.config import ModelConfig, Recipe, recipe_to_dict, save_recipe
 from adapt.core.boundary import check_writable
 from adapt.core.checkpoint import DiffusionSettings, checked_settings
 from adapt.core.errors import AdaptError
 from adapt.core.outputs import atomic_dir, check_apart, check_replaceable
-from adapt.engine import whole_weights
-from adapt.lora import apply_lora, check_adapter_export
-from adapt.objectives import Objective, make_objective
-from adapt.objectives.loss import TokenLoss, causal_lm_of, check_fast_path
+from adapt.training.config import ModelConfig, Recipe, recipe_to_dict, save_recipe
+from adapt.training.engine import whole_weights
+from adapt.training.lora import apply_lora, check_adapter_export
+from adapt.training.objectives import Objective, make_objective
+from adapt.training.objectives.loss import TokenLoss, causal_lm_of, check_fast_path
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +110,8 @@ def setup(recipe: Recipe) -> Session:
     from accelerate.state import AcceleratorState
     from accelerate.utils import DataLoaderConfiguration, set_seed
 
-    from adapt import engine
     from adapt.conversion.verify import ordinary_token_ids
+    from adapt.training import engine
 
     t = recipe.training
     check_outputs(recipe)
@@ -187,7 +187,7 @@ def setup(recipe: Recipe) -> Session:
 def check_outputs(recipe: Recipe) -> None:
     """Before any work: every path the run writes is writable and apart from the model and data it reads,
     an existing export is one adapt wrote (it will be replaced), existing checkpoints are this run's."""
-    from adapt.export import FINAL
+    from adapt.training.export import FINAL
 
     out = Path(recipe.training.output_dir)
     for written in (out / FINAL, out / CHECKPOINTS, out / METRICS):
@@ -262,7 +262,7 @@ def explain_load(e: BaseException) -> str:
 
 def check_same_run(recipe: Recipe, checkpoint: Path) -> None:
     """The checkpoint's recorded model and adapters must be this recipe's (else resuming mixes two runs)."""
-    from adapt.config import load_recipe
+    from adapt.training.config import load_recipe
 
     try:
         saved = recipe_to_dict(load_recipe(checkpoint / "recipe.yaml"))
@@ -352,8 +352,9 @@ def check_context(config: Any, recipe: Recipe) -> None:
 
 
 def build_loaders(recipe: Recipe, tokenizer: Any) -> tuple[Any, Any | None]:
-    """Training and held-out DataLoaders from `adapt.data` (held-out is None without an eval split)."""
-    from adapt.data import build_dataloaders
+    """Training and held-out DataLoaders from `adapt.training.data` (held-out is None without an eval
+    split)."""
+    from adapt.training.data import build_dataloaders
 
     train, held_out, _ = build_dataloaders(recipe.data, tokenizer, batch_size=recipe.training.batch_size)
     return train, held_out
@@ -771,7 +772,7 @@ class InterruptFlag:
 
 def run(recipe: Recipe) -> tuple[TrainState, Path | None]:
     """setup -> fit -> export (-> push); returns the final state and the exported directory."""
-    from adapt.export import export, push_if_requested
+    from adapt.training.export import export, push_if_requested
 
     session = setup(recipe)
     try:

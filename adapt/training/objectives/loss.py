@@ -1,8 +1,8 @@
 """The loss every objective shares: the model's prediction at chosen positions, weighted cross-entropy.
 
-An objective (`adapt.objectives`) decides what the model sees (noisy tokens, attention mask, positions)
-and where each target's prediction is read (rows, cols, already shifted); `TokenLoss` runs the model
-once and scores those positions. It wraps a (converted, possibly peft) causal LM so that Accelerate
+An objective (`adapt.training.objectives`) decides what the model sees (noisy tokens, attention mask,
+positions) and where each target's prediction is read (rows, cols, already shifted); `TokenLoss` runs the
+model once and scores those positions. It wraps a (converted, possibly peft) causal LM so that Accelerate
 can prepare it as a whole (DDP/FSDP see one forward). Its fast path runs the decoder for hidden states
 and applies the LM head only at the masked positions, which is where the loss lives; computing the
 full [b, l, V] logits is the dominant cost of a small model's step. Architectures whose head is more

@@ -19,7 +19,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from adapt.core.errors import AdaptError, first_line
-from adapt.data import DataConfig
+from adapt.training.data import DataConfig
 
 
 @dataclass

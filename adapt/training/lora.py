@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from adapt.config import LoraSettings, Recipe
 from adapt.core.checkpoint import read_settings
 from adapt.core.errors import AdaptError, first_line
-from adapt.objectives.loss import causal_lm_of
+from adapt.training.config import LoraSettings, Recipe
+from adapt.training.objectives.loss import causal_lm_of
 
 
 def lora_target_modules(model: nn.Module) -> list[str]:

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import torch
 
-from adapt.config import DiffusionConfig
 from adapt.core.attention import position_ids_from_mask
 from adapt.core.checkpoint import DiffusionSettings
 from adapt.core.diffusion import (
@@ -21,6 +20,7 @@ from adapt.core.diffusion import (
     maskable_positions,
     sample_t,
 )
+from adapt.training.config import DiffusionConfig
 
 Inputs = dict[str, "torch.Tensor | None"]
 
@@ -100,7 +100,7 @@ def segment_allowed(batch: dict[str, torch.Tensor], repeat: int = 1) -> torch.Te
     docs = batch.get("segment_ids")
     if docs is None:
         return None
-    from adapt.data import document_mask
+    from adapt.training.data import document_mask
 
     allowed = document_mask(docs)
     return allowed.repeat(repeat, 1, 1, 1) if repeat > 1 else allowed
