@@ -230,7 +230,7 @@ def finetune_cmd(
     logging.basicConfig(level=logging.WARNING, format="%(message)s")  # libraries: warnings only
     logging.getLogger("adapt").setLevel(logging.INFO)
     datasets.disable_progress_bars()
-    from adapt.training.loop import run
+    from adapt.training.run import run
 
     state, exported = run(resolved)
     if state.interrupted:

@@ -58,7 +58,7 @@ def run_quickstart(
     """convert -> fine-tune -> evaluate (before/after, vs the AR source) -> sample; returns the figures."""
     from adapt.conversion.convert import convert
     from adapt.training.config import load_recipe
-    from adapt.training.loop import run
+    from adapt.training.run import run
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

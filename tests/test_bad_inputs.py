@@ -395,7 +395,7 @@ def test_a_bug_keeps_its_traceback_and_debug_shows_every_traceback(world: Path, 
 
 def run_recipe(world: Path, out: Path, *overrides: str) -> None:
     from adapt.training.config import load_recipe
-    from adapt.training.loop import run
+    from adapt.training.run import run
 
     base = [a.format(w=world) for a in finetune()[2:] if not a.startswith("training.output_dir")]
     run(load_recipe(RECIPE, [*base, f"training.output_dir={out}", *overrides]))

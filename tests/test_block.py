@@ -497,7 +497,8 @@ def test_block_objective_learns_and_resumes_exactly(llama_diffusion, tmp_path) -
     import shutil
 
     from adapt.training.config import load_recipe
-    from adapt.training.loop import fit, setup
+    from adapt.training.loop import fit
+    from adapt.training.setup import setup
 
     torch.set_num_threads(1)
     corpus = tmp_path / "repeated.txt"

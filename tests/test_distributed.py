@@ -302,7 +302,7 @@ def test_fsdp_lora_shards_each_layer_trains_like_ddp_and_its_adapter_loads_in_pe
 
 def one_process_session(out: Path, model: Path, *overrides: str) -> Any:
     from adapt.training.config import load_recipe
-    from adapt.training.loop import setup
+    from adapt.training.setup import setup
 
     base = [f"model.path={model}", f"training.output_dir={out}", *SMALL, *LORA, "training.export=false"]
     return setup(load_recipe(ROOT / "recipes/multi_process.yaml", [*base, *overrides]))
@@ -313,7 +313,7 @@ def test_a_two_process_checkpoint_resumes_on_one_process_at_the_same_data_positi
 ) -> None:
     """DDP wrote step 3 after 3 steps x 2 micro-batches on each of 2 processes: one process goes on with
     micro-batch 12 of the shared shuffled order, the one a fresh single process reads 13th."""
-    from adapt.training.loop import micro_batches
+    from adapt.training.step import micro_batches
 
     out = tmp_path / "one"
     shutil.copytree(lora_runs["ddp"] / "checkpoints", out / "checkpoints")
@@ -344,7 +344,8 @@ def test_a_one_process_checkpoint_resumes_on_two_processes(llama_diffusion: Path
 def test_the_data_position_converts_between_process_counts(
     batches: int, saved: int, now: int, expected: int
 ) -> None:
-    from adapt.training.loop import TrainState, convert_position
+    from adapt.training.checkpoints import convert_position
+    from adapt.training.session import TrainState
 
     state = TrainState(batches_in_epoch=batches, processes=saved)
     convert_position(state, now, Path("ckpt"))
@@ -353,7 +354,8 @@ def test_the_data_position_converts_between_process_counts(
 
 def test_a_data_position_that_does_not_split_is_refused() -> None:
     from adapt.core.errors import AdaptError
-    from adapt.training.loop import TrainState, convert_position
+    from adapt.training.checkpoints import convert_position
+    from adapt.training.session import TrainState
 
     with pytest.raises(AdaptError, match="by 1 process after 3 micro-batches of epoch 0, which do not split"):
         convert_position(TrainState(batches_in_epoch=3, processes=1), 2, Path("ckpt"))
@@ -609,7 +611,7 @@ def test_kill_9_of_one_rank_leaves_the_last_checkpoint_resumable(
 ) -> None:
     """The dead run logged steps after its last checkpoint: the resumed run drops them (rank 0 alone:
     every rank trimming metrics.jsonl at once failed about one resume in four) and logs them again."""
-    from adapt.training.loop import checkpoint_dirs
+    from adapt.training.checkpoints import checkpoint_dirs
 
     out = tmp_path / "run"
     proc = start(config, out, llama_diffusion, "training.max_steps=100000", "training.checkpoint_every=2")

@@ -85,7 +85,7 @@ def test_a_recipe_trains_from_a_hub_id_at_a_revision(
 ) -> None:
     from test_train import recipe_for
 
-    from adapt.training.loop import run
+    from adapt.training.run import run
 
     stage(llama_diffusion, REPO, hub_cache, revision="v1")
     recipe = recipe_for(

@@ -29,7 +29,7 @@ def adapter(llama_diffusion: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     """A LoRA adapter export of two training steps on the converted tiny llama (recorded base: its path)."""
     from test_train import recipe_for
 
-    from adapt.training.loop import run
+    from adapt.training.run import run
 
     out = tmp_path_factory.mktemp("lora")
     recipe = recipe_for("lora_chat", llama_diffusion, out, "lora.export=adapter", "training.max_steps=2")

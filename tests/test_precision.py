@@ -115,7 +115,8 @@ def test_training_auto_autocasts_in_bf16_only_where_it_pays(
     expected: str,
 ) -> None:
     from adapt.training.config import load_recipe
-    from adapt.training.loop import setup, train_step
+    from adapt.training.setup import setup
+    from adapt.training.step import train_step
 
     monkeypatch.setattr(precision, "cpu_has_hardware_bf16", lambda: fast)
     monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda threads: 3.9)

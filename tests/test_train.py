@@ -50,7 +50,7 @@ def probe_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
 def test_loss_decreases_on_a_repeated_corpus(llama_diffusion: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from adapt.training.loop import run
+    from adapt.training.run import run
 
     corpus = tmp_path / "repeated.txt"
     corpus.write_text("\n\n".join(["The miller's daughter counted the sacks of grain every morning."] * 40))
@@ -94,7 +94,8 @@ def test_loss_decreases_on_a_repeated_corpus(llama_diffusion: Path, tmp_path: Pa
 def test_fast_step_matches_reference_loss_and_sft_never_masks_prompts(
     llama_diffusion: Path, tmp_path: Path
 ) -> None:
-    from adapt.training.loop import make_inputs, setup, step_generator
+    from adapt.training.noising import make_inputs, step_generator
+    from adapt.training.setup import setup
 
     session = setup(recipe_for("sft_chat", llama_diffusion, tmp_path / "run", "data.max_length=64"))
     assert session.objective.fast, "the LM head on masked positions only is used for llama"
@@ -127,7 +128,8 @@ def test_fast_step_matches_reference_loss_and_sft_never_masks_prompts(
 
 
 def test_annealing_follows_the_schedule(llama_diffusion: Path, tmp_path: Path) -> None:
-    from adapt.training.loop import fit, setup
+    from adapt.training.loop import fit
+    from adapt.training.setup import setup
 
     out = tmp_path / "run"
     recipe = recipe_for(
@@ -153,7 +155,8 @@ def test_lora_trains_adapters_and_mask_row_and_merges_exactly(llama_src: Path, t
     from transformers import AutoModelForCausalLM
 
     from adapt.training.export import export
-    from adapt.training.loop import fit, setup
+    from adapt.training.loop import fit
+    from adapt.training.setup import setup
 
     out = tmp_path / "run"
     recipe = recipe_for("lora_chat", llama_src, out, "training.max_steps=4", "training.lr=1e-2")
@@ -192,7 +195,7 @@ def test_lora_adapter_export_needs_a_converted_base(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from adapt.training.loop import run
+    from adapt.training.run import run
 
     with pytest.raises(AdaptError, match="lora.export=adapter needs model.path to be a converted"):
         run(recipe_for("lora_chat", llama_src, tmp_path / "a", "lora.export=adapter"))
@@ -216,7 +219,8 @@ def file_hashes(path: Path) -> dict[str, str]:
 def test_resume_gives_the_same_loss_curve(llama_diffusion: Path, tmp_path: Path) -> None:
     import shutil
 
-    from adapt.training.loop import fit, setup
+    from adapt.training.loop import fit
+    from adapt.training.setup import setup
 
     settings = ["training.max_steps=8", "training.checkpoint_every=4", "training.keep_checkpoints=5",
                 "data.max_length=32", "training.batch_size=4", "training.grad_accumulation=2",
@@ -241,7 +245,8 @@ def test_resume_gives_the_same_loss_curve(llama_diffusion: Path, tmp_path: Path)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(llama_diffusion: Path, tmp_path: Path) -> None:
-    from adapt.training.loop import fit, setup
+    from adapt.training.loop import fit
+    from adapt.training.setup import setup
 
     out = tmp_path / "run"
     common = ["training.checkpoint_every=2", "data.max_length=32", "training.export=false"]

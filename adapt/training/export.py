@@ -55,8 +55,8 @@ def unsharded_peft_model(session: Any, state_dict: dict[str, Any]) -> Any:
     gathered weights loaded, every key accounted for. peft's merge and save then run on one process only
     (on the sharded model they would wait for the other ranks)."""
     from adapt.training.engine import whole_weights
-    from adapt.training.loop import load_model
     from adapt.training.lora import apply_lora
+    from adapt.training.model import load_model
 
     with whole_weights():
         model, _, _ = load_model(session.recipe.model)
