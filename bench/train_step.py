@@ -43,11 +43,11 @@ def ar_step(model: torch.nn.Module, opt: torch.optim.Optimizer, ids: torch.Tenso
     return float(loss.detach())
 
 
-def diffusion_step(objective, opt, ids: torch.Tensor, step: int, noiser) -> float:  # noqa: ANN001
+def diffusion_step(loss_module, opt, ids: torch.Tensor, step: int, objective) -> float:  # noqa: ANN001
     gen = torch.Generator().manual_seed(step)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    inputs = noiser.inputs(batch, step, gen, torch.float32)
-    loss, _, _ = objective(**inputs)
+    inputs = objective.inputs(batch, step, gen, torch.float32)
+    loss, _, _ = loss_module(**inputs)
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)

@@ -232,12 +232,12 @@ def test_fsdp_wraps_the_models_own_layer_class_or_says_which_it_falls_back_to(
     model = AutoModelForCausalLM.from_pretrained(llama_diffusion)
     if not declared:
         model._no_split_modules = None  # as a model class that declares none
-    objective = TokenLoss(model)
-    own = objective._no_split_modules
+    loss_module = TokenLoss(model)
+    own = loss_module._no_split_modules
     assert (set(own) == {"LlamaDecoderLayer"}) if declared else own is None, "the model's own, seen through"
     plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy=None)
     with caplog.at_level("WARNING", logger="adapt.training.engine"):
-        configure_wrapping(plugin, objective, main=True)
+        configure_wrapping(plugin, loss_module, main=True)
     assert plugin.transformer_cls_names_to_wrap == ["LlamaDecoderLayer"]
     assert plugin.auto_wrap_policy is not None, "per-layer wrapping even when the config names no policy"
     said = "declares no _no_split_modules; FSDP wraps each block of its decoder's layers list"

@@ -98,7 +98,7 @@ def test_fast_step_matches_reference_loss_and_sft_never_masks_prompts(
     from adapt.training.setup import setup
 
     session = setup(recipe_for("sft_chat", llama_diffusion, tmp_path / "run", "data.max_length=64"))
-    assert session.objective.fast, "the LM head on masked positions only is used for llama"
+    assert session.loss_module.fast, "the LM head on masked positions only is used for llama"
     model, shift = session.model, session.settings.shift
     masked_prompt = masked_response = 0
     for i, batch in enumerate(session.train_loader):
@@ -118,7 +118,7 @@ def test_fast_step_matches_reference_loss_and_sft_never_masks_prompts(
         t = 1.0 / (inputs["weights"] * ids.shape[0] * (real & ~prompt).sum(-1)[rows])
         t_per_sample = torch.zeros(ids.shape[0]).index_put((rows,), t)
         with torch.no_grad():
-            fast, _, _ = session.objective(**inputs)
+            fast, _, _ = session.loss_module(**inputs)
             logits = model(input_ids=noisy, attention_mask=inputs["attention_mask"]).logits
         response_len = (real & ~prompt).sum(-1)
         reference = diffusion_loss(logits, ids, masked, t_per_sample.clamp(min=1e-3), shift, response_len)

@@ -32,9 +32,9 @@ def check_probe_loss(session: Session) -> None:
     row = torch.tensor([ids[i % len(ids)] for i in range(session.recipe.data.max_length)], device=acc.device)
     batch = {"input_ids": row[None], "attention_mask": torch.ones_like(row[None])}
     inputs = make_inputs(session, batch, None, step_generator(session, -2, 0, acc.device))
-    session.objective.eval()
-    loss, _, _ = session.objective(**inputs)
-    session.objective.train()
+    session.loss_module.eval()
+    loss, _, _ = session.loss_module(**inputs)
+    session.loss_module.train()
     check_finite(session, "the loss of the trained model on a probe batch", float(loss), session.state.step)
 
 
@@ -45,7 +45,7 @@ def check_ranks_agree(session: Session) -> None:
     if acc.num_processes == 1 or acc.distributed_type.name in ("FSDP", "DEEPSPEED"):
         return  # sharded parameters differ by design
     total = torch.zeros((), dtype=torch.float64, device=acc.device)
-    for i, p in enumerate(session.objective.parameters()):
+    for i, p in enumerate(session.loss_module.parameters()):
         total += p.detach().double().sum() * (1 + (i % 7))
     sums = acc.gather(total[None]).tolist()
     log_metrics(session, {"rank_weight_checksums": sums})

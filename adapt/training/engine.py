@@ -293,15 +293,15 @@ def start_line(accelerator: Any, precision_why: str) -> str:
     )
 
 
-def prepare_fsdp(accelerator: Any, objective: Any) -> None:
+def prepare_fsdp(accelerator: Any, loss_module: Any) -> None:
     """Before Accelerate shards: one unit per decoder layer, and (gloo) every rank starts from rank 0's
     weights, as DDP does, rather than from its own identically seeded copy (new rows, LoRA init)."""
     import torch.distributed as dist
 
-    configure_wrapping(accelerator.state.fsdp_plugin, objective, accelerator.is_main_process)
+    configure_wrapping(accelerator.state.fsdp_plugin, loss_module, accelerator.is_main_process)
     keep_fp32_edges(accelerator.state.fsdp_plugin)
     if dist.get_backend() == "gloo":
-        for tensor in objective.state_dict().values():
+        for tensor in loss_module.state_dict().values():
             dist.broadcast(tensor, src=0)
 
 
@@ -319,7 +319,7 @@ def keep_fp32_edges(plugin: Any) -> None:
         )
 
 
-def configure_wrapping(plugin: Any, objective: Any, main: bool) -> None:
+def configure_wrapping(plugin: Any, loss_module: Any, main: bool) -> None:
     """Shard one FSDP unit per decoder layer: the model's own `_no_split_modules` (seen through adapt's
     wrapper), else the class of the blocks in its decoder's `layers` list, said so."""
     from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
@@ -328,11 +328,11 @@ def configure_wrapping(plugin: Any, objective: Any, main: bool) -> None:
         return  # named in the Accelerate config
     if plugin.auto_wrap_policy is None:
         plugin.auto_wrap_policy = transformer_auto_wrap_policy
-    own = objective._no_split_modules
+    own = loss_module._no_split_modules
     if own:
         plugin.transformer_cls_names_to_wrap = sorted(own)
         return
-    names = decoder_layer_classes(objective)
+    names = decoder_layer_classes(loss_module)
     plugin.transformer_cls_names_to_wrap = names
     if main:
         log.warning(
@@ -342,11 +342,11 @@ def configure_wrapping(plugin: Any, objective: Any, main: bool) -> None:
         )
 
 
-def decoder_layer_classes(objective: Any) -> list[str]:
+def decoder_layer_classes(loss_module: Any) -> list[str]:
     """Class names of the blocks in the decoder's `layers`/`h`/`blocks` list."""
     from adapt.training.objectives.loss import causal_lm_of
 
-    decoder = causal_lm_of(objective.model).get_decoder()
+    decoder = causal_lm_of(loss_module.model).get_decoder()
     for attr in ("layers", "h", "blocks"):
         blocks = getattr(decoder, attr, None)
         if blocks is not None and len(blocks):
@@ -357,7 +357,7 @@ def decoder_layer_classes(objective: Any) -> list[str]:
     )
 
 
-def describe(accelerator: Any, objective: Any, precision_why: str) -> dict[str, Any]:
+def describe(accelerator: Any, loss_module: Any, precision_why: str) -> dict[str, Any]:
     """What runs, for OUTPUT_DIR/engine.json: the start line's facts and, under FSDP, each rank's share of
     each sharded unit (every process must call this: the shares are gathered)."""
     from accelerate.utils import gather_object
@@ -370,9 +370,9 @@ def describe(accelerator: Any, objective: Any, precision_why: str) -> dict[str, 
         "device": accelerator.device.type,
     }
     if accelerator.distributed_type.name == "FSDP" and accelerator.is_fsdp2:
-        facts["fsdp_ranks"] = gather_object([fsdp_shares(objective)])
+        facts["fsdp_ranks"] = gather_object([fsdp_shares(loss_module)])
     if accelerator.distributed_type.name == "DEEPSPEED":
-        facts["deepspeed_ranks"] = gather_object([deepspeed_shares(objective)])
+        facts["deepspeed_ranks"] = gather_object([deepspeed_shares(loss_module)])
     return facts
 
 
@@ -416,17 +416,17 @@ def unit_dtypes(module: Any) -> dict[str, str | None]:
     return {k: str(v).removeprefix("torch.") if v is not None else None for k, v in named.items()}
 
 
-def fsdp_shares(objective: Any) -> dict[str, Any]:
+def fsdp_shares(loss_module: Any) -> dict[str, Any]:
     """This rank's elements of each FSDP2 unit's own parameters against their full size."""
     from torch.distributed.fsdp import FSDPModule
 
-    fsdp = {name: m for name, m in objective.named_modules() if isinstance(m, FSDPModule)}
+    fsdp = {name: m for name, m in loss_module.named_modules() if isinstance(m, FSDPModule)}
     units = {name: type(m).__name__.removeprefix("FSDP") for name, m in fsdp.items()}
     shares = {
         name or "<root>": {"class": units[name], "local": 0, "full": 0, "dtypes": unit_dtypes(m)}
         for name, m in fsdp.items()
     }
-    for pname, p in objective.named_parameters():
+    for pname, p in loss_module.named_parameters():
         owner = max((u for u in units if u == "" or pname.startswith(u + ".")), key=len, default=None)
         if owner is not None and hasattr(p, "to_local"):
             share = shares[owner or "<root>"]

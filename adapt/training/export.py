@@ -30,7 +30,7 @@ def export(session: Any, out: str | Path | None = None) -> Path:
     acc.wait_for_everyone()
     state_dict = None
     if acc.distributed_type.name in ("FSDP", "DEEPSPEED"):
-        full = acc.get_state_dict(session.objective)  # every process takes part in the gather
+        full = acc.get_state_dict(session.loss_module)  # every process takes part in the gather
         if acc.is_main_process:  # ZeRO-3 gathers onto rank 0 alone (the others get None)
             state_dict = {k.removeprefix("model."): v for k, v in full.items()}
     if acc.is_main_process:

@@ -18,8 +18,8 @@ def evaluate(session: Session) -> float | None:
     """
     if session.eval_loader is None:
         return None
-    acc, objective = session.accelerator, session.objective
-    objective.eval()
+    acc, loss_module = session.accelerator, session.loss_module
+    loss_module.eval()
     limit = session.recipe.training.eval_batches
     total = torch.zeros(4, device=acc.device)  # loss * rows, rows, correct, masked
     for i, batch in enumerate(session.eval_loader):
@@ -27,11 +27,11 @@ def evaluate(session: Session) -> float | None:
             break
         gen = step_generator(session, -1, i, acc.device)
         inputs = make_inputs(session, batch, None, gen)
-        loss, _, correct = objective(**inputs)
+        loss, _, correct = loss_module(**inputs)
         size = float(batch["input_ids"].shape[0])
         counts = [loss.float() * size, size, correct.sum().float(), float(correct.numel())]
         total += torch.stack([torch.as_tensor(c, device=acc.device, dtype=torch.float32) for c in counts])
-    objective.train()
+    loss_module.train()
     total = acc.reduce(total, reduction="sum") if acc.num_processes > 1 else total
     session.state.eval_loss = float(total[0] / total[1].clamp(min=1))
     session.state.eval_accuracy = float(total[2] / total[3].clamp(min=1))

@@ -14,7 +14,7 @@ def make_inputs(
     session: Session, batch: dict[str, torch.Tensor], step: int | None, generator: torch.Generator
 ) -> dict:
     """Noise a clean batch into the loss's inputs with the session's objective (step None: final setting)."""
-    return session.noiser.inputs(batch, step, generator, mask_dtype(session))
+    return session.objective.inputs(batch, step, generator, mask_dtype(session))
 
 
 def mask_dtype(session: Session) -> torch.dtype:

@@ -12,11 +12,11 @@ from adapt.core.errors import AdaptError
 from adapt.training.config import Recipe
 
 
-def build_optimizer(objective: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+def build_optimizer(loss_module: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters; no weight decay on biases, norms and embeddings rows of 1D."""
     t = recipe.training
     decay, no_decay = [], []
-    for p in objective.parameters():
+    for p in loss_module.parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
     if not decay and not no_decay:

@@ -49,12 +49,12 @@ class Session:
 
     recipe: Recipe
     accelerator: Any
-    objective: Any
+    loss_module: Any
     """The prepared `TokenLoss` around the model (wrapped for DDP/FSDP when distributed)."""
     tokenizer: Any
     settings: DiffusionSettings
     """What the export records (the objective's settings applied)."""
-    noiser: Objective
+    objective: Objective
     """The training objective: turns clean batches into `TokenLoss` inputs."""
     optimizer: Any
     scheduler: Any
@@ -72,4 +72,4 @@ class Session:
     @property
     def model(self) -> nn.Module:
         """The trained (HF or peft) model, unwrapped."""
-        return self.accelerator.unwrap_model(self.objective).model
+        return self.accelerator.unwrap_model(self.loss_module).model

@@ -73,29 +73,29 @@ def setup(recipe: Recipe) -> Session:
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
         fast = check_fast_path(model, probe_ids)
-    noiser = make_objective(recipe.diffusion, settings)
+    objective = make_objective(recipe.diffusion, settings)
     warn_objective_change(settings, recipe)
-    objective = TokenLoss(model, fast=fast).train()
+    loss_module = TokenLoss(model, fast=fast).train()
     if accelerator.distributed_type.name == "FSDP":
-        engine.prepare_fsdp(accelerator, objective)
+        engine.prepare_fsdp(accelerator, loss_module)
     train_loader, eval_loader = build_loaders(recipe, tokenizer)
-    optimizer = build_optimizer(objective, recipe)
+    optimizer = build_optimizer(loss_module, recipe)
     per_epoch = max(1, len(train_loader) // accelerator.num_processes // t.grad_accumulation)
     total = t.max_steps or per_epoch * t.epochs
     scheduler = build_scheduler(optimizer, recipe, total)
-    objective, optimizer, train_loader, scheduler = accelerator.prepare(
-        objective, optimizer, train_loader, scheduler
+    loss_module, optimizer, train_loader, scheduler = accelerator.prepare(
+        loss_module, optimizer, train_loader, scheduler
     )
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
-    facts = engine.describe(accelerator, objective, why)
+    facts = engine.describe(accelerator, loss_module, why)
     session = Session(
         recipe,
         accelerator,
-        objective,
+        loss_module,
         tokenizer,
-        noiser.record(settings),
-        noiser,
+        objective.record(settings),
+        objective,
         optimizer,
         scheduler,
         train_loader,

@@ -44,13 +44,13 @@ def train_step(session: Session, batches: Any) -> tuple[torch.Tensor, int, dict[
         inputs = make_inputs(session, batch, step, step_generator(session, step, micro, acc.device))
         last = micro == ga - 1
         acc.sync_gradients = last  # DeepSpeed steps inside the last micro-batch's backward
-        sync = contextlib.nullcontext() if last else acc.no_sync(session.objective)
+        sync = contextlib.nullcontext() if last else acc.no_sync(session.loss_module)
         with sync:
-            loss, _, _ = session.objective(**inputs)
+            loss, _, _ = session.loss_module(**inputs)
             acc.backward(loss / ga)
         total += loss.detach() / ga
         tokens += int(batch["attention_mask"].sum())
-        for name, value in session.noiser.step_metrics(step, batch, inputs).items():
+        for name, value in session.objective.step_metrics(step, batch, inputs).items():
             metrics[name] = metrics.get(name, 0.0) + value / ga
     return total, tokens, metrics
 
@@ -70,7 +70,7 @@ def clip_gradients(session: Session) -> float | None:
     None under fp16 (the grad scaler skips non-finite steps itself) and where Accelerate gives no norm.
     """
     acc, limit = session.accelerator, session.recipe.training.max_grad_norm
-    norm = acc.clip_grad_norm_(session.objective.parameters(), limit if limit is not None else math.inf)
+    norm = acc.clip_grad_norm_(session.loss_module.parameters(), limit if limit is not None else math.inf)
     if norm is None or acc.mixed_precision == "fp16":
         return None
     return float(norm)
