@@ -282,9 +282,9 @@ def eval_cmd(
 ) -> None:
     """ELBO perplexity bound and masked accuracy of diffusion checkpoints beside AR models' perplexity."""
 
-    from adapt import evaluate as ev
     from adapt.core.boundary import check_output_file, resolve_device
     from adapt.core.outputs import json_text
+    from adapt.evaluation import evaluate as ev
 
     device = resolve_device(device)
     for option, target in (("--json", json_out), ("--plot", plot)):
@@ -338,7 +338,7 @@ def lm_eval_cmd(ctx: typer.Context) -> None:
     the requests across processes.)
     """
     try:
-        from adapt.lm_eval_model import run_cli
+        from adapt.evaluation.lm_eval_model import run_cli
     except ModuleNotFoundError as e:
         if (e.name or "").split(".")[0] != "lm_eval":
             raise

@@ -107,7 +107,7 @@ def _loss_curve(run_dir: Path) -> list[float]:
 
 
 def _evaluate(models: list[str], eval_file: Path, tiny: bool) -> list[dict[str, Any]]:
-    from adapt.evaluate import EvalConfig, evaluate
+    from adapt.evaluation.evaluate import EvalConfig, evaluate
 
     cfg = EvalConfig(data=str(eval_file), seq_len=64, max_sequences=4 if tiny else 16, mc_samples=4)
     return evaluate(models, cfg)["models"]
@@ -116,7 +116,7 @@ def _evaluate(models: list[str], eval_file: Path, tiny: bool) -> list[dict[str, 
 def _sample(exported: Path, source: Path) -> list[dict[str, Any]]:
     from transformers import AutoModelForCausalLM
 
-    from adapt.evaluate import judge_nll
+    from adapt.evaluation.evaluate import judge_nll
     from adapt.loading.model import load_diffusion_model
     from adapt.sampling import SamplingConfig, generate
 

@@ -45,7 +45,7 @@ def scratch_model(source: Path, root: Path) -> Path:
 
 
 def run_variant(name: str, args: argparse.Namespace, source: Path, data: tuple[Path, Path]) -> dict:
-    from adapt.evaluate import EvalConfig, evaluate_model
+    from adapt.evaluation.evaluate import EvalConfig, evaluate_model
     from adapt.training.config import load_recipe
     from adapt.training.run import run
 

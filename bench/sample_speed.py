@@ -30,7 +30,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from reference_sampler import reference_generate  # noqa: E402
 
-from adapt.evaluate import summarize, unigram_entropy  # noqa: E402
+from adapt.evaluation.evaluate import summarize, unigram_entropy  # noqa: E402
 from adapt.loading.model import load_diffusion_model  # noqa: E402
 from adapt.sampling import SamplingConfig, generate  # noqa: E402
 

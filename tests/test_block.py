@@ -568,7 +568,7 @@ def exact_block_elbo(model, window: torch.Tensor, block: int, mask_id: int) -> f
 def test_block_elbo_monte_carlo_matches_exact_enumeration(converted) -> None:  # noqa: ANN001
     import math
 
-    from adapt.evaluate import elbo_samples
+    from adapt.evaluation.evaluate import elbo_samples
 
     model, tok, settings = load_diffusion_model(converted["llama"], device="cpu")
     settings = settings.with_block_size(2)
@@ -581,7 +581,7 @@ def test_block_elbo_monte_carlo_matches_exact_enumeration(converted) -> None:  #
     mean, se = float(est.mean()), float(est.std() / math.sqrt(est.numel()))
     assert abs(mean - exact) < 4 * se + 0.01 * exact, (mean, exact, se)
     # deterministic: the evaluation's per-row sum of CE / t is the per-block reference's
-    from adapt.evaluate import block_masked_nll
+    from adapt.evaluation.evaluate import block_masked_nll
 
     ids = torch.randint(10, len(tok), (3, 10), generator=torch.Generator().manual_seed(1))
     masked = torch.rand(3, 10, generator=torch.Generator().manual_seed(2)) < 0.5
@@ -599,7 +599,7 @@ def test_eval_reports_a_block_checkpoint_with_its_own_bound(converted, tmp_path)
     import json
     import shutil
 
-    from adapt.evaluate import EvalConfig, evaluate_model
+    from adapt.evaluation.evaluate import EvalConfig, evaluate_model
     from adapt.tiny import SAMPLE_TEXT
 
     path = tmp_path / "block"

@@ -126,7 +126,7 @@ def test_sample_chat_command_stops_at_the_end_of_turn(
 
 def test_lm_eval_generation_stops_at_the_end_of_turn(llama_diffusion: Path) -> None:
     pytest.importorskip("lm_eval")
-    from adapt.lm_eval_model import AdaptLM
+    from adapt.evaluation.lm_eval_model import AdaptLM
 
     lm = AdaptLM(str(llama_diffusion), max_gen_toks=8)
     tok = lm.tokenizer

@@ -13,7 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from adapt.cli import app
-from adapt.evaluate import (
+from adapt.evaluation.evaluate import (
     EvalConfig,
     elbo_samples,
     evaluate_model,
@@ -165,7 +165,7 @@ def test_lm_eval_model_on_local_tasks(llama_diffusion: Path, monkeypatch: pytest
     lm_eval = pytest.importorskip("lm_eval")
     from lm_eval.tasks import TaskManager
 
-    import adapt.lm_eval_model  # noqa: F401  (registers model type "adapt")
+    import adapt.evaluation.lm_eval_model  # noqa: F401  (registers model type "adapt")
 
     monkeypatch.chdir(TASKS.parent.parent)  # the task files name their data relative to the repo root
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
@@ -186,7 +186,7 @@ def test_lm_eval_loglikelihood_of_one_token_is_its_masked_nll(llama_diffusion: P
     pytest.importorskip("lm_eval")
     from types import SimpleNamespace
 
-    from adapt.lm_eval_model import AdaptLM
+    from adapt.evaluation.lm_eval_model import AdaptLM
 
     lm = AdaptLM(str(llama_diffusion), mc_samples=4096, batch_size=512)
     ctx, cont = lm.split_pair("The river ran", " slowly")

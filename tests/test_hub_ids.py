@@ -67,7 +67,7 @@ def test_revisions_resolve_to_their_own_snapshot(
 
 
 def test_library_loader_and_lm_eval_model_take_hub_ids(llama_diffusion: Path, staged: Path) -> None:
-    from adapt.lm_eval_model import AdaptLM
+    from adapt.evaluation.lm_eval_model import AdaptLM
     from adapt.loading.model import load_diffusion_model
 
     model, _, settings = load_diffusion_model(REPO, device="cpu")

@@ -4,13 +4,13 @@
     adapt lm-eval --model_args pretrained=CKPT,mc_samples=32 --tasks hellaswag --batch_size 8
     accelerate launch -m adapt.lm_eval_model --model_args pretrained=CKPT --tasks hellaswag
 
-`adapt lm-eval` and `python -m adapt.lm_eval_model` are lm-eval's own command line with this model
-registered and `--model adapt` the default; in Python, `import adapt.lm_eval_model` registers it for
-`lm_eval.simple_evaluate(model="adapt", ...)`. Model args: pretrained (a directory or Hub id),
-revision, mc_samples, seed, eps, batch_size (requests per forward pass), max_length, max_gen_toks,
-dtype, device, and the sampler's options (`SAMPLER_ARGS`: steps, block_length, strategy,
-step_schedule, threshold, temperature, confidence, cache, ...); chat templates come from lm-eval's
-own `--apply_chat_template`.
+`adapt lm-eval` and `python -m adapt.lm_eval_model` (the entry point adapt/lm_eval_model.py) are
+lm-eval's own command line with this model registered and `--model adapt` the default; in Python,
+importing this module (or `adapt.lm_eval_model`) registers it for `lm_eval.simple_evaluate(model="adapt",
+...)`. Model args: pretrained (a directory or Hub id), revision, mc_samples, seed, eps, batch_size
+(requests per forward pass), max_length, max_gen_toks, dtype, device, and the sampler's options
+(`SAMPLER_ARGS`: steps, block_length, strategy, step_schedule, threshold, temperature, confidence, cache,
+...); chat templates come from lm-eval's own `--apply_chat_template`.
 
 - `loglikelihood`: Monte Carlo ELBO of the continuation given the context (LLaDA-style): only
   continuation tokens are masked and scored, `mc_samples` stratified t values per request (per block
@@ -47,7 +47,7 @@ from tqdm import tqdm
 
 from adapt.core.diffusion import maskable_positions
 from adapt.core.errors import AdaptError
-from adapt.evaluate import elbo_noise, masked_nll_sums
+from adapt.evaluation.evaluate import elbo_noise, masked_nll_sums
 from adapt.loading.model import load_diffusion_model
 from adapt.sampling.config import SamplingConfig
 
@@ -408,10 +408,4 @@ def raised_by_lm_eval_cli(e: BaseException) -> bool:
     return name.startswith(("lm_eval.config", "lm_eval._cli", "lm_eval.__main__", "lm_eval.evaluator"))
 
 
-if __name__ == "__main__":
-    from adapt.cli import app
-
-    # the command imports adapt.lm_eval_model, which registers the model (this copy is __main__)
-    app(["lm-eval", *sys.argv[1:]], prog_name="python -m adapt.lm_eval_model")
-else:
-    register_model("adapt")(AdaptLM)
+register_model("adapt")(AdaptLM)
