@@ -1,11 +1,10 @@
 """adapt: turn pretrained autoregressive causal LMs into masked diffusion language models."""
 
-from adapt.errors import AdaptError
-from adapt.notices import quiet
+from adapt.core.errors import AdaptError
+from adapt.core.notices import quiet
+from adapt.core.version import __version__
 
-quiet()  # logging filters for two library notices (adapt/notices.py)
-
-__version__ = "0.1.0"
+quiet()  # logging filters for two library notices (adapt/core/notices.py)
 
 __all__ = ["AdaptError", "SamplingConfig", "__version__", "generate"]
 

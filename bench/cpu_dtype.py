@@ -18,7 +18,7 @@ Inference: a no-grad forward of the same (bidirectional) model with full logits,
 All variants are timed in interleaved rounds (the CPU may be shared) and the median is reported, with
 tokens/s and the ratio to fp32. The first training step's loss of each variant (identical weights and
 masks) shows what bf16 does to the numbers. The CPU capability and the bf16 detection that
-`adapt.precision` uses for `auto` are printed first.
+`adapt.loading.precision` uses for `auto` are printed first.
 """
 
 from __future__ import annotations
@@ -40,11 +40,11 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from train_step import build, timed  # noqa: E402
 
-from adapt.checkpoint import DiffusionSettings  # noqa: E402
-from adapt.config import DiffusionConfig  # noqa: E402
-from adapt.objectives.loss import TokenLoss  # noqa: E402
-from adapt.objectives.masked import noise_batch  # noqa: E402
-from adapt.precision import bf16_support, resolve_inference_dtype, resolve_mixed_precision  # noqa: E402
+from adapt.core.checkpoint import DiffusionSettings  # noqa: E402
+from adapt.loading.precision import bf16_support, resolve_inference_dtype, resolve_mixed_precision  # noqa: E402
+from adapt.training.config import DiffusionConfig  # noqa: E402
+from adapt.training.objectives.loss import TokenLoss  # noqa: E402
+from adapt.training.objectives.masked import noise_batch  # noqa: E402
 
 
 class MasterWeights:
@@ -67,13 +67,13 @@ class MasterWeights:
         pass  # step() already dropped the bf16 grads
 
 
-def train_step(objective, opt, ids, step, settings, autocast: bool, mask_dtype) -> float:  # noqa: ANN001
+def train_step(loss_module, opt, ids, step, settings, autocast: bool, mask_dtype) -> float:  # noqa: ANN001
     """One diffusion step; the masks depend only on `step`, so every variant sees the same ones."""
     gen = torch.Generator().manual_seed(step)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     inputs = noise_batch(batch, step, gen, DiffusionConfig(), settings, mask_dtype)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        loss, _, _ = objective(**inputs)
+        loss, _, _ = loss_module(**inputs)
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -115,8 +115,8 @@ def variants(args: argparse.Namespace, base: torch.nn.Module) -> dict[str, dict]
     train = args.batch * args.seq
 
     def step(model, opt, autocast, dtype) -> Callable[[int], float]:  # noqa: ANN001
-        objective = TokenLoss(model, fast=True)
-        return lambda s: train_step(objective, opt, ids, s, settings, autocast, dtype)
+        loss_module = TokenLoss(model, fast=True)
+        return lambda s: train_step(loss_module, opt, ids, s, settings, autocast, dtype)
 
     rows = {
         "train fp32": (step(fp32, opts["fp32"], False, f32), train, "train", "train fp32"),

@@ -65,7 +65,7 @@ def continue_greedily(model, tokenizer, prompts: list[list[int]], gen_length: in
 def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from adapt.precision import resolve_inference_dtype
+    from adapt.loading.precision import resolve_inference_dtype
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--source", type=Path, required=True)

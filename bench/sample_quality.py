@@ -21,7 +21,7 @@ import torch
 
 def ar_baseline(judge, tokenizer, n: int, length: int, greedy: bool, seed: int) -> dict:
     """The judge's own generations from BOS, scored by itself."""
-    from adapt.evaluate import judge_nll, unigram_entropy
+    from adapt.evaluation.evaluate import judge_nll, unigram_entropy
 
     torch.manual_seed(seed)
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
@@ -48,8 +48,8 @@ def ar_baseline(judge, tokenizer, n: int, length: int, greedy: bool, seed: int) 
 def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from adapt.checkpoint import load_diffusion_model
-    from adapt.evaluate import GenPplConfig, generative_perplexity
+    from adapt.evaluation.evaluate import GenPplConfig, generative_perplexity
+    from adapt.loading.model import load_diffusion_model
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

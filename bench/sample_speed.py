@@ -30,8 +30,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from reference_sampler import reference_generate  # noqa: E402
 
-from adapt.checkpoint import load_diffusion_model  # noqa: E402
-from adapt.evaluate import summarize, unigram_entropy  # noqa: E402
+from adapt.evaluation.evaluate import summarize, unigram_entropy  # noqa: E402
+from adapt.loading.model import load_diffusion_model  # noqa: E402
 from adapt.sampling import SamplingConfig, generate  # noqa: E402
 
 TARGET = 3.0
@@ -39,7 +39,7 @@ TARGET = 3.0
 
 def build_default(root: Path) -> tuple[Path, Path]:
     """A tiny llama (4 layers, 256 wide, 1024 context) and its conversion."""
-    from adapt.convert import convert
+    from adapt.conversion.convert import convert
     from adapt.tiny import build_tiny_model
 
     src = build_tiny_model("llama", root / "src", hidden=256, layers=4, max_position_embeddings=1024)

@@ -5,11 +5,12 @@ python bench/train_step.py --vocab 32000 --steps 20 --threads 2
 
 Both steps run the same architecture and weights with AdamW: the AR step is stock transformers
 (`model(input_ids, labels=input_ids).loss`, causal attention); the diffusion step is adapt's
-(`adapt.objectives.masked.noise_batch` + `TokenLoss`: t, masking, bidirectional attention,
+(`adapt.training.objectives.masked.noise_batch` + `TokenLoss`: t, masking, bidirectional attention,
 LM head on the masked positions only, 1/t-weighted loss). The two are timed in interleaved rounds
 and the median step time of each is reported. The diffusion step with full [b, l, V] logits is
 timed too, to show what computing the head only where the loss lives buys, and so is the block-diffusion
-step (`adapt.objectives.block`, --block tokens per block): one pass over [x_t ; x_0], twice the tokens.
+step (`adapt.training.objectives.block`, --block tokens per block): one pass over [x_t ; x_0], twice the
+tokens.
 """
 
 from __future__ import annotations
@@ -42,11 +43,11 @@ def ar_step(model: torch.nn.Module, opt: torch.optim.Optimizer, ids: torch.Tenso
     return float(loss.detach())
 
 
-def diffusion_step(objective, opt, ids: torch.Tensor, step: int, noiser) -> float:  # noqa: ANN001
+def diffusion_step(loss_module, opt, ids: torch.Tensor, step: int, objective) -> float:  # noqa: ANN001
     gen = torch.Generator().manual_seed(step)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    inputs = noiser.inputs(batch, step, gen, torch.float32)
-    loss, _, _ = objective(**inputs)
+    inputs = objective.inputs(batch, step, gen, torch.float32)
+    loss, _, _ = loss_module(**inputs)
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -78,10 +79,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from adapt.checkpoint import DiffusionSettings
-    from adapt.config import DiffusionConfig
-    from adapt.objectives import make_objective
-    from adapt.objectives.loss import TokenLoss
+    from adapt.core.checkpoint import DiffusionSettings
+    from adapt.training.config import DiffusionConfig
+    from adapt.training.objectives import make_objective
+    from adapt.training.objectives.loss import TokenLoss
 
     ar = build(args.vocab, args.hidden, args.layers, args.seq)
     diff_model = copy.deepcopy(ar)

@@ -37,8 +37,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 from block_speed import ar_generate, clock  # noqa: E402
 from sample_speed import judge_nlls, prompts_from, read_documents  # noqa: E402
 
-from adapt.checkpoint import load_diffusion_model  # noqa: E402
-from adapt.evaluate import summarize  # noqa: E402
+from adapt.evaluation.evaluate import summarize  # noqa: E402
+from adapt.loading.model import load_diffusion_model  # noqa: E402
 from adapt.sampling import SamplingConfig, generate  # noqa: E402
 
 SPEED_TARGET, QUALITY_TARGET = 1.5, 1.1
@@ -48,7 +48,7 @@ OWN_AR = "adapted, --strategy ar"
 
 def build_default(root: Path, block: int) -> tuple[Path, Path]:
     """A tiny llama (4 x 256, 1024 context), converted and recorded as a joint checkpoint (untrained)."""
-    from adapt.convert import convert
+    from adapt.conversion.convert import convert
     from adapt.tiny import build_tiny_model
 
     src = build_tiny_model("llama", root / "src", hidden=256, layers=4, max_position_embeddings=1024)
@@ -225,7 +225,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     from transformers import AutoModelForCausalLM
 
-    from adapt.checkpoint import weights_dtype
+    from adapt.loading.precision import weights_dtype
 
     args = parse_args()
     if args.threads:

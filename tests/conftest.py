@@ -38,7 +38,7 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def converted(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Diffusion checkpoints converted from `tiny_models`."""
-    from adapt.convert import convert
+    from adapt.conversion.convert import convert
 
     root = tmp_path_factory.mktemp("converted")
     return {a: convert(str(p), root / a).out for a, p in tiny_models.items()}

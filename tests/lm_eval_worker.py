@@ -19,7 +19,7 @@ def evaluate(model_args: str, batch_size: int) -> dict | None:
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    import adapt.lm_eval_model  # noqa: F401  (registers model type "adapt")
+    import adapt.evaluation.lm_eval_model  # noqa: F401  (registers model type "adapt")
 
     manager = TaskManager(include_path=str(TASKS), include_defaults=False)
     return lm_eval.simple_evaluate(
@@ -41,6 +41,6 @@ if __name__ == "__main__":
     if found is not None:
         record = {"results": found["results"], "config": found["config"], "responses": responses(found)}
         out.write_text(json.dumps(record, default=str))
-    from adapt.lm_eval_model import end_processes
+    from adapt.evaluation.lm_eval_model import end_processes
 
     end_processes()  # as `adapt lm-eval` does after lm-eval's run

@@ -101,7 +101,7 @@ def checkpoints_of(model: str, corrupt: bool = False) -> Callable[[Path], None]:
     """A run directory holding one checkpoint recorded for `model` (its weights garbage when `corrupt`)."""
 
     def setup(w: Path) -> None:
-        from adapt.config import load_recipe, save_recipe
+        from adapt.training.config import load_recipe, save_recipe
 
         step = w / "run/checkpoints/step-00000001"
         step.mkdir(parents=True)
@@ -306,7 +306,7 @@ if not torch.cuda.is_available():
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from adapt.convert import convert
+    from adapt.conversion.convert import convert
     from adapt.tiny import SAMPLE_TEXT, build_tiny_model
 
     root = tmp_path_factory.mktemp("world")
@@ -394,8 +394,8 @@ def test_a_bug_keeps_its_traceback_and_debug_shows_every_traceback(world: Path, 
 
 
 def run_recipe(world: Path, out: Path, *overrides: str) -> None:
-    from adapt.config import load_recipe
-    from adapt.train import run
+    from adapt.training.config import load_recipe
+    from adapt.training.run import run
 
     base = [a.format(w=world) for a in finetune()[2:] if not a.startswith("training.output_dir")]
     run(load_recipe(RECIPE, [*base, f"training.output_dir={out}", *overrides]))
@@ -423,7 +423,7 @@ def dead_pid() -> int:
 
 
 def test_leftovers_of_killed_writes_are_recovered(tmp_path: Path) -> None:
-    from adapt.outputs import atomic_dir
+    from adapt.core.outputs import atomic_dir
 
     pid = dead_pid()
     (tmp_path / f".a.tmp-{pid}-x").mkdir()  # killed while writing: removed
@@ -439,7 +439,7 @@ def test_leftovers_of_killed_writes_are_recovered(tmp_path: Path) -> None:
 
 
 def test_outputs_follow_the_umask(world: Path, tmp_path: Path) -> None:
-    from adapt.outputs import atomic_dir
+    from adapt.core.outputs import atomic_dir
 
     old = os.umask(0o022)
     try:
@@ -452,7 +452,7 @@ def test_outputs_follow_the_umask(world: Path, tmp_path: Path) -> None:
 
 
 def test_summaries_are_strict_json(tmp_path: Path) -> None:
-    from adapt.outputs import json_text
+    from adapt.core.outputs import json_text
 
     assert json.loads(json_text({"a": float("nan"), "b": [float("inf"), 1.5]})) == {
         "a": None,

@@ -95,7 +95,7 @@ def test_memory_table_counts_the_parameters_a_model_really_has(llama_src: Path) 
     assert parameters(dims) == sum(p.numel() for p in model.parameters())
     from peft import LoraConfig, get_peft_model
 
-    from adapt.lora import lora_target_modules
+    from adapt.training.lora import lora_target_modules
 
     lora = get_peft_model(model, LoraConfig(r=4, target_modules=lora_target_modules(model)))
     adapters = sum(p.numel() for n, p in lora.named_parameters() if "lora_" in n)

@@ -9,14 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adapt.attention import block_causal_allowed, block_pair_allowed
-from adapt.checkpoint import load_diffusion_model
-from adapt.config import DiffusionConfig, recipe_from_dict
-from adapt.errors import AdaptError
-from adapt.objectives import make_objective
-from adapt.objectives.block import BlockDiffusion, block_index, pair_inputs
-from adapt.objectives.loss import TokenLoss
-from adapt.objectives.masked import MaskedDiffusion
+from adapt.core.attention import block_causal_allowed, block_pair_allowed
+from adapt.core.errors import AdaptError
+from adapt.loading.model import load_diffusion_model
+from adapt.training.config import DiffusionConfig, recipe_from_dict
+from adapt.training.objectives import make_objective
+from adapt.training.objectives.block import BlockDiffusion, block_index, pair_inputs
+from adapt.training.objectives.loss import TokenLoss
+from adapt.training.objectives.masked import MaskedDiffusion
 
 
 def grid(text: str) -> torch.Tensor:
@@ -496,8 +496,9 @@ def test_block_objective_learns_and_resumes_exactly(llama_diffusion, tmp_path) -
     import json
     import shutil
 
-    from adapt.config import load_recipe
-    from adapt.train import fit, setup
+    from adapt.training.config import load_recipe
+    from adapt.training.loop import fit
+    from adapt.training.setup import setup
 
     torch.set_num_threads(1)
     corpus = tmp_path / "repeated.txt"
@@ -567,7 +568,7 @@ def exact_block_elbo(model, window: torch.Tensor, block: int, mask_id: int) -> f
 def test_block_elbo_monte_carlo_matches_exact_enumeration(converted) -> None:  # noqa: ANN001
     import math
 
-    from adapt.evaluate import elbo_samples
+    from adapt.evaluation.evaluate import elbo_samples
 
     model, tok, settings = load_diffusion_model(converted["llama"], device="cpu")
     settings = settings.with_block_size(2)
@@ -580,7 +581,7 @@ def test_block_elbo_monte_carlo_matches_exact_enumeration(converted) -> None:  #
     mean, se = float(est.mean()), float(est.std() / math.sqrt(est.numel()))
     assert abs(mean - exact) < 4 * se + 0.01 * exact, (mean, exact, se)
     # deterministic: the evaluation's per-row sum of CE / t is the per-block reference's
-    from adapt.evaluate import block_masked_nll
+    from adapt.evaluation.evaluate import block_masked_nll
 
     ids = torch.randint(10, len(tok), (3, 10), generator=torch.Generator().manual_seed(1))
     masked = torch.rand(3, 10, generator=torch.Generator().manual_seed(2)) < 0.5
@@ -598,7 +599,7 @@ def test_eval_reports_a_block_checkpoint_with_its_own_bound(converted, tmp_path)
     import json
     import shutil
 
-    from adapt.evaluate import EvalConfig, evaluate_model
+    from adapt.evaluation.evaluate import EvalConfig, evaluate_model
     from adapt.tiny import SAMPLE_TEXT
 
     path = tmp_path / "block"

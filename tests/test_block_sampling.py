@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapt.checkpoint import load_diffusion_model
-from adapt.errors import AdaptError
+from adapt.core.errors import AdaptError
+from adapt.loading.model import load_diffusion_model
 from adapt.sampling import SamplingConfig, generate
 from adapt.sampling.cache import BlockDenoiser
 from adapt.sampling.canvas import build_canvas

@@ -18,9 +18,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import adapt.checkpoint
-from adapt.checkpoint import load_diffusion_model
+import adapt.loading.model
 from adapt.cli import app
+from adapt.loading.model import load_diffusion_model
 from adapt.sampling import SamplingConfig, generate
 from adapt.sampling.canvas import encode_prompt
 from adapt.sampling.engine import end_of_turn_ids, stop_token_ids
@@ -108,7 +108,7 @@ def test_chat_stops_at_the_end_of_turn_and_cuts_it(llama) -> None:  # noqa: ANN0
 def test_sample_chat_command_stops_at_the_end_of_turn(
     llama_diffusion: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = adapt.checkpoint.load_diffusion_model
+    real = adapt.loading.model.load_diffusion_model
 
     def load(*args, **kw):  # noqa: ANN002, ANN003, ANN202
         model, tok, settings = real(*args, **kw)
@@ -116,7 +116,7 @@ def test_sample_chat_command_stops_at_the_end_of_turn(
         force_at(model, end_id(tok), start + ANSWER)
         return model, tok, settings
 
-    monkeypatch.setattr(adapt.checkpoint, "load_diffusion_model", load)
+    monkeypatch.setattr(adapt.loading.model, "load_diffusion_model", load)
     args = ["sample", str(llama_diffusion), "--prompt", "hi", "--chat", "--gen-length", "8", "--json"]
     result = CliRunner().invoke(app, [*args, "--block-length", "4"])
     assert result.exit_code == 0, result.output
@@ -126,7 +126,7 @@ def test_sample_chat_command_stops_at_the_end_of_turn(
 
 def test_lm_eval_generation_stops_at_the_end_of_turn(llama_diffusion: Path) -> None:
     pytest.importorskip("lm_eval")
-    from adapt.lm_eval_model import AdaptLM
+    from adapt.evaluation.lm_eval_model import AdaptLM
 
     lm = AdaptLM(str(llama_diffusion), max_gen_toks=8)
     tok = lm.tokenizer

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from adapt.config import (
+from adapt.core.errors import AdaptError
+from adapt.training.config import (
     LoraSettings,
     Recipe,
     TrainingConfig,
@@ -20,7 +21,6 @@ from adapt.config import (
     recipe_from_dict,
     save_recipe,
 )
-from adapt.errors import AdaptError
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))

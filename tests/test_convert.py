@@ -13,11 +13,11 @@ from conftest import CORE_ARCHS
 from transformers import AutoModelForCausalLM, AutoTokenizer, BertConfig, BertForMaskedLM
 from typer.testing import CliRunner
 
-from adapt.attention import causal_mask_4d, position_ids_from_mask
-from adapt.checkpoint import load_settings
 from adapt.cli import app
-from adapt.convert import ConvertOptions, convert
-from adapt.errors import AdaptError
+from adapt.conversion.convert import ConvertOptions, convert
+from adapt.core.attention import causal_mask_4d, position_ids_from_mask
+from adapt.core.checkpoint import load_settings
+from adapt.core.errors import AdaptError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -173,7 +173,7 @@ def test_flash_attention_refused(tiny_models, tmp_path):
 
 
 def test_failed_check_writes_nothing(tiny_models, tmp_path, monkeypatch):
-    import adapt.convert as conv
+    import adapt.conversion.convert as conv
 
     def broken(model, probe, vocab, pad_id):
         raise AdaptError("check 'padding invariance' failed: simulated")

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapt.data import (
+from adapt.core.errors import AdaptError
+from adapt.tiny import build_tokenizer
+from adapt.training.data import (
     Collator,
     DataConfig,
     DataStats,
@@ -19,8 +21,6 @@ from adapt.data import (
     pack_documents,
     prepare_datasets,
 )
-from adapt.errors import AdaptError
-from adapt.tiny import build_tokenizer
 
 DOCS = [
     "The river ran slowly past the old mill.",
@@ -121,8 +121,8 @@ def test_document_mask_is_block_diagonal() -> None:
 
 
 def test_document_mask_isolates_documents_in_model(llama_diffusion: Path, tok) -> None:
-    from adapt.checkpoint import load_diffusion_model
-    from adapt.diffusion import build_attention_mask
+    from adapt.core.diffusion import build_attention_mask
+    from adapt.loading.model import load_diffusion_model
 
     model, mtok, _ = load_diffusion_model(llama_diffusion)
     a, b = mtok(DOCS[0])["input_ids"], mtok(DOCS[4])["input_ids"]

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adapt.attention import causal_mask_4d, key_padding_allowed, to_additive
-from adapt.diffusion import (
+from adapt.core.attention import causal_mask_4d, key_padding_allowed, to_additive
+from adapt.core.diffusion import (
     anneal_probability,
     annealing_allowed,
     build_attention_mask,
@@ -258,7 +258,7 @@ def _ordinary_ids(tokenizer, length: int) -> torch.Tensor:
 def test_annealed_mask_end_to_end(converted: dict[str, Path], tiny_models: dict[str, Path]) -> None:
     from transformers import AutoModelForCausalLM
 
-    from adapt.checkpoint import load_diffusion_model
+    from adapt.loading.model import load_diffusion_model
 
     for arch in ("llama", "gpt2"):
         model, tok, _ = load_diffusion_model(converted[arch])

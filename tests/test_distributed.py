@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import torch
 
-from adapt.engine import Request, resolve_precision
+from adapt.training.engine import Request, resolve_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["logging.report_to=[]", "logging.progress_bar=false", "logging.log_every=1"]
@@ -226,18 +226,18 @@ def test_fsdp_wraps_the_models_own_layer_class_or_says_which_it_falls_back_to(
     from accelerate.utils import FullyShardedDataParallelPlugin
     from transformers import AutoModelForCausalLM
 
-    from adapt.engine import configure_wrapping
-    from adapt.objectives.loss import TokenLoss
+    from adapt.training.engine import configure_wrapping
+    from adapt.training.objectives.loss import TokenLoss
 
     model = AutoModelForCausalLM.from_pretrained(llama_diffusion)
     if not declared:
         model._no_split_modules = None  # as a model class that declares none
-    objective = TokenLoss(model)
-    own = objective._no_split_modules
+    loss_module = TokenLoss(model)
+    own = loss_module._no_split_modules
     assert (set(own) == {"LlamaDecoderLayer"}) if declared else own is None, "the model's own, seen through"
     plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy=None)
-    with caplog.at_level("WARNING", logger="adapt.engine"):
-        configure_wrapping(plugin, objective, main=True)
+    with caplog.at_level("WARNING", logger="adapt.training.engine"):
+        configure_wrapping(plugin, loss_module, main=True)
     assert plugin.transformer_cls_names_to_wrap == ["LlamaDecoderLayer"]
     assert plugin.auto_wrap_policy is not None, "per-layer wrapping even when the config names no policy"
     said = "declares no _no_split_modules; FSDP wraps each block of its decoder's layers list"
@@ -301,8 +301,8 @@ def test_fsdp_lora_shards_each_layer_trains_like_ddp_and_its_adapter_loads_in_pe
 
 
 def one_process_session(out: Path, model: Path, *overrides: str) -> Any:
-    from adapt.config import load_recipe
-    from adapt.train import setup
+    from adapt.training.config import load_recipe
+    from adapt.training.setup import setup
 
     base = [f"model.path={model}", f"training.output_dir={out}", *SMALL, *LORA, "training.export=false"]
     return setup(load_recipe(ROOT / "recipes/multi_process.yaml", [*base, *overrides]))
@@ -313,7 +313,7 @@ def test_a_two_process_checkpoint_resumes_on_one_process_at_the_same_data_positi
 ) -> None:
     """DDP wrote step 3 after 3 steps x 2 micro-batches on each of 2 processes: one process goes on with
     micro-batch 12 of the shared shuffled order, the one a fresh single process reads 13th."""
-    from adapt.train import micro_batches
+    from adapt.training.step import micro_batches
 
     out = tmp_path / "one"
     shutil.copytree(lora_runs["ddp"] / "checkpoints", out / "checkpoints")
@@ -328,7 +328,7 @@ def test_a_two_process_checkpoint_resumes_on_one_process_at_the_same_data_positi
 
 @pytest.mark.slow
 def test_a_one_process_checkpoint_resumes_on_two_processes(llama_diffusion: Path, tmp_path: Path) -> None:
-    from adapt.train import fit
+    from adapt.training.loop import fit
 
     out = tmp_path / "run"
     session = one_process_session(out, llama_diffusion, "training.checkpoint_every=3")
@@ -344,7 +344,8 @@ def test_a_one_process_checkpoint_resumes_on_two_processes(llama_diffusion: Path
 def test_the_data_position_converts_between_process_counts(
     batches: int, saved: int, now: int, expected: int
 ) -> None:
-    from adapt.train import TrainState, convert_position
+    from adapt.training.checkpoints import convert_position
+    from adapt.training.session import TrainState
 
     state = TrainState(batches_in_epoch=batches, processes=saved)
     convert_position(state, now, Path("ckpt"))
@@ -352,8 +353,9 @@ def test_the_data_position_converts_between_process_counts(
 
 
 def test_a_data_position_that_does_not_split_is_refused() -> None:
-    from adapt.errors import AdaptError
-    from adapt.train import TrainState, convert_position
+    from adapt.core.errors import AdaptError
+    from adapt.training.checkpoints import convert_position
+    from adapt.training.session import TrainState
 
     with pytest.raises(AdaptError, match="by 1 process after 3 micro-batches of epoch 0, which do not split"):
         convert_position(TrainState(batches_in_epoch=3, processes=1), 2, Path("ckpt"))
@@ -441,8 +443,8 @@ def trainable_parameters(model: Path, lora: bool) -> int:
     """Parameters the optimizer holds: all of the model's, or LoRA's adapters and the mask token's row."""
     from transformers import AutoModelForCausalLM
 
-    from adapt.config import LoraSettings
-    from adapt.lora import apply_lora
+    from adapt.training.config import LoraSettings
+    from adapt.training.lora import apply_lora
 
     m = AutoModelForCausalLM.from_pretrained(model)
     if lora:
@@ -609,7 +611,7 @@ def test_kill_9_of_one_rank_leaves_the_last_checkpoint_resumable(
 ) -> None:
     """The dead run logged steps after its last checkpoint: the resumed run drops them (rank 0 alone:
     every rank trimming metrics.jsonl at once failed about one resume in four) and logs them again."""
-    from adapt.train import checkpoint_dirs
+    from adapt.training.checkpoints import checkpoint_dirs
 
     out = tmp_path / "run"
     proc = start(config, out, llama_diffusion, "training.max_steps=100000", "training.checkpoint_every=2")

@@ -12,9 +12,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from adapt.checkpoint import load_diffusion_model
 from adapt.cli import app
-from adapt.evaluate import (
+from adapt.evaluation.evaluate import (
     EvalConfig,
     elbo_samples,
     evaluate_model,
@@ -23,6 +22,7 @@ from adapt.evaluate import (
     token_windows,
     unigram_entropy,
 )
+from adapt.loading.model import load_diffusion_model
 from adapt.tiny import SAMPLE_TEXT
 
 
@@ -142,7 +142,7 @@ def test_cli_eval_side_by_side_save_plot_and_card(
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(ckpt.glob(".*"))
 
-    from adapt.hub import plan_push
+    from adapt.publishing.hub import plan_push
 
     card = plan_push(ckpt, "someone/tiny").card
     assert "## Evaluation" in card and "| `llama` | autoregressive |" in card
@@ -165,7 +165,7 @@ def test_lm_eval_model_on_local_tasks(llama_diffusion: Path, monkeypatch: pytest
     lm_eval = pytest.importorskip("lm_eval")
     from lm_eval.tasks import TaskManager
 
-    import adapt.lm_eval_model  # noqa: F401  (registers model type "adapt")
+    import adapt.evaluation.lm_eval_model  # noqa: F401  (registers model type "adapt")
 
     monkeypatch.chdir(TASKS.parent.parent)  # the task files name their data relative to the repo root
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
@@ -186,7 +186,7 @@ def test_lm_eval_loglikelihood_of_one_token_is_its_masked_nll(llama_diffusion: P
     pytest.importorskip("lm_eval")
     from types import SimpleNamespace
 
-    from adapt.lm_eval_model import AdaptLM
+    from adapt.evaluation.lm_eval_model import AdaptLM
 
     lm = AdaptLM(str(llama_diffusion), mc_samples=4096, batch_size=512)
     ctx, cont = lm.split_pair("The river ran", " slowly")

@@ -18,8 +18,8 @@ from huggingface_hub import ModelCard
 from typer.testing import CliRunner
 
 from adapt.cli import app
-from adapt.errors import AdaptError
-from adapt.hub import plan_push, push
+from adapt.core.errors import AdaptError
+from adapt.publishing.hub import plan_push, push
 
 SECRET = "hf_DoNotLeakThisToken1234567890"
 
@@ -183,7 +183,7 @@ def test_full_attention_card_has_no_block_line(ckpt: Path) -> None:
 @pytest.mark.parametrize("clean", ["block", "causal"])
 def test_block_card_stock_snippet_decodes_block_by_block_like_adapt(block_ckpt: Path, clean: str) -> None:
     import adapt
-    from adapt.checkpoint import load_diffusion_model
+    from adapt.loading.model import load_diffusion_model
 
     cfg = json.loads((block_ckpt / "config.json").read_text())
     cfg["diffusion"]["clean_attention"] = clean

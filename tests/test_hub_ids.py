@@ -17,7 +17,7 @@ from hubcache import edited_copy, stage
 from typer.testing import CliRunner
 
 from adapt.cli import app
-from adapt.errors import AdaptError
+from adapt.core.errors import AdaptError
 
 ROOT = Path(__file__).resolve().parents[1]
 REPO = "adapt-test/tiny-diffusion"
@@ -53,8 +53,8 @@ def test_revisions_resolve_to_their_own_snapshot(
     other = edited_copy(llama_diffusion, tmp_path / "other", mask_token="<|mask-v2|>")
     stage(llama_diffusion, REPO, hub_cache)
     stage(other, REPO, hub_cache, revision="v2")
-    from adapt.checkpoint import load_settings
-    from adapt.locate import locate
+    from adapt.core.checkpoint import load_settings
+    from adapt.core.locate import locate
 
     assert load_settings(locate(REPO)).mask_token == "<|mask|>"
     assert load_settings(locate(REPO, "v2")).mask_token == "<|mask-v2|>"
@@ -67,8 +67,8 @@ def test_revisions_resolve_to_their_own_snapshot(
 
 
 def test_library_loader_and_lm_eval_model_take_hub_ids(llama_diffusion: Path, staged: Path) -> None:
-    from adapt.checkpoint import load_diffusion_model
-    from adapt.lm_eval_model import AdaptLM
+    from adapt.evaluation.lm_eval_model import AdaptLM
+    from adapt.loading.model import load_diffusion_model
 
     model, _, settings = load_diffusion_model(REPO, device="cpu")
     local, _, _ = load_diffusion_model(llama_diffusion, device="cpu")
@@ -85,7 +85,7 @@ def test_a_recipe_trains_from_a_hub_id_at_a_revision(
 ) -> None:
     from test_train import recipe_for
 
-    from adapt.train import run
+    from adapt.training.run import run
 
     stage(llama_diffusion, REPO, hub_cache, revision="v1")
     recipe = recipe_for(

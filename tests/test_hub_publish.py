@@ -17,8 +17,8 @@ from hubcache import edited_copy, stage
 from huggingface_hub import ModelCard
 from test_hub_ids import cli
 
-from adapt.errors import AdaptError
-from adapt.hub import plan_push
+from adapt.core.errors import AdaptError
+from adapt.publishing.hub import plan_push
 
 BASE = "org/tiny-base"
 ADAPTER = "me/tiny-lora"
@@ -29,7 +29,7 @@ def adapter(llama_diffusion: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     """A LoRA adapter export of two training steps on the converted tiny llama (recorded base: its path)."""
     from test_train import recipe_for
 
-    from adapt.train import run
+    from adapt.training.run import run
 
     out = tmp_path_factory.mktemp("lora")
     recipe = recipe_for("lora_chat", llama_diffusion, out, "lora.export=adapter", "training.max_steps=2")

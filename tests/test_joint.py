@@ -10,11 +10,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from adapt.checkpoint import check_settings, load_diffusion_model
-from adapt.config import DiffusionConfig, recipe_from_dict
-from adapt.errors import AdaptError
-from adapt.objectives.block import BlockDiffusion
-from adapt.objectives.loss import TokenLoss
+from adapt.core.checkpoint import check_settings
+from adapt.core.errors import AdaptError
+from adapt.loading.model import load_diffusion_model
+from adapt.training.config import DiffusionConfig, recipe_from_dict
+from adapt.training.objectives.block import BlockDiffusion
+from adapt.training.objectives.loss import TokenLoss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

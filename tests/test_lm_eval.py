@@ -19,9 +19,9 @@ from typer.testing import CliRunner
 pytest.importorskip("lm_eval")
 
 from adapt.cli import app  # noqa: E402
-from adapt.errors import AdaptError  # noqa: E402
-from adapt.evaluate import elbo_samples  # noqa: E402
-from adapt.lm_eval_model import AdaptLM, request_seed  # noqa: E402
+from adapt.core.errors import AdaptError  # noqa: E402
+from adapt.evaluation.evaluate import elbo_samples  # noqa: E402
+from adapt.evaluation.lm_eval_model import AdaptLM, request_seed  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapt import precision
-from adapt.errors import AdaptError
-from adapt.precision import Bf16Support, resolve_inference_dtype, resolve_mixed_precision
+from adapt.core.errors import AdaptError
+from adapt.loading import precision
+from adapt.loading.precision import Bf16Support, resolve_inference_dtype, resolve_mixed_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 AVX512_BF16 = Bf16Support("cpu", "AVX512", True)
@@ -114,8 +114,9 @@ def test_training_auto_autocasts_in_bf16_only_where_it_pays(
     fast: bool,
     expected: str,
 ) -> None:
-    from adapt.config import load_recipe
-    from adapt.train import setup, train_step
+    from adapt.training.config import load_recipe
+    from adapt.training.setup import setup
+    from adapt.training.step import train_step
 
     monkeypatch.setattr(precision, "cpu_has_hardware_bf16", lambda: fast)
     monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda threads: 3.9)
@@ -146,7 +147,7 @@ def test_sampling_auto_loads_bf16_only_where_it_pays_and_says_so(
     fast: bool,
     dtype: str,
 ) -> None:
-    from adapt.checkpoint import load_diffusion_model
+    from adapt.loading.model import load_diffusion_model
     from adapt.sampling.command import sample
     from adapt.sampling.config import SamplingConfig
 
@@ -163,7 +164,7 @@ def test_sampling_auto_loads_bf16_only_where_it_pays_and_says_so(
 def test_checkpoint_dtype_keeps_the_saved_dtype(llama_diffusion: Path, tmp_path: Path) -> None:
     import shutil
 
-    from adapt.checkpoint import load_diffusion_model
+    from adapt.loading.model import load_diffusion_model
 
     saved = tmp_path / "bf16"
     shutil.copytree(llama_diffusion, saved)

@@ -14,8 +14,8 @@ import pytest
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from adapt.checkpoint import load_settings
 from adapt.cli import app
+from adapt.core.checkpoint import load_settings
 
 NOISE = ("Removed shared tensor", "[RANK 0]", "Setting accelerator to CPU")
 """Library lines the quickstart once printed (Accelerate's tied-weights notice at each checkpoint;

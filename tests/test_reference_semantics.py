@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapt.checkpoint import load_diffusion_model
-from adapt.errors import AdaptError
+from adapt.core.errors import AdaptError
+from adapt.loading.model import load_diffusion_model
 from adapt.sampling import SamplingConfig, generate
 from adapt.sampling.engine import row_schedule
 from adapt.sampling.strategies import (

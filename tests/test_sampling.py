@@ -14,9 +14,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from adapt.checkpoint import load_diffusion_model
 from adapt.cli import app
-from adapt.errors import AdaptError
+from adapt.core.errors import AdaptError
+from adapt.loading.model import load_diffusion_model
 from adapt.sampling import SamplingConfig, generate
 from adapt.sampling.cache import Denoiser
 from adapt.sampling.display import PlainStream

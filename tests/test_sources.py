@@ -6,7 +6,7 @@ import importlib.util
 
 import pytest
 
-from adapt.errors import AdaptError
+from adapt.core.errors import AdaptError
 from adapt.sources import clean_wiki, package_dir
 
 
@@ -40,7 +40,7 @@ def test_packaged_wiki_corpus_is_real_prose(tmp_path):
 
 
 def test_prepared_model_card_carries_the_license(tmp_path):
-    from adapt.hub import source_license
+    from adapt.publishing.hub import source_license
     from adapt.sources import SMOLLM2_CARD
 
     (tmp_path / "README.md").write_text(SMOLLM2_CARD)

@@ -14,8 +14,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from adapt.checkpoint import load_diffusion_model
-from adapt.errors import AdaptError
+from adapt.core.errors import AdaptError
+from adapt.loading.model import load_diffusion_model
 from adapt.sampling import SamplingConfig, generate
 from adapt.sampling.canvas import build_canvas
 from adapt.sampling.engine import stop_token_ids
@@ -50,8 +50,8 @@ def causal(converted: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[st
 def trained(llama_diffusion: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny llama trained with the joint objective (B = 4) on the sample text: its drafts are often right,
     so rows accept different numbers of them."""
-    from adapt.config import load_recipe
-    from adapt.train import run
+    from adapt.training.config import load_recipe
+    from adapt.training.run import run
 
     root = tmp_path_factory.mktemp("joint")
     corpus = root / "text.txt"

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapt.config import Recipe, load_recipe
-from adapt.diffusion import diffusion_loss
-from adapt.errors import AdaptError
+from adapt.core.diffusion import diffusion_loss
+from adapt.core.errors import AdaptError
+from adapt.training.config import Recipe, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 STORIES = ROOT / "recipes/data/stories.txt"
@@ -50,7 +50,7 @@ def probe_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
 def test_loss_decreases_on_a_repeated_corpus(llama_diffusion: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from adapt.train import run
+    from adapt.training.run import run
 
     corpus = tmp_path / "repeated.txt"
     corpus.write_text("\n\n".join(["The miller's daughter counted the sacks of grain every morning."] * 40))
@@ -85,7 +85,7 @@ def test_loss_decreases_on_a_repeated_corpus(llama_diffusion: Path, tmp_path: Pa
     changed = ids.clone()
     changed[0, -1] = 8
     assert not torch.allclose(probe_logits(model, ids)[0, 0], probe_logits(model, changed)[0, 0])
-    from adapt.checkpoint import load_diffusion_model
+    from adapt.loading.model import load_diffusion_model
 
     _, tokenizer, settings = load_diffusion_model(exported)
     assert tokenizer.mask_token_id == settings.mask_token_id
@@ -94,10 +94,11 @@ def test_loss_decreases_on_a_repeated_corpus(llama_diffusion: Path, tmp_path: Pa
 def test_fast_step_matches_reference_loss_and_sft_never_masks_prompts(
     llama_diffusion: Path, tmp_path: Path
 ) -> None:
-    from adapt.train import make_inputs, setup, step_generator
+    from adapt.training.noising import make_inputs, step_generator
+    from adapt.training.setup import setup
 
     session = setup(recipe_for("sft_chat", llama_diffusion, tmp_path / "run", "data.max_length=64"))
-    assert session.objective.fast, "the LM head on masked positions only is used for llama"
+    assert session.loss_module.fast, "the LM head on masked positions only is used for llama"
     model, shift = session.model, session.settings.shift
     masked_prompt = masked_response = 0
     for i, batch in enumerate(session.train_loader):
@@ -117,7 +118,7 @@ def test_fast_step_matches_reference_loss_and_sft_never_masks_prompts(
         t = 1.0 / (inputs["weights"] * ids.shape[0] * (real & ~prompt).sum(-1)[rows])
         t_per_sample = torch.zeros(ids.shape[0]).index_put((rows,), t)
         with torch.no_grad():
-            fast, _, _ = session.objective(**inputs)
+            fast, _, _ = session.loss_module(**inputs)
             logits = model(input_ids=noisy, attention_mask=inputs["attention_mask"]).logits
         response_len = (real & ~prompt).sum(-1)
         reference = diffusion_loss(logits, ids, masked, t_per_sample.clamp(min=1e-3), shift, response_len)
@@ -127,7 +128,8 @@ def test_fast_step_matches_reference_loss_and_sft_never_masks_prompts(
 
 
 def test_annealing_follows_the_schedule(llama_diffusion: Path, tmp_path: Path) -> None:
-    from adapt.train import fit, setup
+    from adapt.training.loop import fit
+    from adapt.training.setup import setup
 
     out = tmp_path / "run"
     recipe = recipe_for(
@@ -152,8 +154,9 @@ def trainable_snapshot(model: torch.nn.Module) -> tuple[dict, dict]:
 def test_lora_trains_adapters_and_mask_row_and_merges_exactly(llama_src: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from adapt.export import export
-    from adapt.train import fit, setup
+    from adapt.training.export import export
+    from adapt.training.loop import fit
+    from adapt.training.setup import setup
 
     out = tmp_path / "run"
     recipe = recipe_for("lora_chat", llama_src, out, "training.max_steps=4", "training.lr=1e-2")
@@ -192,7 +195,7 @@ def test_lora_adapter_export_needs_a_converted_base(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from adapt.train import run
+    from adapt.training.run import run
 
     with pytest.raises(AdaptError, match="lora.export=adapter needs model.path to be a converted"):
         run(recipe_for("lora_chat", llama_src, tmp_path / "a", "lora.export=adapter"))
@@ -216,7 +219,8 @@ def file_hashes(path: Path) -> dict[str, str]:
 def test_resume_gives_the_same_loss_curve(llama_diffusion: Path, tmp_path: Path) -> None:
     import shutil
 
-    from adapt.train import fit, setup
+    from adapt.training.loop import fit
+    from adapt.training.setup import setup
 
     settings = ["training.max_steps=8", "training.checkpoint_every=4", "training.keep_checkpoints=5",
                 "data.max_length=32", "training.batch_size=4", "training.grad_accumulation=2",
@@ -241,7 +245,8 @@ def test_resume_gives_the_same_loss_curve(llama_diffusion: Path, tmp_path: Path)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(llama_diffusion: Path, tmp_path: Path) -> None:
-    from adapt.train import fit, setup
+    from adapt.training.loop import fit
+    from adapt.training.setup import setup
 
     out = tmp_path / "run"
     common = ["training.checkpoint_every=2", "data.max_length=32", "training.export=false"]
@@ -344,11 +349,11 @@ def test_recipes_run_end_to_end_through_the_cli(llama_src: Path, tmp_path: Path)
     "arch", ["llama", "qwen2", "qwen3", "mistral", "gemma", "gpt2", "olmo2", "phi3", "granite"]
 )
 def test_fast_objective_equals_reference_loss_on_every_architecture(converted: dict, arch: str) -> None:
-    from adapt.checkpoint import load_diffusion_model
-    from adapt.config import DiffusionConfig
-    from adapt.convert import ordinary_token_ids
-    from adapt.objectives.loss import TokenLoss, check_fast_path
-    from adapt.objectives.masked import noise_batch
+    from adapt.conversion.verify import ordinary_token_ids
+    from adapt.loading.model import load_diffusion_model
+    from adapt.training.config import DiffusionConfig
+    from adapt.training.objectives.loss import TokenLoss, check_fast_path
+    from adapt.training.objectives.masked import noise_batch
 
     model, tokenizer, settings = load_diffusion_model(converted[arch])
     assert check_fast_path(model, ordinary_token_ids(model, tokenizer)), arch
@@ -377,7 +382,7 @@ def test_fast_objective_equals_reference_loss_on_every_architecture(converted: d
 def test_fast_path_handles_soft_capped_heads() -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from adapt.objectives.loss import TokenLoss, check_fast_path, head_logits
+    from adapt.training.objectives.loss import TokenLoss, check_fast_path, head_logits
 
     config = AutoConfig.for_model(
         "gemma2", vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -399,9 +404,9 @@ def test_fast_path_handles_soft_capped_heads() -> None:
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma", "gpt2", "phi3", "olmo2"])
 def test_lora_targets_are_found_per_architecture(converted: dict, arch: str) -> None:
-    from adapt.checkpoint import load_diffusion_model
-    from adapt.config import LoraSettings
-    from adapt.lora import apply_lora, lora_target_modules
+    from adapt.loading.model import load_diffusion_model
+    from adapt.training.config import LoraSettings
+    from adapt.training.lora import apply_lora, lora_target_modules
 
     model, _, settings = load_diffusion_model(converted[arch])
     targets = lora_target_modules(model)

@@ -12,11 +12,17 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from adapt.attention import causal_mask_4d, to_additive
-from adapt.checkpoint import DiffusionSettings, load_diffusion_model
-from adapt.convert import ordinary_token_ids
-from adapt.errors import AdaptError
-from adapt.verify import check_block_causality, check_exact_cache, check_settings, make_probe
+from adapt.conversion.verify import (
+    check_block_causality,
+    check_exact_cache,
+    check_settings,
+    make_probe,
+    ordinary_token_ids,
+)
+from adapt.core.attention import causal_mask_4d, to_additive
+from adapt.core.checkpoint import DiffusionSettings
+from adapt.core.errors import AdaptError
+from adapt.loading.model import load_diffusion_model
 
 FULL = ["ok  settings", "ok  bidirectional attention", "ok  padding invariance", "ok  batch invariance"]
 BLOCK = [*FULL, "ok  block causality", "ok  exact KV cache"]

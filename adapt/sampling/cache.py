@@ -191,7 +191,7 @@ class BlockDenoiser:
         keep: torch.Tensor,
     ) -> torch.Tensor:
         """Logits at `keep` of queries [first, hi) attending block-causally to columns [0, hi)."""
-        from adapt.attention import block_causal_allowed, to_additive
+        from adapt.core.attention import block_causal_allowed, to_additive
 
         dtype = next(self.model.parameters()).dtype
         hi = self.hi
@@ -251,7 +251,7 @@ class BlockDenoiser:
 
         Clean queries see the keys at or before their column; block queries see the keys before the
         block and the whole block (padding keys hidden; every query sees itself)."""
-        from adapt.attention import to_additive
+        from adapt.core.attention import to_additive
 
         lo, hi, start = self.lo, self.hi, self.committed
         device = attention.device

@@ -3,7 +3,7 @@
 Full-attention checkpoints pad on the left: every generated region is right-aligned, so blocks line up
 across the batch. Block-diffusion checkpoints pad on the right: every row starts at column 0, so column
 = position and the model's blocks (position // B) share their columns across the batch. Positions come
-from `adapt.attention.position_ids_from_mask`, so padding never shifts a row's positions.
+from `adapt.core.attention.position_ids_from_mask`, so padding never shifts a row's positions.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from adapt.attention import position_ids_from_mask
-from adapt.checkpoint import DiffusionSettings
-from adapt.errors import AdaptError
+from adapt.core.attention import position_ids_from_mask
+from adapt.core.checkpoint import DiffusionSettings
+from adapt.core.errors import AdaptError
 
 
 @dataclass

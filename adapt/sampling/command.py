@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from adapt.errors import AdaptError
+from adapt.core.errors import AdaptError
 from adapt.sampling.config import SamplingConfig
 
 
@@ -29,9 +29,11 @@ def sample(
     """
     from transformers import AutoConfig
 
-    from adapt.boundary import resolve_device
-    from adapt.checkpoint import config_dir, load_diffusion_model, load_settings, weights_dtype
-    from adapt.locate import locate
+    from adapt.core.boundary import resolve_device
+    from adapt.core.checkpoint import config_dir, load_settings
+    from adapt.core.locate import locate
+    from adapt.loading.model import load_diffusion_model
+    from adapt.loading.precision import weights_dtype
     from adapt.sampling.display import LiveView, PlainStream
     from adapt.sampling.engine import context_length, generate, resolve_cache, stop_token_ids
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from adapt.errors import AdaptError
+from adapt.core.errors import AdaptError
 
 Strategy = Literal[
     "low_confidence", "random", "margin", "entropy", "threshold", "entropy_bounded", "ar", "verify"

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from adapt.checkpoint import DiffusionSettings, read_settings
-from adapt.errors import AdaptError
+from adapt.core.checkpoint import DiffusionSettings, read_settings
+from adapt.core.errors import AdaptError
 from adapt.sampling.cache import BlockDenoiser, Denoiser
 from adapt.sampling.canvas import Canvas, build_canvas, encode
 from adapt.sampling.config import SPECULATIVE, GenerationOutput, SamplingConfig

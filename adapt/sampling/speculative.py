@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 
-from adapt.attention import to_additive
-from adapt.checkpoint import DiffusionSettings
-from adapt.errors import AdaptError
+from adapt.core.attention import to_additive
+from adapt.core.checkpoint import DiffusionSettings
+from adapt.core.errors import AdaptError
 from adapt.sampling.cache import forward_signature
 from adapt.sampling.canvas import Canvas
 from adapt.sampling.config import SamplingConfig

@@ -1,0 +1,116 @@
+"""The loss every objective shares: the model's prediction at chosen positions, weighted cross-entropy.
+
+An objective (`adapt.training.objectives`) decides what the model sees (noisy tokens, attention mask,
+positions) and where each target's prediction is read (rows, cols, already shifted); `TokenLoss` runs the
+model once and scores those positions. It wraps a (converted, possibly peft) causal LM so that Accelerate
+can prepare it as a whole (DDP/FSDP see one forward). Its fast path runs the decoder for hidden states
+and applies the LM head only at the masked positions, which is where the loss lives; computing the
+full [b, l, V] logits is the dominant cost of a small model's step. Architectures whose head is more
+than a linear layer (logit soft-capping, scaling) are handled, and a model whose fast path does not
+reproduce its own logits falls back to the full forward (checked once in `check_fast_path`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class TokenLoss(nn.Module):
+    """Weighted cross-entropy of the model's predictions at chosen positions (the masked ones)."""
+
+    def __init__(self, model: nn.Module, fast: bool = True) -> None:
+        super().__init__()
+        self.model = model
+        self.fast = fast
+
+    @property
+    def _no_split_modules(self) -> Any:
+        """The wrapped model's own decoder-layer class names (a set or list; None when it declares none):
+        Accelerate reads them from the object it prepares to wrap one FSDP unit per layer."""
+        return getattr(causal_lm_of(self.model), "_no_split_modules", None)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor | None,
+        rows: torch.Tensor,
+        cols: torch.Tensor,
+        targets: torch.Tensor,
+        weights: torch.Tensor,
+        ar: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """input_ids [b, l] (noisy), attention_mask [b, l] or additive [b, 1, l, l], rows/cols [n]
+        (where the prediction is read: already shifted), targets [n], weights [n], ar [n] (which entries
+        are the joint objective's AR term; only the metrics read it)
+        -> (loss [], nll [n], correct [n]: argmax == target)."""
+        logits = self.logits_at(input_ids, attention_mask, position_ids, rows, cols)  # [n, V]
+        nll = F.cross_entropy(logits.float(), targets, reduction="none")  # [n]
+        return (nll * weights).sum(), nll.detach(), (logits.detach().argmax(-1) == targets)
+
+    def logits_at(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor | None,
+        rows: torch.Tensor,
+        cols: torch.Tensor,
+    ) -> torch.Tensor:
+        """Logits at (rows, cols) only. -> [n, V]"""
+        kwargs: dict[str, Any] = {"attention_mask": attention_mask, "use_cache": False}
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids
+        if not self.fast:
+            return self.model(input_ids=input_ids, **kwargs).logits[rows, cols]
+        lm = causal_lm_of(self.model)
+        hidden = lm.get_decoder()(input_ids=input_ids, **kwargs).last_hidden_state  # [b, l, h]
+        return head_logits(lm, hidden[rows, cols])  # [n, V]
+
+
+def causal_lm_of(model: nn.Module) -> Any:
+    """The transformers causal LM inside a peft wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def head_logits(lm: Any, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM head applied to selected hidden states [n, h] -> [n, V], with the config's logit transforms."""
+    logits = lm.get_output_embeddings()(hidden)
+    config = lm.config
+    scaling = getattr(config, "logits_scaling", None)  # granite divides its logits
+    if scaling:
+        logits = logits / scaling
+    scale = getattr(config, "logit_scale", None)  # cohere multiplies them
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+        logits = logits * scale
+    cap = getattr(config, "final_logit_softcapping", None)  # gemma2-style soft-capping
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+@torch.no_grad()
+def check_fast_path(model: nn.Module, vocab_ids: list[int], length: int = 8) -> bool:
+    """Whether decoder + head at chosen positions reproduces the model's own logits on a probe."""
+    causal_lm = causal_lm_of(model)
+    if causal_lm.get_output_embeddings() is None or causal_lm.get_decoder() is causal_lm:
+        return False
+    was_training = model.training
+    model.eval()
+    try:
+        ids = torch.tensor([vocab_ids[i % len(vocab_ids)] for i in range(2 * length)]).view(2, length)
+        ids = ids.to(next(model.parameters()).device)
+        mask = torch.ones_like(ids)
+        rows = torch.tensor([0, 0, 1, 1], device=ids.device)
+        cols = torch.tensor([0, length - 1, 1, length // 2], device=ids.device)
+        full = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[rows, cols]
+        fast = TokenLoss(model).logits_at(ids, mask, None, rows, cols)
+        return bool(torch.allclose(full.float(), fast.float(), atol=1e-4, rtol=1e-3))
+    except (AttributeError, TypeError, NotImplementedError):
+        return False
+    finally:
+        model.train(was_training)

@@ -1,0 +1,28 @@
+"""`run`: the whole fine-tuning job, setup -> fit -> export (-> push)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from adapt.training.checks import check_probe_loss
+from adapt.training.config import Recipe
+from adapt.training.export import export, push_if_requested
+from adapt.training.loop import fit
+from adapt.training.session import TrainState
+from adapt.training.setup import setup
+
+
+def run(recipe: Recipe) -> tuple[TrainState, Path | None]:
+    """setup -> fit -> export (-> push); returns the final state and the exported directory."""
+
+    session = setup(recipe)
+    try:
+        state = fit(session)
+        exported = None
+        if not state.interrupted and recipe.training.export:
+            check_probe_loss(session)
+            exported = export(session)
+            push_if_requested(session, exported)
+        return state, exported
+    finally:
+        session.accelerator.end_training()
