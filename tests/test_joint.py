@@ -4,6 +4,7 @@ attention also trains next-token prediction, so one checkpoint is an AR model an
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import pytest
@@ -190,3 +191,37 @@ def test_a_checkpoint_without_shift_is_refused(converted) -> None:  # noqa: ANN0
     _, _, settings = load_diffusion_model(converted["llama"], device="cpu")
     with pytest.raises(AdaptError, match="needs a checkpoint with shift"):
         joint(dataclasses.replace(settings, shift=False), 1.0)
+
+
+def test_joint_training_logs_both_terms_and_the_export_records_the_weight(llama_diffusion, tmp_path) -> None:  # noqa: ANN001
+    from adapt.tiny import SAMPLE_TEXT
+    from adapt.training.config import load_recipe
+    from adapt.training.run import run
+
+    corpus = tmp_path / "text.txt"
+    corpus.write_text("\n\n".join([SAMPLE_TEXT] * 4))
+    overrides = [f"model.path={llama_diffusion}", f"data.path={corpus}", f"data.eval_path={corpus}",
+                 f"training.output_dir={tmp_path / 'run'}", "data.max_length=32", "diffusion.block_size=4",
+                 "diffusion.block_schedule=null", "diffusion.clean_attention=causal",
+                 "diffusion.ar_loss_weight=0.5", "training.max_steps=4", "training.eval_every=2",
+                 "training.eval_batches=2", "training.checkpoint_every=0", "logging.report_to=[]",
+                 "logging.progress_bar=false", "logging.log_every=1"]  # fmt: skip
+    state, final = run(load_recipe("recipes/block_text.yaml", overrides))
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    ar_losses = [m["ar_loss"] for m in lines if "ar_loss" in m]
+    assert len(ar_losses) == 4 and all(0 < a < 20 for a in ar_losses)
+    evals = [m for m in lines if "eval_loss" in m]
+    assert evals and all(0 < m["eval_ar_loss"] < 20 for m in evals)
+    assert state.eval_ar_loss == evals[-1]["eval_ar_loss"]
+    config = json.loads((final / "config.json").read_text())
+    assert config["diffusion"]["ar_loss_weight"] == 0.5 and config["diffusion"]["clean_attention"] == "causal"
+    # the export is a stock checkpoint: run causally, its loss is the AR stream's
+    stock = AutoModelForCausalLM.from_pretrained(final, is_causal=True).eval()
+    ours, tokenizer, settings = load_diffusion_model(final, device="cpu")
+    assert settings.ar_loss_weight == 0.5
+    ids = torch.tensor([tokenizer(SAMPLE_TEXT[:200])["input_ids"][:24]])
+    inputs = joint(settings, 1.0).inputs(
+        {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, None, torch.Generator(), torch.float32
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(loss(ours, ar_part(inputs)), stock(input_ids=ids, labels=ids).loss)

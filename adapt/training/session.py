@@ -35,6 +35,8 @@ class TrainState:
     """Diffusion loss on the held-out split at the last evaluation."""
     eval_accuracy: float | None = None
     """Share of held-out masked tokens predicted right (argmax) at the last evaluation."""
+    eval_ar_loss: float | None = None
+    """Next-token cross-entropy of the clean (AR) stream on the held-out split (joint objective only)."""
     interrupted: bool = False
     """The run stopped on Ctrl-C or SIGTERM (after saving a checkpoint)."""
     stopped_by: str | None = None

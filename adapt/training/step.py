@@ -46,10 +46,12 @@ def train_step(session: Session, batches: Any) -> tuple[torch.Tensor, int, dict[
         acc.sync_gradients = last  # DeepSpeed steps inside the last micro-batch's backward
         sync = contextlib.nullcontext() if last else acc.no_sync(session.loss_module)
         with sync:
-            loss, _, _ = session.loss_module(**inputs)
+            loss, nll, _ = session.loss_module(**inputs)
             acc.backward(loss / ga)
         total += loss.detach() / ga
         tokens += int(batch["attention_mask"].sum())
+        if inputs.get("ar") is not None:  # the joint objective: its AR term's own mean, for the log
+            metrics["ar_loss"] = metrics.get("ar_loss", 0.0) + float(nll[inputs["ar"]].mean()) / ga
         for name, value in session.objective.step_metrics(step, batch, inputs).items():
             metrics[name] = metrics.get(name, 0.0) + value / ga
     return total, tokens, metrics
