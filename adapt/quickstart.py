@@ -114,29 +114,64 @@ def _evaluate(models: list[str], eval_file: Path, tiny: bool) -> list[dict[str, 
 
 
 def _sample(exported: Path, source: Path) -> list[dict[str, Any]]:
+    """The AR source's own greedy output and tokens/s beside the adapted model's: `verify` (its AR greedy
+    output, drafted by diffusion) and threshold decoding (diffusion alone), prompt by prompt, float32."""
     from transformers import AutoModelForCausalLM
 
-    from adapt.evaluation.evaluate import judge_nll
     from adapt.loading.model import load_diffusion_model
     from adapt.sampling import SamplingConfig, generate
 
     model, tokenizer, settings = load_diffusion_model(exported)
     judge = AutoModelForCausalLM.from_pretrained(source).eval()
-    rows = []
-    for strategy, steps in (("low_confidence", 32), ("threshold", None)):
-        cfg = SamplingConfig(gen_length=32, steps=steps, block_length=8, strategy=strategy)
-        output = generate(model, tokenizer, list(PROMPTS), cfg, settings)
-        nll, count = judge_nll(judge, tokenizer, [p + t for p, t in zip(PROMPTS, output.texts, strict=True)])
-        rows.append(
-            {
-                "strategy": strategy,
-                "nfe": output.nfe,
-                "tokens_per_second": output.tokens_per_second,
-                "judge_perplexity": math.exp(nll / max(count, 1)),
-                "texts": [p + t for p, t in zip(PROMPTS, output.texts, strict=True)],
-            }
+    rows = [
+        _row(
+            "AR source, greedy generate", [_ar_source(judge, tokenizer, p) for p in PROMPTS], judge, tokenizer
         )
+    ]
+    configs = {"adapted, threshold 0.9": SamplingConfig(gen_length=GEN, strategy="threshold")}
+    if settings.block_size and settings.clean_attention == "causal" and settings.ar_loss_weight:
+        configs = {"adapted, verify": SamplingConfig(gen_length=GEN, strategy="verify"), **configs}
+    for name, cfg in configs.items():
+        outputs = [generate(model, tokenizer, [p], cfg, settings) for p in PROMPTS]
+        runs = [(o.texts[0], len(o.sequences[0]), o.nfe, o.seconds, o.drafted, o.accepted) for o in outputs]
+        rows.append(_row(name, runs, judge, tokenizer))
     return rows
+
+
+GEN = 32
+
+
+def _ar_source(model: Any, tokenizer: Any, prompt: str) -> tuple:
+    """The AR source's greedy `generate` with its KV cache: (text, tokens, passes, seconds, [], [])."""
+    import torch
+
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    clock = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=GEN, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    seconds = time.perf_counter() - clock
+    new = out[0, ids.shape[1] :].tolist()
+    return tokenizer.decode(new, skip_special_tokens=True), len(new), len(new), seconds, [], []
+
+
+def _row(name: str, runs: list[tuple], judge: Any, tokenizer: Any) -> dict[str, Any]:
+    """One sample row: texts, passes, tokens/s, acceptance, judge perplexity."""
+    from adapt.evaluation.evaluate import judge_nll
+
+    texts = [p + r[0] for p, r in zip(PROMPTS, runs, strict=True)]
+    nll, count = judge_nll(judge, tokenizer, texts)
+    drafted = [sum(x) for x in zip(*(r[4] for r in runs), strict=True)] if runs[0][4] else []
+    accepted = [sum(x) for x in zip(*(r[5] for r in runs), strict=True)] if runs[0][5] else []
+    tokens = sum(r[1] for r in runs)
+    return {
+        "strategy": name,
+        "nfe": sum(r[2] for r in runs),
+        "tokens": tokens,
+        "tokens_per_second": tokens / max(sum(r[3] for r in runs), 1e-9),
+        "acceptance": [a / d if d else 0.0 for a, d in zip(accepted, drafted, strict=True)],
+        "judge_perplexity": math.exp(nll / max(count, 1)),
+        "texts": texts,
+    }
 
 
 def report(result: QuickstartResult) -> str:
@@ -152,9 +187,14 @@ def report(result: QuickstartResult) -> str:
         lines.append(f"  {name:<26} ppl={row['ppl']:>10.2f}  {accs}")
     for s in result.samples:
         lines.append("")
+        accepted = (
+            " (drafts accepted by position: " + " ".join(f"{a:.2f}" for a in s["acceptance"]) + ")"
+            if s.get("acceptance")
+            else ""
+        )
         lines.append(
-            f"samples ({s['strategy']}, NFE {s['nfe']}, {s['tokens_per_second']:.1f} tok/s, "
-            f"judge perplexity {s['judge_perplexity']:.1f}):"
+            f"samples, {s['strategy']}: {s['tokens']} tokens in {s['nfe']} forward passes, "
+            f"{s['tokens_per_second']:.1f} tok/s, judge perplexity {s['judge_perplexity']:.1f}{accepted}"
         )
         lines += [f"  > {t!r}" for t in s["texts"]]
     lines.append("")

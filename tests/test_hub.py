@@ -199,3 +199,23 @@ def test_block_card_stock_snippet_decodes_block_by_block_like_adapt(block_ckpt: 
     model, tok, settings = load_diffusion_model(block_ckpt, device="cpu")
     config = adapt.SamplingConfig(gen_length=16, steps=16, stop_at_eos=False, cache="prefix")
     assert x[0, n:].tolist() == adapt.generate(model, tok, ["The river"], config, settings).sequences[0]
+
+
+def test_joint_card_states_the_ar_weight_and_its_verify_line_runs(block_ckpt: Path) -> None:
+    from typer.testing import CliRunner
+
+    from adapt.cli import app
+
+    cfg = json.loads((block_ckpt / "config.json").read_text())
+    cfg["diffusion"].update(clean_attention="causal", ar_loss_weight=1.0)
+    (block_ckpt / "config.json").write_text(json.dumps(cfg))
+    card = plan_push(block_ckpt, "me/x").card
+    assert "| AR loss weight | 1 (joint objective" in card
+    line = next(x for x in card.splitlines() if x.startswith("adapt sample me/x"))
+    assert line == 'adapt sample me/x --prompt "The river" --strategy verify'
+    args = line.split()[1:]
+    args[1] = str(block_ckpt)
+    result = CliRunner().invoke(
+        app, [a.strip('"') for a in args[:3]] + ["The river", *args[5:], "--gen-length", "8"]
+    )
+    assert result.exit_code == 0, result.output

@@ -16,6 +16,9 @@ from typer.testing import CliRunner
 
 from adapt.cli import app
 from adapt.core.checkpoint import load_settings
+from adapt.loading.model import load_diffusion_model
+from adapt.quickstart import PROMPTS
+from adapt.sampling import SamplingConfig, generate
 
 NOISE = ("Removed shared tensor", "[RANK 0]", "Setting accelerator to CPU")
 """Library lines the quickstart once printed (Accelerate's tied-weights notice at each checkpoint;
@@ -42,11 +45,22 @@ def test_quickstart_tiny_end_to_end(
     kinds = [row["kind"] for row in saved["eval_rows"]]
     assert kinds == ["ar", "diffusion", "diffusion"]
     assert all(math.isfinite(row["ppl"]) and row["ppl"] > 1 for row in saved["eval_rows"])
-    assert {s["strategy"] for s in saved["samples"]} == {"low_confidence", "threshold"}
+    samples = {s["strategy"]: s for s in saved["samples"]}
+    assert list(samples) == ["AR source, greedy generate", "adapted, verify", "adapted, threshold 0.9"]
     for s in saved["samples"]:
         assert len(s["texts"]) == 3 and all(t.startswith(("The", "In")) for t in s["texts"])
-        assert s["nfe"] >= 1 and math.isfinite(s["judge_perplexity"])
+        assert s["nfe"] >= 1 and s["tokens_per_second"] > 0 and math.isfinite(s["judge_perplexity"])
+    # the default job trains the joint objective: verify prints the adapted model's own AR greedy output
+    settings = load_settings(exported)
+    assert (settings.block_size, settings.clean_attention, settings.ar_loss_weight) == (4, "causal", 1.0)
+    verify = samples["adapted, verify"]
+    assert len(verify["acceptance"]) == 3 and verify["nfe"] < verify["tokens"] + 3
+    ours, tokenizer, _ = load_diffusion_model(exported)
+    for text, prompt in zip(verify["texts"], PROMPTS, strict=True):
+        ar = generate(ours, tokenizer, [prompt], SamplingConfig(gen_length=32, strategy="ar"))
+        assert text == prompt + ar.texts[0]
     assert "fine-tuned diffusion" in result.output and "judge perplexity" in result.output
+    assert "samples, AR source, greedy generate:" in result.output and "drafts accepted" in result.output
 
 
 LOAD = (

@@ -371,6 +371,15 @@ def block_rows(settings: DiffusionSettings) -> list[tuple[str, str]]:
     rows = [("block size", f"{b} (block diffusion: {how})")]
     if settings.clean_attention == "causal":
         rows.append(("clean attention", "causal (committed tokens attend to the tokens before them only)"))
+    if settings.ar_loss_weight:
+        rows.append(
+            (
+                "AR loss weight",
+                f"{settings.ar_loss_weight:g} (joint objective: the clean stream is also trained as an AR "
+                "model; `--strategy ar` decodes it, `--strategy verify` drafts by diffusion and verifies "
+                "with it)",
+            )
+        )
     return rows
 
 
@@ -391,6 +400,13 @@ def usage_section(repo_id: str, settings: DiffusionSettings, adapter_of: str | N
         cache = (
             "`--cache prefix` keeps the keys and values of committed blocks: they never change, so the cache "
             "is exact (the same tokens as `--cache none`, with fewer tokens recomputed per step).\n\n"
+        )
+    if settings.block_size and settings.ar_loss_weight:
+        sample = f'adapt sample {repo_id} --prompt "The river" --strategy verify'
+        cache = (
+            "`--strategy verify` drafts the next tokens with a block of masks and accepts, in the next pass, "
+            "the longest prefix the model's own AR head agrees with: the output equals `--strategy ar` "
+            "(its AR greedy decoding) token for token, with fewer forward passes.\n\n"
         )
     cli = f"{sample}\nadapt eval {repo_id} --data text.txt"
     stock = "stock transformers and peft" if adapter_of else "stock transformers"
