@@ -80,7 +80,7 @@ class SpeculativeDecoder:
         self.draft_length = draft_length if config.strategy == "verify" else 0
         self.redraft = config.redraft
         self.vocab, self.eos_ids, self.generator = vocab, eos_ids, generator
-        self._cache_kw, _ = forward_signature(model)
+        self._cache_kw, self._can_keep = forward_signature(model)
         self.dtype = next(model.parameters()).dtype
         self.limit = context_limit(model.config)
 
@@ -129,13 +129,17 @@ class SpeculativeDecoder:
 
     # ------------------------------------------------------------------ one pass
 
-    def forward(self, rows: list[Row], device: torch.device) -> tuple[torch.Tensor, Layout]:
-        """One model pass over every row's fed tokens and mask blocks. -> (logits [b, n, V], layout)"""
+    def forward(self, rows: list[Row], device: torch.device) -> tuple[Logits, Layout]:
+        """One model pass over every row's fed tokens and mask blocks; the LM head runs only on the columns
+        read (the AR predictions from each row's last committed token on, and the mask blocks)."""
         layout = Layout.of(rows, self.block, self.draft_length > 0, self.redraft)
         ids, positions = layout.inputs(rows, self.mask_id, device)
         positions = positions.clamp(max=self.limit - 1) if self.limit else positions
         allowed = layout.allowed(rows, self.key_valid, device)  # [b, 1, n, C + n]
-        kw = {self._cache_kw: self.cache}
+        keep = layout.read_columns(rows).to(device)
+        kw: dict[str, Any] = {self._cache_kw: self.cache}
+        if self._can_keep:
+            kw["logits_to_keep"] = keep
         logits = self.model(
             input_ids=ids,
             position_ids=positions,
@@ -143,17 +147,15 @@ class SpeculativeDecoder:
             use_cache=True,
             **kw,
         ).logits
-        return logits, layout
+        return Logits(logits if self._can_keep else logits[:, keep], keep), layout
 
-    def verify(self, rows: list[Row], logits: torch.Tensor, layout: Layout, out: Decoded) -> list[list[int]]:
+    def verify(self, rows: list[Row], logits: Logits, layout: Layout, out: Decoded) -> list[list[int]]:
         """Accept drafts, pick each row's next AR token, keep the accepted keys, draw the next drafts.
         -> per row, the tokens committed by this pass."""
         b = len(rows)
-        device = logits.device
+        device = logits.values.device
         # p: the AR distributions at the fed slots u - 1 + i, i = 0..d (the last one gives the bonus token)
-        reads = torch.tensor([[max(len(r.fresh) - 1 + i, 0) for i in range(layout.most + 1)] for r in rows])
-        reads = reads.clamp(max=layout.width - 1).to(device)
-        ar = self.scores(logits.gather(1, reads[..., None].expand(-1, -1, logits.shape[-1])))  # [b, D+1, V]
+        ar = self.scores(logits.at(layout.ar_columns(rows).to(device)))  # [b, D+1, V]
         committed: list[list[int]] = []
         kept = torch.zeros(b, layout.width, dtype=torch.bool, device=device)
         for r, row in enumerate(rows):
@@ -170,7 +172,7 @@ class SpeculativeDecoder:
             nxt = layout.block_for(row, a)
             row.cached += len(row.fresh) + a
             row.fresh = [bonus]
-            row.drafts, row.q = self.next_drafts(logits[r], layout, nxt, row.generated + a + 1)
+            row.drafts, row.q = self.next_drafts(logits, r, layout, nxt, row.generated + a + 1)
         self.keep_columns(kept)
         return committed
 
@@ -194,7 +196,7 @@ class SpeculativeDecoder:
         return d, int(torch.multinomial(p[d], 1, generator=self.generator))
 
     def next_drafts(
-        self, logits: torch.Tensor, layout: Layout, block: int | None, generated: int
+        self, logits: Logits, r: int, layout: Layout, block: int | None, generated: int
     ) -> tuple[list[int], torch.Tensor | None]:
         """The drafts the mask block `block` (None: no valid block) gives for the tokens after the bonus
         (no more than the next pass can still commit beside its own AR token, with `generated` done)."""
@@ -204,7 +206,8 @@ class SpeculativeDecoder:
         if n <= 0:
             return [], None
         lo = layout.width + block * self.block  # mask k (k = 0..) predicts the token after the bonus + k
-        q = self.scores(logits[None, lo : lo + n])[0]  # [n, V]
+        columns = torch.arange(lo, lo + n, device=logits.values.device)
+        q = self.scores(logits.at(columns[None], rows=[r]))[0]  # [n, V]
         if self.config.temperature == 0:
             return q.argmax(-1).tolist(), None
         return torch.multinomial(q, 1, generator=self.generator)[:, 0].tolist(), q
@@ -225,6 +228,20 @@ class SpeculativeDecoder:
         if drop:
             self.cache.crop(-drop)
         self.key_valid = valid[:, :length]
+
+
+@dataclass
+class Logits:
+    """The logits of the columns `keep` [k] (sorted) of one pass: values [b, k, V]."""
+
+    values: torch.Tensor
+    keep: torch.Tensor
+
+    def at(self, columns: torch.Tensor, rows: list[int] | None = None) -> torch.Tensor:
+        """Logits [r, c, V] of `columns` [r, c] (pass columns, all kept) of `rows` (default: all)."""
+        values = self.values if rows is None else self.values[rows]
+        index = torch.searchsorted(self.keep, columns)  # [r, c]
+        return values.gather(1, index[..., None].expand(-1, -1, values.shape[-1]))
 
 
 @dataclass
@@ -258,6 +275,19 @@ class Layout:
         """Position of mask block i's first mask: the bonus token's position when i drafts are accepted
         (redraft), or when all are (one block)."""
         return row.cached + len(row.fresh) + (i if self.redraft else len(row.drafts))
+
+    def ar_columns(self, rows: list[Row]) -> torch.Tensor:
+        """[b, most + 1]: each row's fed slots u - 1 + i, whose AR logits check draft i (i = d: the token
+        after the drafts); rows with fewer drafts repeat their last (unread) slot."""
+        return torch.tensor(
+            [[min(max(len(r.fresh) - 1 + i, 0), self.width - 1) for i in range(self.most + 1)] for r in rows]
+        )
+
+    def read_columns(self, rows: list[Row]) -> torch.Tensor:
+        """The pass columns whose logits are read: every row's AR columns and the mask blocks. [k] sorted"""
+        n = self.width + self.blocks * self.block
+        ar = self.ar_columns(rows).flatten()
+        return torch.cat([ar, torch.arange(self.width, n)]).unique()
 
     def inputs(
         self, rows: list[Row], mask_id: int, device: torch.device
