@@ -117,3 +117,30 @@ def test_pass_cost_bench_times_every_pass_size_against_generate(tmp_path: Path) 
     for row in result["passes"].values():  # each ratio is the row's time over the AR step's
         assert abs(row["ar_steps"] - row["ms"] / result["ar_step_ms"]) < 1e-9
     assert proc.stdout.count("\n| ") == 4  # the header and M = 1, 2, 3
+
+
+def test_verify_speed_bench_compares_every_decoder_with_the_ar_source(tmp_path: Path) -> None:
+    out = tmp_path / "verify.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "verify_speed.py"), "--gen-length", "10", "--prompts", "2"]
+    cmd += ["--prompt-lengths", "16", "--batches", "1,2", "--drafts", "d,1r", "--threads", "1"]
+    cmd += ["--ppl-windows", "2", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(out.read_text())
+    assert record["held_out_ppl"]["adapted AR stream"]["ppl"] == pytest.approx(
+        record["held_out_ppl"]["AR source"]["ppl"], rel=1e-4
+    )  # untrained: the AR stream is the source over its own vocabulary
+    for rows in record["rows"].values():
+        base, own = rows["AR source, greedy generate + KV cache"], rows["adapted, --strategy ar"]
+        assert base["speedup"] == 1.0 and base["tokens_per_pass"] == 1.0 and own["tokens_per_pass"] == 1.0
+        for name in ("adapted, verify, 3 drafts", "adapted, verify, 1 drafts + redraft"):
+            r = rows[name]
+            assert r["agreement_with_ar"] == 1.0  # float32: verify is the AR stream's greedy output
+            assert len(r["acceptance"]) == int(name.split(", ")[2][0]) and r["tokens_per_pass"] >= 1.0
+            # speed = tokens per pass / cost of a pass
+            assert r["speedup"] == pytest.approx(r["tokens_per_pass"] / r["pass_cost"])
+        assert (
+            own["agreement_with_ar"] == 1.0
+            and own["judge_ppl"] == rows["adapted, verify, 3 drafts"]["judge_ppl"]
+        )
+    assert proc.stdout.count("target (>= 1.5x the AR source's tokens/s") == 2
