@@ -22,7 +22,7 @@ from adapt.core.errors import AdaptError
 from adapt.sampling.cache import BlockDenoiser, Denoiser
 from adapt.sampling.canvas import Canvas, build_canvas, encode
 from adapt.sampling.config import SPECULATIVE, GenerationOutput, SamplingConfig
-from adapt.sampling.speculative import SpeculativeDecoder, check_checkpoint, warn_untrained
+from adapt.sampling.speculative import Decoded, SpeculativeDecoder, check_checkpoint, warn_untrained
 from adapt.sampling.strategies import SCHEDULES, Strategy, make_strategy, propose, skip_empty_steps
 
 
@@ -89,22 +89,21 @@ def generate(
     generator = torch.Generator(device=device).manual_seed(config.seed)
     denoiser = make_denoiser(model, config, settings)
     state = _Run(canvas, config, settings, strategy, eos_ids, generator, denoiser, on_step, tokenizer)
+    seconds = timed(state.run, device)
+    sequences, texts = finish(canvas, state.ids, tokenizer, config, eos_ids, settings.mask_token_id)
+    return GenerationOutput(
+        sequences, texts, denoiser.nfe, denoiser.nfe, seconds, state.decoded, canvas.prompts
+    )
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds `fn` takes under inference mode (the device synchronised on both sides)."""
     _sync(device)
     t0 = time.perf_counter()
     with torch.inference_mode():
-        state.run()
+        fn()
     _sync(device)
-    seconds = time.perf_counter() - t0
-    sequences, texts = finish(canvas, state.ids, tokenizer, config, eos_ids, settings.mask_token_id)
-    return GenerationOutput(
-        sequences=sequences,
-        texts=texts,
-        nfe=denoiser.nfe,
-        steps=denoiser.nfe,
-        seconds=seconds,
-        tokens=state.decoded,
-        prompts=canvas.prompts,
-    )
+    return time.perf_counter() - t0
 
 
 def decode_ar_stream(
@@ -145,24 +144,14 @@ def decode_ar_stream(
         if on_step is not None:
             on_step(StepEvent(ids, canvas, 0, passes, settings.mask_token_id))
 
-    _sync(device)
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        decoded = decoder.decode(canvas, stopped, notify)
-    _sync(device)
-    seconds = time.perf_counter() - t0
+    result: list[Decoded] = []
+    seconds = timed(lambda: result.append(decoder.decode(canvas, stopped, notify)), device)
+    decoded = result[0]
     sequences, texts = finish(canvas, decoded.ids, tokenizer, config, eos_ids, settings.mask_token_id)
-    return GenerationOutput(
-        sequences=sequences,
-        texts=texts,
-        nfe=decoded.passes,
-        steps=decoded.passes,
-        seconds=seconds,
-        tokens=decoded.tokens,
-        prompts=canvas.prompts,
-        drafted=decoded.drafted,
-        accepted=decoded.accepted,
-    )
+    passes = decoded.passes
+    out = GenerationOutput(sequences, texts, passes, passes, seconds, decoded.tokens, canvas.prompts)
+    out.drafted, out.accepted = decoded.drafted, decoded.accepted
+    return out
 
 
 def resolve_cache(config: SamplingConfig, settings: DiffusionSettings) -> SamplingConfig:
