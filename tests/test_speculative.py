@@ -305,3 +305,7 @@ def test_the_cli_refuses_in_one_line_and_writes_nothing(causal, tmp_path) -> Non
     assert ok.exit_code == 0, ok.output
     record = json.loads(ok.output.strip().splitlines()[-1])
     assert len(record["sequences"][0]) == 6 and "acceptance_by_position" in record
+    plain = CliRunner().invoke(
+        app, ["sample", str(causal["llama"]), "--prompt", "hi", "--strategy", "verify", "--gen-length", "6"]
+    )
+    assert plain.exit_code == 0 and "drafts accepted by position" in plain.output.splitlines()[-1]

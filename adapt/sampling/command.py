@@ -82,7 +82,9 @@ def sample(
             if len(inputs) > 1:
                 typer.echo(f"--- {prompt}")
             typer.echo(text)
+    accepted = " · drafts accepted by position " + " ".join(f"{a:.2f}" for a in out.acceptance)
     typer.echo(
-        f"NFE {out.nfe} · {out.tokens} tokens · {out.seconds:.2f} s · {out.tokens_per_second:.1f} tokens/s",
+        f"NFE {out.nfe} · {out.tokens} tokens · {out.seconds:.2f} s · {out.tokens_per_second:.1f} tokens/s"
+        + (accepted if out.drafted else ""),
         err=True,
     )
