@@ -8,9 +8,11 @@ SmolLM2-135M-Instruct and the quickstart's Wikipedia text (`python -m adapt.demo
       training.max_steps=300 training.warmup_steps=10 training.lr=2e-4 training.eval_every=25 \
       training.eval_batches=8 training.mixed_precision=bf16"
     python finetune.py recipes/quickstart.yaml $COMMON diffusion.block_size=8 \
-      "diffusion.block_schedule=[[0, 1], [50, 4], [100, 8]]" training.output_dir=runs/block
+      "diffusion.block_schedule=[[0, 1], [50, 4], [100, 8]]" diffusion.clean_attention=block \
+      diffusion.ar_loss_weight=0 training.output_dir=runs/block
     python finetune.py recipes/quickstart.yaml $COMMON diffusion.block_size=null \
-      diffusion.block_schedule=null diffusion.anneal_steps=10 training.output_dir=runs/full
+      diffusion.block_schedule=null diffusion.clean_attention=block diffusion.ar_loss_weight=0 \
+      diffusion.anneal_steps=10 training.output_dir=runs/full
     python bench/block_adaptation.py --runs block=runs/block full=runs/full
 
 Then this script reports, for each run: the held-out bound (each checkpoint's own: the block bound for

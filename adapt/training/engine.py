@@ -174,7 +174,7 @@ def check_launch(request: Request, accelerator: Any) -> None:
     if request.engine == "FSDP" and kind not in ("FSDP", "MULTI_CPU"):
         raise AdaptError(
             f"the launch asks for FSDP but it would run as {engine_name(accelerator)} ({got} process); "
-            f"FSDP needs at least 2 processes: {CPU_FIX} and --num_processes 2 or more"
+            f"{CPU_FIX} (FSDP2 then shards over --num_processes, one or more)"
         )
     if request.engine == "FSDP" and kind == "MULTI_CPU" and request.fsdp_version != 2:
         raise AdaptError(
