@@ -219,3 +219,12 @@ def test_joint_card_states_the_ar_weight_and_its_verify_line_runs(block_ckpt: Pa
         app, [a.strip('"') for a in args[:3]] + ["The river", *args[5:], "--gen-length", "8"]
     )
     assert result.exit_code == 0, result.output
+
+
+def test_the_import_older_cards_quote_still_loads_the_model(ckpt: Path) -> None:
+    from adapt.checkpoint import load_diffusion_model as old_path
+    from adapt.loading.model import load_diffusion_model
+
+    assert old_path is load_diffusion_model
+    model, _, settings = old_path(ckpt, device="cpu")
+    assert settings.mask_token_id == model.config.mask_token_id
