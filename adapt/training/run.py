@@ -23,6 +23,10 @@ def run(recipe: Recipe) -> tuple[TrainState, Path | None]:
             check_probe_loss(session)
             exported = export(session)
             push_if_requested(session, exported)
+        # every rank done before the process group goes down (a rank that tore its group down while rank 0
+        # still wrote the export was seen to abort in gloo's threads: "terminate called without an active
+        # exception", and the launcher then reports the run failed)
+        session.accelerator.wait_for_everyone()
         return state, exported
     finally:
         session.accelerator.end_training()
