@@ -13,9 +13,12 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from adapt.core.errors import AdaptError
+
+if TYPE_CHECKING:
+    from adapt.sampling.config import GenerationOutput
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
 PROMPTS = ("The history of the city", "In mathematics, a function is", "The river")
@@ -123,27 +126,25 @@ def _sample(exported: Path, source: Path) -> list[dict[str, Any]]:
 
     model, tokenizer, settings = load_diffusion_model(exported)
     judge = AutoModelForCausalLM.from_pretrained(source).eval()
-    rows = [
-        _row(
-            "AR source, greedy generate", [_ar_source(judge, tokenizer, p) for p in PROMPTS], judge, tokenizer
-        )
-    ]
+    ar = [_ar_source(judge, tokenizer, p) for p in PROMPTS]
+    rows = [_row("AR source, greedy generate", ar, judge, tokenizer)]
     configs = {"adapted, threshold 0.9": SamplingConfig(gen_length=GEN, strategy="threshold")}
     if settings.block_size and settings.clean_attention == "causal" and settings.ar_loss_weight:
         configs = {"adapted, verify": SamplingConfig(gen_length=GEN, strategy="verify"), **configs}
     for name, cfg in configs.items():
         outputs = [generate(model, tokenizer, [p], cfg, settings) for p in PROMPTS]
-        runs = [(o.texts[0], len(o.sequences[0]), o.nfe, o.seconds, o.drafted, o.accepted) for o in outputs]
-        rows.append(_row(name, runs, judge, tokenizer))
+        rows.append(_row(name, outputs, judge, tokenizer))
     return rows
 
 
 GEN = 32
 
 
-def _ar_source(model: Any, tokenizer: Any, prompt: str) -> tuple:
-    """The AR source's greedy `generate` with its KV cache: (text, tokens, passes, seconds, [], [])."""
+def _ar_source(model: Any, tokenizer: Any, prompt: str) -> GenerationOutput:
+    """The AR source's greedy `generate` with its KV cache (one forward pass per token)."""
     import torch
+
+    from adapt.sampling.config import GenerationOutput
 
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     clock = time.perf_counter()
@@ -151,24 +152,27 @@ def _ar_source(model: Any, tokenizer: Any, prompt: str) -> tuple:
         out = model.generate(ids, max_new_tokens=GEN, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     seconds = time.perf_counter() - clock
     new = out[0, ids.shape[1] :].tolist()
-    return tokenizer.decode(new, skip_special_tokens=True), len(new), len(new), seconds, [], []
+    text = tokenizer.decode(new, skip_special_tokens=True)
+    return GenerationOutput([new], [text], len(new), len(new), seconds, len(new))
 
 
-def _row(name: str, runs: list[tuple], judge: Any, tokenizer: Any) -> dict[str, Any]:
-    """One sample row: texts, passes, tokens/s, acceptance, judge perplexity."""
+def _row(name: str, outputs: list[GenerationOutput], judge: Any, tokenizer: Any) -> dict[str, Any]:
+    """One sample row over the prompts (one output each): texts, passes, tokens/s, acceptance, judge ppl."""
     from adapt.evaluation.evaluate import judge_nll
+    from adapt.sampling.config import acceptance, add_counts
 
-    texts = [p + r[0] for p, r in zip(PROMPTS, runs, strict=True)]
+    texts = [p + o.texts[0] for p, o in zip(PROMPTS, outputs, strict=True)]
     nll, count = judge_nll(judge, tokenizer, texts)
-    drafted = [sum(x) for x in zip(*(r[4] for r in runs), strict=True)] if runs[0][4] else []
-    accepted = [sum(x) for x in zip(*(r[5] for r in runs), strict=True)] if runs[0][5] else []
-    tokens = sum(r[1] for r in runs)
+    drafted, accepted = [], []
+    for o in outputs:
+        drafted, accepted = add_counts(drafted, o.drafted), add_counts(accepted, o.accepted)
+    tokens = sum(len(o.sequences[0]) for o in outputs)
     return {
         "strategy": name,
-        "nfe": sum(r[2] for r in runs),
+        "nfe": sum(o.nfe for o in outputs),
         "tokens": tokens,
-        "tokens_per_second": tokens / max(sum(r[3] for r in runs), 1e-9),
-        "acceptance": [a / d if d else 0.0 for a, d in zip(accepted, drafted, strict=True)],
+        "tokens_per_second": tokens / max(sum(o.seconds for o in outputs), 1e-9),
+        "acceptance": acceptance(accepted, drafted),
         "judge_perplexity": math.exp(nll / max(count, 1)),
         "texts": texts,
     }

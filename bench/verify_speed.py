@@ -35,11 +35,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from block_speed import ar_generate, clock  # noqa: E402
+from block_speed import build_default as block_default  # noqa: E402
 from sample_speed import judge_nlls, prompts_from, read_documents  # noqa: E402
 
 from adapt.evaluation.evaluate import summarize  # noqa: E402
 from adapt.loading.model import load_diffusion_model  # noqa: E402
 from adapt.sampling import SamplingConfig, generate  # noqa: E402
+from adapt.sampling.config import acceptance, add_counts  # noqa: E402
 
 SPEED_TARGET, QUALITY_TARGET = 1.5, 1.1
 BASE = "AR source, greedy generate + KV cache"
@@ -47,14 +49,10 @@ OWN_AR = "adapted, --strategy ar"
 
 
 def build_default(root: Path, block: int) -> tuple[Path, Path]:
-    """A tiny llama (4 x 256, 1024 context), converted and recorded as a joint checkpoint (untrained)."""
-    from adapt.conversion.convert import convert
-    from adapt.tiny import build_tiny_model
-
-    src = build_tiny_model("llama", root / "src", hidden=256, layers=4, max_position_embeddings=1024)
-    out = convert(str(src), root / "joint").out
+    """block_speed's tiny llama (4 x 256, 1024 context), recorded as a joint checkpoint (untrained)."""
+    out, src = block_default(root, block)
     config = json.loads((out / "config.json").read_text())
-    config["diffusion"].update(block_size=block, clean_attention="causal", ar_loss_weight=1.0)
+    config["diffusion"].update(clean_attention="causal", ar_loss_weight=1.0)
     (out / "config.json").write_text(json.dumps(config))
     return out, src
 
@@ -117,13 +115,9 @@ def run_setting(args, rows: dict[str, object], prompts: list[list[int]]) -> dict
             r["outputs"] += seqs
             r["seconds"] += min(s for _, s in timed)
             r["passes"] += passes
-            if out is not None and out.drafted:
-                r["drafted"] = [
-                    a + b for a, b in zip(r["drafted"] or [0] * len(out.drafted), out.drafted, strict=True)
-                ]
-                r["accepted"] = [
-                    a + b for a, b in zip(r["accepted"] or [0] * len(out.accepted), out.accepted, strict=True)
-                ]
+            if out is not None:
+                r["drafted"] = add_counts(r["drafted"], out.drafted)
+                r["accepted"] = add_counts(r["accepted"], out.accepted)
     return results
 
 
@@ -141,7 +135,7 @@ def score(results: dict[str, dict], judge, prompts, gen_length: int, device: str
         r["speedup"] = r["tokens_per_s"] / base_rate
         r["tokens_per_pass"] = tokens / r["passes"] / (len(r["outputs"]) / r["batches"])  # per row
         r["pass_cost"] = (r["seconds"] / r["passes"]) / (base["seconds"] / base["passes"])  # AR steps
-        r["acceptance"] = [a / d if d else 0.0 for a, d in zip(r["accepted"], r["drafted"], strict=True)]
+        r["acceptance"] = acceptance(r["accepted"], r["drafted"])
         nlls = torch.tensor(judge_nlls(judge, prompts, r["outputs"], device), dtype=torch.float64)
         judged = summarize(nlls, torch.tensor([len(o) for o in r["outputs"]]))
         r["judge_ppl"], r["judge_nll_se"] = judged["ppl"], judged["nll_stderr"]

@@ -179,7 +179,7 @@ class GenerationOutput:
     @property
     def acceptance(self) -> list[float]:
         """`verify`: share of the drafts at each position that the AR head accepted."""
-        return [a / d if d else 0.0 for a, d in zip(self.accepted, self.drafted, strict=True)]
+        return acceptance(self.accepted, self.drafted)
 
     @property
     def tokens_per_second(self) -> float:
@@ -196,3 +196,15 @@ class GenerationOutput:
             "tokens_per_second": round(self.tokens_per_second, 2),
             **({"acceptance_by_position": [round(a, 4) for a in self.acceptance]} if self.drafted else {}),
         }
+
+
+def acceptance(accepted: list[int], drafted: list[int]) -> list[float]:
+    """Share of the drafts at each draft position that were accepted (0 where none was drafted)."""
+    return [a / d if d else 0.0 for a, d in zip(accepted, drafted, strict=True)]
+
+
+def add_counts(a: list[int], b: list[int]) -> list[int]:
+    """Per-position counts of two runs added up (an empty list counts as zeros)."""
+    if not a or not b:
+        return list(a or b)
+    return [x + y for x, y in zip(a, b, strict=True)]

@@ -13,17 +13,19 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from adapt.core.checkpoint import DiffusionSettings, read_settings
 from adapt.core.errors import AdaptError
 from adapt.sampling.cache import BlockDenoiser, Denoiser
-from adapt.sampling.canvas import Canvas, build_canvas, encode
+from adapt.sampling.canvas import Canvas, build_canvas, context_length, encode
 from adapt.sampling.config import SPECULATIVE, GenerationOutput, SamplingConfig
-from adapt.sampling.speculative import Decoded, SpeculativeDecoder, check_checkpoint, warn_untrained
+from adapt.sampling.speculative import SpeculativeDecoder, check_checkpoint, warn_untrained
 from adapt.sampling.strategies import SCHEDULES, Strategy, make_strategy, propose, skip_empty_steps
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -89,21 +91,21 @@ def generate(
     generator = torch.Generator(device=device).manual_seed(config.seed)
     denoiser = make_denoiser(model, config, settings)
     state = _Run(canvas, config, settings, strategy, eos_ids, generator, denoiser, on_step, tokenizer)
-    seconds = timed(state.run, device)
+    _, seconds = timed(state.run, device)
     sequences, texts = finish(canvas, state.ids, tokenizer, config, eos_ids, settings.mask_token_id)
     return GenerationOutput(
         sequences, texts, denoiser.nfe, denoiser.nfe, seconds, state.decoded, canvas.prompts
     )
 
 
-def timed(fn: Callable[[], object], device: torch.device) -> float:
-    """Seconds `fn` takes under inference mode (the device synchronised on both sides)."""
+def timed(fn: Callable[[], T], device: torch.device) -> tuple[T, float]:
+    """`fn()` under inference mode and the seconds it took (the device synchronised on both sides)."""
     _sync(device)
     t0 = time.perf_counter()
     with torch.inference_mode():
-        fn()
+        value = fn()
     _sync(device)
-    return time.perf_counter() - t0
+    return value, time.perf_counter() - t0
 
 
 def decode_ar_stream(
@@ -144,9 +146,7 @@ def decode_ar_stream(
         if on_step is not None:
             on_step(StepEvent(ids, canvas, 0, passes, settings.mask_token_id))
 
-    result: list[Decoded] = []
-    seconds = timed(lambda: result.append(decoder.decode(canvas, stopped, notify)), device)
-    decoded = result[0]
+    decoded, seconds = timed(lambda: decoder.decode(canvas, stopped, notify), device)
     sequences, texts = finish(canvas, decoded.ids, tokenizer, config, eos_ids, settings.mask_token_id)
     passes = decoded.passes
     out = GenerationOutput(sequences, texts, passes, passes, seconds, decoded.tokens, canvas.prompts)
@@ -418,14 +418,6 @@ def end_of_turn_ids(tokenizer: Any) -> list[int]:
         if tokenizer.decode([t]).strip():
             return []  # text, not a special token, closes the turn
     return []
-
-
-def context_length(config: Any) -> int | None:
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def _sync(device: torch.device) -> None:

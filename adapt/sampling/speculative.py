@@ -31,7 +31,7 @@ from adapt.core.attention import to_additive
 from adapt.core.checkpoint import DiffusionSettings
 from adapt.core.errors import AdaptError
 from adapt.sampling.cache import forward_signature
-from adapt.sampling.canvas import Canvas
+from adapt.sampling.canvas import Canvas, context_length
 from adapt.sampling.config import SamplingConfig
 from adapt.sampling.strategies import model_logits, sampling_logits
 
@@ -82,7 +82,7 @@ class SpeculativeDecoder:
         self.vocab, self.eos_ids, self.generator = vocab, eos_ids, generator
         self._cache_kw, self._can_keep = forward_signature(model)
         self.dtype = next(model.parameters()).dtype
-        self.limit = context_limit(model.config)
+        self.limit = context_length(model.config)
 
     # ------------------------------------------------------------------ the loop
 
@@ -376,11 +376,3 @@ def warn_untrained(config: SamplingConfig, settings: DiffusionSettings) -> None:
             " so %s with an untrained AR head",
             "verify checks drafts" if config.strategy == "verify" else "ar decodes",
         )
-
-
-def context_limit(config: Any) -> int | None:
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
