@@ -213,6 +213,13 @@ def finetune_cmd(
         list[str] | None, typer.Argument(help="Recipe overrides, section.key=value (YAML-typed).")
     ] = None,
     print_config: Annotated[bool, typer.Option(help="Print the resolved recipe and exit.")] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            help="Start over in a training.output_dir that holds an earlier run: its checkpoints, metrics "
+            "and export move to OUTPUT_DIR/previous-TIME/ (never deleted, never mixed)."
+        ),
+    ] = False,
 ) -> None:
     """Fine-tune on the masked-diffusion objective (full or LoRA); export a ready-to-sample checkpoint."""
     from adapt.training.config import load_recipe, recipe_to_dict
@@ -232,7 +239,7 @@ def finetune_cmd(
     datasets.disable_progress_bars()
     from adapt.training.run import run
 
-    state, exported = run(resolved)
+    state, exported = run(resolved, force=force)
     if state.interrupted:
         by = state.stopped_by or "SIGINT"
         typer.echo(

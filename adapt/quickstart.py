@@ -8,6 +8,7 @@ Everything comes from packages (see adapt/sources.py), so it runs offline on a C
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -34,6 +35,47 @@ class QuickstartResult:
     eval_rows: list[dict[str, Any]] = field(default_factory=list)
     samples: list[dict[str, Any]] = field(default_factory=list)
     train_loss: list[float] = field(default_factory=list)
+
+
+FOLDER_MARKER = ".adapt-quickstart"
+WRITES = {"tiny-source", "tiny-train.jsonl", "tiny-eval.jsonl", "converted", "run", "quickstart.json"}
+"""What the quickstart writes in its folder; a folder holding anything else is refused."""
+
+
+def claim_folder(out: Path) -> Path:
+    """The quickstart's working folder: new, empty, or an earlier quickstart's (its marker inside and
+    nothing the quickstart does not write), so that no file of the user's is overwritten."""
+    if out.exists() and not out.is_dir():
+        raise AdaptError(f"--out {out} is a file; choose a new or empty directory")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    foreign = [n for n in entries if n not in WRITES and n != FOLDER_MARKER]
+    if entries and (foreign or not (out / FOLDER_MARKER).is_file()):
+        named = ", ".join((foreign or entries)[:3])
+        raise AdaptError(
+            f"--out {out} holds files the quickstart did not write ({named}); choose a new or empty directory"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / FOLDER_MARKER).write_text("adapt quickstart working folder\n")
+    return out
+
+
+def discard_earlier_run(run_dir: Path) -> None:
+    """An earlier quickstart's run (checkpoints, metrics, export) is the quickstart's own: removed, except
+    any file adapt did not write, which is kept and named."""
+    from adapt.core.ownership import remove_owned
+    from adapt.training.outdir import EARLIER, set_aside
+
+    if not any((run_dir / name).exists() for name in EARLIER):
+        return
+    aside = set_aside(run_dir)
+    for d in [*sorted(aside.glob("checkpoints/*")), aside / "final"]:
+        if d.is_dir():
+            remove_owned(d)
+    for name in ("metrics.jsonl", "engine.json"):
+        (aside / name).unlink(missing_ok=True)
+    for d in (aside / "checkpoints", aside):
+        with contextlib.suppress(OSError):
+            d.rmdir()
 
 
 def prepare(out: Path, tiny: bool) -> tuple[Path, Path, Path]:
@@ -63,8 +105,7 @@ def run_quickstart(
     from adapt.training.config import load_recipe
     from adapt.training.run import run
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim_folder(Path(out))
     clock = time.perf_counter()
     source, train_file, eval_file = prepare(out, tiny)
     converted = out / "converted"
@@ -83,6 +124,7 @@ def run_quickstart(
     if steps is not None:
         overrides.append(f"training.max_steps={steps}")
     recipe = load_recipe(RECIPE, overrides)
+    discard_earlier_run(out / "run")
     clock = time.perf_counter()
     state, exported = run(recipe)
     seconds["fine-tune"] = time.perf_counter() - clock

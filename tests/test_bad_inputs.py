@@ -113,6 +113,16 @@ def checkpoints_of(model: str, corrupt: bool = False) -> Callable[[Path], None]:
     return setup
 
 
+def export_with(**contents: str) -> Callable[[Path], None]:
+    """OUTPUT_DIR/final is an export adapt wrote (the converted checkpoint) plus the given files."""
+
+    def setup(w: Path) -> None:
+        shutil.copytree(w / "ckpt", w / "run/final")
+        files(**contents)(w)
+
+    return setup
+
+
 def adapter_for(base: str) -> Callable[[Path], None]:
     """A LoRA adapter export in `adapter/` whose adapter_config.json names `base` ({w}: the world)."""
 
@@ -169,6 +179,9 @@ CASES = [
          "lies inside the source"),
     Case("convert: --force over files adapt did not write", ("convert", "{w}/src", "{w}/mine", "--force"),
          "adapt did not write (notes.txt)", files(**{"mine/notes.txt": "mine"})),
+    Case("convert: --force over an adapt checkpoint holding the user's files",
+         ("convert", "{w}/src", "{w}/ckpt", "--force"), "adapt did not write (NOTES.md, other-run/)",
+         files(**{"ckpt/NOTES.md": "mine", "ckpt/other-run/x.txt": "mine"})),
     Case("convert: non-empty output without --force", ("convert", "{w}/src", "{w}/ckpt2"), "--force",
          files(**{"ckpt2/notes.txt": "mine"})),
     Case("convert: not a model directory", ("convert", "{w}/afile", "{w}/out"), "afile",
@@ -224,6 +237,9 @@ CASES = [
          "outside the vocabulary", mask_id(10**6)),
     Case("eval: unknown Hub id", ("eval", "nobody-here/no-such-model", "--data", "{w}/data.txt"),
          "no-such-model"),
+    # quickstart
+    Case("quickstart: --out holding the user's files", ("quickstart", "--tiny", "--out", "{w}/qs"),
+         "did not write (tiny-train.jsonl)", files(**{"qs/tiny-train.jsonl": "mine"})),
     # push (dry runs: nothing is contacted)
     Case("push: NaN in the training summary", ("push", "{w}/ckpt", "me/model", "--dry-run"), "non-finite",
          files(**{"ckpt/training_summary.json": '{"steps": 1, "eval_loss": NaN}'})),
@@ -259,10 +275,20 @@ CASES = [
          files(**{"d/final": "text"})),
     Case("finetune: export over files adapt did not write", finetune(), "adapt did not write",
          files(**{"run/final/notes.txt": "mine"})),
+    Case("finetune: export over an adapt export holding the user's file", finetune(), "adapt did not write",
+         export_with(**{"run/final/eval.txt": "mine"})),
+    Case("finetune: eval data inside the export it replaces",
+         finetune("data.eval_path={w}/run/final/eval.txt"), "data.eval_path", export_with(**{
+             "run/final/eval.txt": "The river ran.\n\nThe mill turned.\n"})),
+    Case("finetune: resume=false over an earlier run's checkpoints", finetune("training.resume=false"),
+         "pass --force to move the earlier run aside", checkpoints_of("ckpt")),
+    Case("finetune: resume=false over an earlier run's metrics", finetune("training.resume=false"),
+         "holds an earlier run (metrics.jsonl)",
+         files(**{"run/metrics.jsonl": '{"step": 1, "loss": 2.0}\n'})),
     Case("finetune: checkpoints of another model", finetune(), "holds checkpoints of another run",
          checkpoints_of("src")),
     Case("finetune: no checkpoint loads", finetune(), "can be loaded", checkpoints_of("ckpt", corrupt=True),
-         may_write=("run/",)),
+         may_write=("run",)),
     Case("finetune: mask id outside the vocabulary", finetune(), "outside the vocabulary", mask_id(10**6)),
     Case("finetune: diverging lr, no held-out split",
          finetune("training.lr=1e38", "data.eval_fraction=0", "training.max_grad_norm=null"),
@@ -420,22 +446,6 @@ def test_resume_falls_back_past_a_corrupt_checkpoint_without_repeating_metrics(
 def dead_pid() -> int:
     child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
     return int(child.stdout)
-
-
-def test_leftovers_of_killed_writes_are_recovered(tmp_path: Path) -> None:
-    from adapt.core.outputs import atomic_dir
-
-    pid = dead_pid()
-    (tmp_path / f".a.tmp-{pid}-x").mkdir()  # killed while writing: removed
-    (tmp_path / "a").mkdir()
-    (tmp_path / f".b.old-{pid}").mkdir()  # killed between the two renames: both copies hidden
-    (tmp_path / f".b.tmp-{pid}-y").mkdir()
-    (tmp_path / f".b.tmp-{pid}-y/new").write_text("complete")
-    (tmp_path / f".c.old-{pid}").mkdir()  # killed after moving the old output away, before writing
-    with atomic_dir(tmp_path / "d") as tmp:
-        (tmp / "f").write_text("x")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c", "d"]
-    assert (tmp_path / "b/new").read_text() == "complete"
 
 
 def test_outputs_follow_the_umask(world: Path, tmp_path: Path) -> None:

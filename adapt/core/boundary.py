@@ -13,6 +13,7 @@ import contextlib
 import errno
 import os
 import pickle
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from adapt.core.errors import AdaptError, first_line
 _HINTS = {
     errno.ENOSPC: "free some disk space or choose another location",
     errno.EDQUOT: "free some space or choose another location",
+    errno.EFBIG: "the file outgrew the size this process may write (ulimit -f) or the filesystem allows",
     errno.EROFS: "choose a writable location",
     errno.EACCES: "choose a location you may write to, or fix its permissions",
     errno.EPERM: "choose a location you may write to, or fix its permissions",
@@ -35,6 +37,10 @@ def explain(e: BaseException) -> str | None:
     """One line for an expected failure (user input, files, environment); None for a bug."""
     if isinstance(e, AdaptError):
         return one_line(str(e))
+    if type(e).__name__ == "SafetensorError" and "Error while serializing" in str(e):
+        code = re.search(r"\(os error (\d+)\)", str(e))  # a failed write (full disk, ulimit), not bad weights
+        hint = _HINTS.get(int(code[1]) if code else 0, "check the location and its free space")
+        return f"writing a safetensors weight file failed ({first_line(e)}); {hint}"
     if type(e).__name__ == "SafetensorError":
         return (
             f"a safetensors weight file is corrupt, truncated or not safetensors ({first_line(e)}); "

@@ -39,6 +39,7 @@ from adapt.core.diffusion import mask_tokens, maskable_positions, masked_token_n
 from adapt.core.errors import AdaptError, first_line
 from adapt.core.locate import locate, looks_like_hub_id
 from adapt.core.outputs import current_umask, json_text
+from adapt.core.ownership import add_owned
 from adapt.loading.model import load_diffusion_model
 from adapt.loading.precision import weights_dtype
 
@@ -515,6 +516,7 @@ def save_results(checkpoint: str | os.PathLike, results: dict[str, Any]) -> Path
             f.write(json_text(results))
         os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, target)
+        add_owned(target.parent, RESULTS_NAME)  # replacing the checkpoint later may remove it
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from adapt.core.errors import AdaptError
 from adapt.core.outputs import atomic_dir
+from adapt.core.ownership import remove_owned
 from adapt.training.config import Recipe, recipe_to_dict, save_recipe
 from adapt.training.metrics import drop_replayed_metrics
 from adapt.training.session import Session, TrainState
@@ -55,9 +56,9 @@ def save_checkpoint(session: Session) -> Path:
     acc.wait_for_everyone()
     if acc.is_main_process:
         for old in checkpoint_dirs(session.output_dir)[: -session.recipe.training.keep_checkpoints]:
-            import shutil
-
-            shutil.rmtree(old, ignore_errors=True)
+            kept = remove_owned(old)  # what adapt did not write there stays, named
+            if kept:
+                log.warning("pruned %s but kept %s: adapt did not write it", old, ", ".join(kept))
     return path
 
 
@@ -81,7 +82,7 @@ def resume(session: Session) -> None:
         return
     raise AdaptError(
         f"no checkpoint in {session.output_dir / CHECKPOINTS} can be loaded (see above); move them away "
-        "or set training.resume=false to start over"
+        "or set training.resume=false and pass --force to start over"
     )
 
 
@@ -135,7 +136,8 @@ def check_same_run(recipe: Recipe, checkpoint: Path) -> None:
             raise AdaptError(
                 f"training.output_dir {recipe.training.output_dir} holds checkpoints of another run "
                 f"({section}: {saved.get(section)} there, {now.get(section)} now); choose another "
-                "training.output_dir, or set training.resume=false to start over"
+                "training.output_dir, or set training.resume=false and pass --force to start over (the "
+                "earlier run is moved aside)"
             )
 
 

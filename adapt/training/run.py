@@ -12,10 +12,11 @@ from adapt.training.session import TrainState
 from adapt.training.setup import setup
 
 
-def run(recipe: Recipe) -> tuple[TrainState, Path | None]:
-    """setup -> fit -> export (-> push); returns the final state and the exported directory."""
+def run(recipe: Recipe, force: bool = False) -> tuple[TrainState, Path | None]:
+    """setup -> fit -> export (-> push); returns the final state and the exported directory. `force` moves
+    an earlier run in the output folder aside (else such a folder is refused)."""
 
-    session = setup(recipe)
+    session = setup(recipe, force)
     try:
         state = fit(session)
         exported = None
@@ -30,3 +31,5 @@ def run(recipe: Recipe) -> tuple[TrainState, Path | None]:
         return state, exported
     finally:
         session.accelerator.end_training()
+        if session.lock is not None:
+            session.lock.release()

@@ -65,6 +65,8 @@ class Session:
     total_steps: int
     state: TrainState = field(default_factory=TrainState)
     probe_ids: list[int] = field(default_factory=list)
+    lock: Any = None
+    """The output folder's `adapt.core.lock.OutputLock` (None on the launch's other processes)."""
     """Ordinary token ids (for the final probe-batch check)."""
 
     @property

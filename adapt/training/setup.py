@@ -8,33 +8,41 @@ from __future__ import annotations
 import json
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from adapt.core.boundary import check_writable
 from adapt.core.checkpoint import DiffusionSettings
-from adapt.core.outputs import check_apart, check_replaceable
-from adapt.training.checkpoints import CHECKPOINTS, check_same_run, latest_checkpoint, resume
+from adapt.core.lock import abandoned_on_error
+from adapt.training.checkpoints import resume
 from adapt.training.config import Recipe
 from adapt.training.engine import whole_weights
-from adapt.training.export import FINAL
 from adapt.training.lora import apply_lora, check_adapter_export
-from adapt.training.metrics import METRICS, flat_config
+from adapt.training.metrics import flat_config
 from adapt.training.model import check_context, load_model
 from adapt.training.objectives import make_objective
 from adapt.training.objectives.loss import TokenLoss, causal_lm_of, check_fast_path
 from adapt.training.optim import build_optimizer, build_scheduler
+from adapt.training.outdir import ENGINE_FILE, claim_output
 from adapt.training.session import Session
 
 log = logging.getLogger(__name__)
 
-ENGINE_FILE = "engine.json"
+
+def setup(recipe: Recipe, force: bool = False) -> Session:
+    """Accelerator, model, data, optimizer and schedule for `recipe`; resumes when a checkpoint exists.
+
+    The output folder stays locked for the session (`Session.lock`, released by `run`); `force` moves an
+    earlier run in it aside.
+    """
+    lock = claim_output(recipe, force)
+    with abandoned_on_error(lock):
+        session = _setup(recipe)
+    session.lock = lock
+    return session
 
 
-def setup(recipe: Recipe) -> Session:
-    """Accelerator, model, data, optimizer and schedule for `recipe`; resumes when a checkpoint exists."""
+def _setup(recipe: Recipe) -> Session:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import DataLoaderConfiguration, set_seed
@@ -43,7 +51,6 @@ def setup(recipe: Recipe) -> Session:
     from adapt.training import engine
 
     t = recipe.training
-    check_outputs(recipe)
     request, device = engine.requested(), launch_device()
     engine.check_request(request, device)
     precision, why = engine.resolve_precision(t.mixed_precision, request, device)
@@ -111,24 +118,6 @@ def setup(recipe: Recipe) -> Session:
         session.output_dir.mkdir(parents=True, exist_ok=True)
         (session.output_dir / ENGINE_FILE).write_text(json.dumps(facts, indent=1))
     return session
-
-
-def check_outputs(recipe: Recipe) -> None:
-    """Before any work: every path the run writes is writable and apart from the model and data it reads,
-    an existing export is one adapt wrote (it will be replaced), existing checkpoints are this run's."""
-
-    out = Path(recipe.training.output_dir)
-    for written in (out / FINAL, out / CHECKPOINTS, out / METRICS):
-        for option, source in (("model.path", recipe.model.path), ("data.path", recipe.data.path)):
-            if source:
-                check_apart(written, source, f"the run writes {written}, which", option)
-    check_writable(out, "training.output_dir")
-    final = out / FINAL
-    if final.is_dir() and any(final.iterdir()):
-        check_replaceable(final)
-    latest = latest_checkpoint(out)
-    if recipe.training.resume and latest is not None:
-        check_same_run(recipe, latest)
 
 
 def warn_objective_change(settings: DiffusionSettings, recipe: Recipe) -> None:
