@@ -290,13 +290,15 @@ def eval_cmd(
     """ELBO perplexity bound and masked accuracy of diffusion checkpoints beside AR models' perplexity."""
 
     from adapt.core.boundary import check_output_file, resolve_device
-    from adapt.core.outputs import json_text
+    from adapt.core.outputs import check_apart, json_text
     from adapt.evaluation import evaluate as ev
 
     device = resolve_device(device)
     for option, target in (("--json", json_out), ("--plot", plot)):
         if target is not None:
             check_output_file(target, option)
+            for what, source in [("--data", data), *(("the model", m) for m in models)]:
+                check_apart(target, source, f"{option} {target}", what)
     config = ev.EvalConfig(
         data=data,
         text_column=text_column,

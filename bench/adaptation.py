@@ -73,7 +73,7 @@ def run_variant(name: str, args: argparse.Namespace, source: Path, data: tuple[P
         *args.set,
     ]
     clock = time.perf_counter()
-    _, exported = run(load_recipe(args.recipe, overrides))
+    _, exported = run(load_recipe(args.recipe, overrides), force=True)  # a rerun replaces its own run
     seconds = time.perf_counter() - clock
     cfg = EvalConfig(data=str(data[1]), seq_len=64, max_sequences=args.eval_windows, mc_samples=4)
     row = evaluate_model(str(exported), cfg)

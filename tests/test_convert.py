@@ -135,9 +135,14 @@ def test_existing_output_needs_force(tiny_models, tmp_path):
     assert (out / "keep.txt").read_text() == "precious"
     (out / "keep.txt").unlink()
     convert(str(tiny_models["llama"]), out)
-    (out / "old.txt").write_text("from the previous conversion")
-    convert(str(tiny_models["llama"]), out, ConvertOptions(force=True))  # an adapt checkpoint: replaced
-    assert not (out / "old.txt").exists() and (out / "config.json").exists()
+    first = json.loads((out / ".adapt-owner.json").read_text())["id"]
+    (out / "old.txt").write_text("the user's, added later")
+    with pytest.raises(AdaptError, match=r"adapt did not write \(old.txt\)"):  # named, kept
+        convert(str(tiny_models["llama"]), out, ConvertOptions(force=True))
+    (out / "old.txt").unlink()
+    convert(str(tiny_models["llama"]), out, ConvertOptions(force=True))  # all adapt's: replaced
+    assert json.loads((out / ".adapt-owner.json").read_text())["id"] != first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def _no_partial_output(tmp_path: Path) -> bool:

@@ -140,7 +140,8 @@ def test_cli_eval_side_by_side_save_plot_and_card(
     assert all(g["gen_ppl"] > 1 and g["tokens"] > 0 for g in results["gen_ppl"])
     assert json.loads((ckpt / "eval_results.json").read_text()) == results
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not list(ckpt.glob(".*"))
+    assert [p.name for p in ckpt.glob(".*")] == [".adapt-owner.json"]  # no temporary file left
+    assert "eval_results.json" in json.loads((ckpt / ".adapt-owner.json").read_text())["files"]
 
     from adapt.publishing.hub import plan_push
 

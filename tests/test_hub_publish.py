@@ -50,7 +50,7 @@ def test_adapter_push_uploads_the_adapter_its_tokenizer_and_a_peft_card(
     stage(llama_diffusion, BASE, hub_cache)
     before = (adapter / "adapter_config.json").read_text()
     plan = plan_push(adapter, ADAPTER, base_model=BASE)
-    own = sorted(p.name for p in adapter.iterdir())
+    own = sorted(p.name for p in adapter.iterdir() if not p.name.startswith("."))  # not adapt's marker
     assert plan.repo_files == sorted({*own, "README.md"})
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= set(plan.repo_files)
     assert "model.safetensors" not in plan.repo_files and "config.json" not in plan.repo_files
