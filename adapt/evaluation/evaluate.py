@@ -41,6 +41,7 @@ from adapt.core.locate import locate, looks_like_hub_id
 from adapt.core.outputs import current_umask, json_text
 from adapt.loading.model import load_diffusion_model
 from adapt.loading.precision import weights_dtype
+from adapt.loading.weights import check_finite_model, from_pretrained
 
 RESULTS_NAME = "eval_results.json"
 
@@ -367,10 +368,12 @@ def load_any(
     config = model_config(str(where))
     device = resolve_device(device)
     dtype_ = weights_dtype(dtype, device)[0]
-    with about(f"cannot load the model {path}"):
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype_)
+    what = f"cannot load the model {path}"
+    with about(what):
+        model = from_pretrained(AutoModelForCausalLM, where, what, dtype=dtype_)
         tokenizer = AutoTokenizer.from_pretrained(where)
-    return model.to(device).eval(), tokenizer, read_settings(config)
+    check_finite_model(model.to(device), what)
+    return model.eval(), tokenizer, read_settings(config)
 
 
 def evaluate_model(path: str, config: EvalConfig) -> dict[str, Any]:
