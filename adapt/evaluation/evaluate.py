@@ -409,10 +409,21 @@ def evaluate(models: Sequence[str], config: EvalConfig) -> dict[str, Any]:
         raise AdaptError(f"--revision {config.revision} applies to Hub ids; {', '.join(models)}: local paths")
     for m in models:  # every model checked before the first one is evaluated
         model_config(m, config.seq_len, revision_for(m, config.revision))
-    rows = [evaluate_model(m, config) for m in models]
+    rows = [check_finite_row(evaluate_model(m, config)) for m in models]
     cfg = asdict(config)
     return {"adapt_version": __version__, "dataset": config.data, "seq_len": config.seq_len, "config": cfg,
             "models": rows}  # fmt: skip
+
+
+def check_finite_row(row: dict[str, Any]) -> dict[str, Any]:
+    """Refuse a NaN or infinite NLL or perplexity (weights that are finite but overflow): no table of them."""
+    bad = [f"{k}={row[k]}" for k in ("nll", "ppl") if not math.isfinite(row[k])]
+    if bad:
+        raise AdaptError(
+            f"the evaluation of {row['model']} is not finite ({', '.join(bad)}): its outputs overflow or are "
+            "NaN; nothing written (under bfloat16 or float16, try --dtype float32)"
+        )
+    return row
 
 
 # ---------------------------------------------------------------- generative perplexity
