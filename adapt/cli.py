@@ -170,7 +170,8 @@ def push_cmd(
     commit_message: Annotated[str | None, typer.Option(help="Commit message.")] = None,
     license: Annotated[str | None, typer.Option(help="License id for the card (default: source's).")] = None,
     allow_non_finite: Annotated[
-        bool, typer.Option(help="Publish even if the recorded metrics hold NaN or infinity.")
+        bool,
+        typer.Option(help="Publish even if the recorded metrics hold NaN or infinity (never NaN weights)."),
     ] = False,
     base_model: Annotated[
         str | None,

@@ -35,6 +35,7 @@ from adapt.core.errors import AdaptError, first_line
 from adapt.core.locate import check_hub_id
 from adapt.core.outputs import atomic_dir, prepare_output_dir
 from adapt.core.version import __version__
+from adapt.loading.weights import check_finite_model, from_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +188,7 @@ def sliding_window_of(config: Any) -> int | None:
 
 
 def load_model_and_tokenizer(source: str, options: ConvertOptions) -> tuple[Any, Any]:
+    """The source's tokenizer and model, every tensor of the model loaded from its files and finite."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -194,16 +196,20 @@ def load_model_and_tokenizer(source: str, options: ConvertOptions) -> tuple[Any,
             tokenizer = AutoTokenizer.from_pretrained(source, revision=options.revision)
     except (ValueError, TypeError) as e:
         raise AdaptError(f"cannot load a tokenizer from {source}: {first_line(e)}") from e
+    where = f"cannot load the weights of {source}"
     try:
-        with about(f"cannot load the weights of {source}"):  # corrupt safetensors, blocked pickles, I/O
-            model = AutoModelForCausalLM.from_pretrained(
+        with about(where):  # corrupt safetensors, blocked pickles, I/O
+            model = from_pretrained(
+                AutoModelForCausalLM,
                 source,
+                where,
                 revision=options.revision,
                 dtype=resolve_dtype(options.dtype),
                 attn_implementation=options.attn_implementation,
             )
     except (ValueError, RuntimeError) as e:
-        raise AdaptError(f"cannot load the weights of {source}: {first_line(e)}") from e
+        raise AdaptError(f"{where}: {first_line(e)}") from e
+    check_finite_model(model, where)
     return model, tokenizer
 
 

@@ -42,6 +42,7 @@ from adapt.core.outputs import current_umask, json_text
 from adapt.core.ownership import add_owned
 from adapt.loading.model import load_diffusion_model
 from adapt.loading.precision import weights_dtype
+from adapt.loading.weights import check_finite_model, from_pretrained
 
 RESULTS_NAME = "eval_results.json"
 
@@ -368,10 +369,12 @@ def load_any(
     config = model_config(str(where))
     device = resolve_device(device)
     dtype_ = weights_dtype(dtype, device)[0]
-    with about(f"cannot load the model {path}"):
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype_)
+    what = f"cannot load the model {path}"
+    with about(what):
+        model = from_pretrained(AutoModelForCausalLM, where, what, dtype=dtype_)
         tokenizer = AutoTokenizer.from_pretrained(where)
-    return model.to(device).eval(), tokenizer, read_settings(config)
+    check_finite_model(model.to(device), what)
+    return model.eval(), tokenizer, read_settings(config)
 
 
 def evaluate_model(path: str, config: EvalConfig) -> dict[str, Any]:
@@ -407,10 +410,21 @@ def evaluate(models: Sequence[str], config: EvalConfig) -> dict[str, Any]:
         raise AdaptError(f"--revision {config.revision} applies to Hub ids; {', '.join(models)}: local paths")
     for m in models:  # every model checked before the first one is evaluated
         model_config(m, config.seq_len, revision_for(m, config.revision))
-    rows = [evaluate_model(m, config) for m in models]
+    rows = [check_finite_row(evaluate_model(m, config)) for m in models]
     cfg = asdict(config)
     return {"adapt_version": __version__, "dataset": config.data, "seq_len": config.seq_len, "config": cfg,
             "models": rows}  # fmt: skip
+
+
+def check_finite_row(row: dict[str, Any]) -> dict[str, Any]:
+    """Refuse a NaN or infinite NLL or perplexity (weights that are finite but overflow): no table of them."""
+    bad = [f"{k}={row[k]}" for k in ("nll", "ppl") if not math.isfinite(row[k])]
+    if bad:
+        raise AdaptError(
+            f"the evaluation of {row['model']} is not finite ({', '.join(bad)}): its outputs overflow or are "
+            "NaN; nothing written (under bfloat16 or float16, try --dtype float32)"
+        )
+    return row
 
 
 # ---------------------------------------------------------------- generative perplexity

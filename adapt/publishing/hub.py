@@ -25,6 +25,7 @@ from typing import Any
 from adapt.core.checkpoint import ADAPTER_CONFIG, DiffusionSettings, adapter_base, load_settings
 from adapt.core.errors import AdaptError, first_line
 from adapt.core.locate import locate, looks_like_hub_id, redact
+from adapt.loading.weights import non_finite_in_files
 
 TAGS = ["diffusion", "masked-diffusion", "adapt", "text-generation"]
 BLOCK_TAG = "block-diffusion"
@@ -113,8 +114,10 @@ def plan_push(
     check_repo_id(repo_id)
     if not allow_non_finite:
         check_recorded_metrics(ckpt)
+    files = checkpoint_files(ckpt)
+    check_finite_files(ckpt, files)
     card = build_card(ckpt, repo_id, settings, license=license)
-    return PushPlan(checkpoint=ckpt, files=checkpoint_files(ckpt), card=card)
+    return PushPlan(checkpoint=ckpt, files=files, card=card)
 
 
 def plan_adapter_push(
@@ -122,6 +125,8 @@ def plan_adapter_push(
 ) -> PushPlan:
     """An adapter export published against its base model's Hub id (`base_model`, or the one it records)."""
     check_repo_id(repo_id)
+    files = checkpoint_files(ckpt)
+    check_finite_files(ckpt, files)
     recorded = adapter_base(ckpt) or ""
     base_id = base_model or (recorded if looks_like_hub_id(recorded) else None)
     if base_id is None:
@@ -137,7 +142,6 @@ def plan_adapter_push(
     config = json.loads((ckpt / ADAPTER_CONFIG).read_text())
     config["base_model_name_or_path"] = base_id
     card = build_card(ckpt, repo_id, settings, license=license, adapter_of=base_id)
-    files = checkpoint_files(ckpt)
     return PushPlan(ckpt, files, card, generated={ADAPTER_CONFIG: json.dumps(config, indent=2) + "\n"})
 
 
@@ -192,8 +196,20 @@ def check_recorded_metrics(ckpt: Path) -> None:
             )
 
 
+def check_finite_files(ckpt: Path, files: list[str]) -> None:
+    """Refuse to publish a NaN or infinite weight, read from the safetensors files about to be uploaded."""
+    bad = non_finite_in_files(ckpt / f for f in files if f.endswith(".safetensors"))
+    if bad:
+        raise AdaptError(
+            f"{bad[0]}: {bad[1]} holds NaN or infinity: a broken model is never published "
+            "(--allow-non-finite covers recorded metrics only); retrain it, or publish an earlier checkpoint"
+        )
+
+
 def non_finite_keys(data: Any, where: str = "") -> list[str]:
-    """Dotted keys of NaN or infinite numbers (standard errors, undefined for one window, excepted)."""
+    """Dotted keys of NaN or infinite numbers (standard errors excepted) and of null nll, ppl or gen_ppl."""
+    if data is None and where.rpartition(".")[2] in ("nll", "ppl", "gen_ppl"):  # strict JSON's NaN
+        return [f"{where}=null"]
     if isinstance(data, float):
         return [] if math.isfinite(data) or where.endswith("stderr") else [f"{where}={data}"]
     items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else []

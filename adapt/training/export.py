@@ -15,6 +15,7 @@ from adapt.core.checkpoint import write_settings
 from adapt.core.errors import AdaptError
 from adapt.core.outputs import atomic_dir, json_text
 from adapt.core.version import __version__
+from adapt.loading.weights import first_non_finite
 from adapt.training.config import save_recipe
 
 log = logging.getLogger(__name__)
@@ -72,14 +73,12 @@ def unsharded_peft_model(session: Any, state_dict: dict[str, Any]) -> Any:
 
 def check_finite_weights(state_dict: dict[str, Any], out: Path) -> None:
     """Refuse to export weights holding NaN or infinity (a diverged run), naming the first bad tensor."""
-    import torch
-
-    for name, tensor in state_dict.items():
-        if torch.is_tensor(tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise AdaptError(
-                f"the trained weights are not finite ({name} holds NaN or infinity); nothing exported to "
-                f"{out}. The run diverged: lower training.lr or check the data"
-            )
+    name = first_non_finite(state_dict.items())
+    if name is not None:
+        raise AdaptError(
+            f"the trained weights are not finite ({name} holds NaN or infinity); nothing exported to "
+            f"{out}. The run diverged: lower training.lr or check the data"
+        )
 
 
 def merged_model(model: Any) -> Any:
