@@ -240,7 +240,10 @@ def finetune_cmd(
     datasets.disable_progress_bars()
     from adapt.training.run import run
 
-    state, exported = run(resolved, force=force)
+    try:
+        state, exported = run(resolved, force=force)
+    finally:
+        close_process_group()
     if state.interrupted:
         by = state.stopped_by or "SIGINT"
         typer.echo(
@@ -252,6 +255,16 @@ def finetune_cmd(
     typer.echo(f"trained {state.step} steps on {state.tokens_seen} tokens, loss {loss}{evaluated}")
     if exported is not None:
         typer.echo(f"exported {exported}")
+
+
+def close_process_group() -> None:
+    """Tear the launch's process group down before the interpreter does: left to exit, a ZeRO-3 rank was
+    seen to abort in gloo's threads ("terminate called without an active exception", SIGABRT), failing a
+    launch whose work was done."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 @app.command("eval")

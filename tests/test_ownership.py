@@ -244,3 +244,15 @@ def test_quickstart_reruns_in_its_own_folder_and_refuses_anyone_elses(tmp_path: 
     (tmp_path / "mine/run").mkdir()
     with pytest.raises(Exception, match="did not write"):
         claim_folder(tmp_path / "mine")  # only its names, but not its folder
+
+
+def test_replacing_a_link_replaces_the_link_not_what_it_points_to(tmp_path: Path) -> None:
+    from adapt.core.outputs import atomic_dir
+
+    with atomic_dir(tmp_path / "target") as tmp:
+        (tmp / "weights.bin").write_text("old")
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    with atomic_dir(tmp_path / "link") as tmp:
+        (tmp / "weights.bin").write_text("new")
+    assert (tmp_path / "target/weights.bin").read_text() == "old"
+    assert not (tmp_path / "link").is_symlink() and (tmp_path / "link/weights.bin").read_text() == "new"

@@ -68,8 +68,11 @@ def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
         remove_owned(tmp, whole=True)
         raise
     old = None
-    if out.exists():
+    if out.is_symlink():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}-{new_id()}")
+    elif out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}-{ensure_marker(out)}")
+    if old is not None:
         os.replace(out, old)
     os.replace(tmp, out)
     if old is not None:
@@ -78,6 +81,9 @@ def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
 
 def keep_foreign(old: Path, out: Path) -> None:
     """Remove the replaced output's files; what adapt did not write moves to a visible folder, named."""
+    if old.is_symlink():  # a link was replaced, not what it points to
+        old.unlink()
+        return
     kept = remove_owned(old)
     if kept:
         where = out.with_name(f"{out.name}.kept-{old.name.rsplit('-', 1)[-1]}")
