@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from adapt.core.boundary import about, resolve_device
+from adapt.core.bounds import check_weights
 from adapt.core.checkpoint import (
     DiffusionSettings,
     adapter_export,
@@ -39,6 +40,7 @@ from adapt.core.diffusion import mask_tokens, maskable_positions, masked_token_n
 from adapt.core.errors import AdaptError, first_line
 from adapt.core.locate import locate, looks_like_hub_id
 from adapt.core.outputs import current_umask, json_text
+from adapt.evaluation.sizes import check_elbo, check_gen_ppl, first_diffusion
 from adapt.loading.model import load_diffusion_model
 from adapt.loading.precision import weights_dtype
 
@@ -168,7 +170,7 @@ def elbo_noise(
     blocks = -(-length // block)
     t = torch.stack([sample_t(mc_samples, eps, True, generator) for _ in range(n * blocks)])  # [n*nb, k]
     t = t.view(n, blocks, mc_samples).transpose(1, 2).reshape(n * mc_samples, blocks)  # [n*k, nb]
-    t_tok = t.repeat_interleave(block, dim=1)[:, :length]  # [n*k, l]
+    t_tok = t[:, torch.arange(length) // block]  # [n*k, l] each token the t of its block
     ids = windows.repeat_interleave(mc_samples, 0)  # [n*k, l]
     rows_maskable = maskable.repeat_interleave(mc_samples, 0)
     masked = (torch.rand(ids.shape, generator=generator) < t_tok) & rows_maskable
@@ -367,6 +369,7 @@ def load_any(
     config = model_config(str(where))
     device = resolve_device(device)
     dtype_ = weights_dtype(dtype, device)[0]
+    check_weights(where, dtype_, device)
     with about(f"cannot load the model {path}"):
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype_)
         tokenizer = AutoTokenizer.from_pretrained(where)
@@ -378,6 +381,8 @@ def evaluate_model(path: str, config: EvalConfig) -> dict[str, Any]:
     revision = revision_for(path, config.revision)
     model, tokenizer, settings = load_any(path, config.dtype, config.device, revision)
     windows = token_windows(config.data, tokenizer, config.seq_len, config.max_sequences, config.text_column)
+    held = sum(p.numel() * p.element_size() for p in model.parameters())
+    check_elbo(path, config, model.config, len(windows), held)  # the real number of windows
     gen = torch.Generator().manual_seed(config.seed)
     if settings is None:
         per_window, tokens = ar_nll(model, windows, config.batch_size)
@@ -396,8 +401,10 @@ def evaluate_model(path: str, config: EvalConfig) -> dict[str, Any]:
     return row
 
 
-def evaluate(models: Sequence[str], config: EvalConfig) -> dict[str, Any]:
-    """The results of every model on the same text: {"dataset", "seq_len", "models": [rows]}."""
+def evaluate(models: Sequence[str], config: EvalConfig, gen: GenPplConfig | None = None) -> dict[str, Any]:
+    """The results of every model on the same text: {"dataset", "seq_len", "models": [rows]}, and with `gen`
+    the generative perplexity of the first diffusion checkpoint ("gen_ppl"). Every size is checked
+    (`adapt.evaluation.sizes`) before the first model loads."""
     from adapt.core.version import __version__
 
     if not config.data:
@@ -405,11 +412,17 @@ def evaluate(models: Sequence[str], config: EvalConfig) -> dict[str, Any]:
     if config.revision is not None and not any(looks_like_hub_id(m) for m in models):
         raise AdaptError(f"--revision {config.revision} applies to Hub ids; {', '.join(models)}: local paths")
     for m in models:  # every model checked before the first one is evaluated
-        model_config(m, config.seq_len, revision_for(m, config.revision))
+        check_elbo(m, config, model_config(m, config.seq_len, revision_for(m, config.revision)))
+    first = first_diffusion(list(models), config.revision) if gen is not None else ""
+    if gen is not None:
+        check_gen_ppl(first, gen, config.dtype, config.device, config.revision)
     rows = [evaluate_model(m, config) for m in models]
     cfg = asdict(config)
-    return {"adapt_version": __version__, "dataset": config.data, "seq_len": config.seq_len, "config": cfg,
-            "models": rows}  # fmt: skip
+    out = {"adapt_version": __version__, "dataset": config.data, "seq_len": config.seq_len, "config": cfg,
+           "models": rows}  # fmt: skip
+    if gen is not None:
+        out["gen_ppl"] = generative_perplexity_of(first, gen, config.dtype, config.device, config.revision)
+    return out
 
 
 # ---------------------------------------------------------------- generative perplexity
@@ -465,6 +478,7 @@ def generative_perplexity_of(
 ) -> list[dict[str, Any]]:
     """Load a diffusion checkpoint (at `revision` when a Hub id) and its judge (cfg.judge or the recorded
     source) and run the protocol."""
+    check_gen_ppl(path, cfg, dtype, device, revision)
     model, tokenizer, settings = load_any(path, dtype, device, revision_for(path, revision))
     if settings is None:
         raise AdaptError(f"{path} is not a diffusion checkpoint; generative perplexity needs one")
