@@ -271,3 +271,21 @@ def test_the_elbo_noise_is_sized_by_the_window_whatever_the_block() -> None:
                 and (t[:, 3:6] == t[:, 3:4]).all()
                 and (t[:, 6:] == t[:, 6:7]).all()
             )
+
+
+def test_a_gpu_and_the_host_are_counted_apart(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA, device terms go against the device's free memory, host terms (the ELBO's noisy copies,
+    the weights read through the host) against the host's."""
+    monkeypatch.delenv(bounds.MEMORY_LIMIT_ENV, raising=False)
+    monkeypatch.setattr(bounds, "cuda_free", lambda device: bounds.Memory(10**9, f"free on {device}"))
+    monkeypatch.setattr(bounds, "host_available", lambda: bounds.Memory(10**10, "of memory available"))
+    logits, copies = bounds.logits_term(1, 1000, 100_000), bounds.noisy_copies_term(100, 1000, 128)
+    bounds.check_fits("--x", [logits, copies], "cuda:0", "lower --x")  # 0.4 GB on the GPU, 0.3 GB on the host
+    with pytest.raises(
+        AdaptError, match=r"needs about 4\.0 GB for the logits .* more than the 1\.0 GB free on cuda:0"
+    ):
+        bounds.check_fits("--x", [bounds.logits_term(10, 1000, 100_000), copies], "cuda:0", "lower --x")
+    with pytest.raises(
+        AdaptError, match=r"for the noisy copies .* more than the 10\.0 GB of memory available"
+    ):
+        bounds.check_fits("--x", [logits, bounds.noisy_copies_term(10_000, 1000, 128)], "cuda:0", "lower --x")
