@@ -289,3 +289,16 @@ def test_a_gpu_and_the_host_are_counted_apart(monkeypatch: pytest.MonkeyPatch) -
         AdaptError, match=r"for the noisy copies .* more than the 10\.0 GB of memory available"
     ):
         bounds.check_fits("--x", [logits, bounds.noisy_copies_term(10_000, 1000, 128)], "cuda:0", "lower --x")
+
+
+def test_a_containers_limit_caps_the_host_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inside a cgroup v2 container: its memory.max less what it holds beyond the file cache it can drop."""
+    (tmp_path / "memory.max").write_text("8000000000\n")
+    (tmp_path / "memory.current").write_text("5000000000\n")
+    (tmp_path / "memory.stat").write_text("anon 2000000000\nfile 3000000000\n")
+    monkeypatch.setattr(bounds, "CGROUP", tmp_path)
+    assert bounds.host_available().bytes <= 6 * 10**9  # 8 GB less 2 GB held (3 GB of cache can go)
+    (tmp_path / "memory.stat").write_text("anon 5000000000\nfile 0\n")
+    assert bounds.host_available().bytes == 3 * 10**9  # less than any host this runs on has free
+    (tmp_path / "memory.max").write_text("max\n")  # no limit
+    assert bounds.host_available().bytes > 3 * 10**9

@@ -28,6 +28,8 @@ from adapt.core.errors import AdaptError
 MEMORY_LIMIT_ENV = "ADAPT_MEMORY_LIMIT"
 HEADER_LIMIT = 100_000_000
 """Largest safetensors header read (bytes): the safetensors library refuses larger ones too."""
+CGROUP = Path("/sys/fs/cgroup")
+"""Where a cgroup v2 container's memory.max, memory.current and memory.stat are read."""
 _UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15}
 _DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
                 "U16": 2}  # fmt: skip
@@ -101,9 +103,11 @@ def host_available() -> Memory | None:
                     found = int(line.split()[1]) * 1024
         except (OSError, ValueError, IndexError):
             pass
-    try:  # a container's own limit, when it is lower than the machine's memory
-        cgroup = Path("/sys/fs/cgroup")
-        room = int((cgroup / "memory.max").read_text()) - int((cgroup / "memory.current").read_text())
+    try:  # a container's own limit, when it is lower: what it holds beyond the file cache it can drop
+        cgroup = CGROUP
+        stat = dict(line.split() for line in (cgroup / "memory.stat").read_text().splitlines())
+        used = int((cgroup / "memory.current").read_text()) - int(stat.get("file", 0))
+        room = int((cgroup / "memory.max").read_text()) - used
         found = room if found is None else min(found, room)
     except (OSError, ValueError):
         pass  # no cgroup v2 limit ("max", or not Linux)
