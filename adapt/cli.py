@@ -325,16 +325,17 @@ def eval_cmd(
         device=device,
         revision=revision,
     )
-    results = ev.evaluate(models, config)
-    diffusion = [r["model"] for r in results["models"] if r["kind"] == "diffusion"]
+    gcfg = None
     if gen_steps.strip():
-        if not diffusion:
-            raise AdaptError("--gen-steps needs a diffusion checkpoint among MODELS")
-        steps = tuple(int(s) for s in gen_steps.split(",") if s.strip())
+        try:
+            steps = tuple(int(s) for s in gen_steps.split(",") if s.strip())
+        except ValueError:
+            raise AdaptError(f"--gen-steps takes step counts such as 8,16,32, not {gen_steps!r}") from None
         gcfg = ev.GenPplConfig(
             steps=steps, num_samples=gen_samples, gen_length=gen_length, judge=judge, seed=seed
         )
-        results["gen_ppl"] = ev.generative_perplexity_of(diffusion[0], gcfg, dtype, device, revision)
+    results = ev.evaluate(models, config, gcfg)  # every size checked before the first model loads
+    diffusion = [r["model"] for r in results["models"] if r["kind"] == "diffusion"]
     typer.echo(ev.format_table(results))
     if json_out:
         json_out.write_text(json_text(results))

@@ -24,6 +24,7 @@ from adapt.conversion.verify import (
     verify_converted,
 )
 from adapt.core.boundary import about
+from adapt.core.bounds import check_weights
 from adapt.core.checkpoint import (
     DiffusionSettings,
     check_model_dir,
@@ -196,6 +197,8 @@ def load_model_and_tokenizer(source: str, options: ConvertOptions) -> tuple[Any,
             tokenizer = AutoTokenizer.from_pretrained(source, revision=options.revision)
     except (ValueError, TypeError) as e:
         raise AdaptError(f"cannot load a tokenizer from {source}: {first_line(e)}") from e
+    if Path(source).is_dir():  # a Hub id's weights are not on disk before from_pretrained fetches them
+        check_weights(source, resolve_dtype(options.dtype), "cpu")
     where = f"cannot load the weights of {source}"
     try:
         with about(where):  # corrupt safetensors, blocked pickles, I/O

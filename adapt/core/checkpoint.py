@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from adapt.core.bounds import context_length
 from adapt.core.errors import AdaptError
 from adapt.core.locate import locate, looks_like_hub_id
 
@@ -119,7 +120,7 @@ def load_settings(path: str | os.PathLike) -> DiffusionSettings:
             f"{p} is not a diffusion checkpoint (no diffusion settings); run `adapt convert` first"
         )
     text = data.get("text_config") if isinstance(data.get("text_config"), dict) else data
-    check_settings(settings, text.get("vocab_size"), p / "config.json")
+    check_settings(settings, text.get("vocab_size"), p / "config.json", context_length(_Namespace(text)))
     return settings
 
 
@@ -159,13 +160,15 @@ def checked_settings(config: Any, where: str | os.PathLike) -> DiffusionSettings
     settings = read_settings(config)
     if settings is not None:
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        check_settings(settings, getattr(text, "vocab_size", None), where)
+        check_settings(settings, getattr(text, "vocab_size", None), where, context_length(text))
     return settings
 
 
-def check_settings(settings: DiffusionSettings, vocab_size: int | None, where: str | os.PathLike) -> None:
+def check_settings(
+    settings: DiffusionSettings, vocab_size: int | None, where: str | os.PathLike, context: int | None = None
+) -> None:
     """Refuse recorded settings that would crash or silently misbehave later (read from a file we did not
-    necessarily write)."""
+    necessarily write); a block longer than the model's `context` would only size tensors past it."""
     mask = settings.mask_token_id
     if isinstance(mask, bool) or not isinstance(mask, int) or mask < 0:
         raise AdaptError(f"{where}: mask_token_id must be a token id (an integer >= 0), got {mask!r}")
@@ -177,6 +180,11 @@ def check_settings(settings: DiffusionSettings, vocab_size: int | None, where: s
     block = settings.block_size
     if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 1):
         raise AdaptError(f"{where}: diffusion.block_size must be an integer >= 1 or null, got {block!r}")
+    if block is not None and context is not None and block > context:
+        raise AdaptError(
+            f"{where}: diffusion.block_size {block} is longer than the model's context of {context} tokens; "
+            "the checkpoint is corrupt or was edited: restore its config.json"
+        )
     if settings.clean_attention not in CLEAN_ATTENTION:
         raise AdaptError(
             f"{where}: diffusion.clean_attention must be one of {', '.join(CLEAN_ATTENTION)}, "

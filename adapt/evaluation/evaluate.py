@@ -17,17 +17,15 @@ t is drawn from U(eps, 1): the part of the integral below eps (relative size abo
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from adapt.core.boundary import about, resolve_device
+from adapt.core.bounds import check_weights
 from adapt.core.checkpoint import (
     DiffusionSettings,
     adapter_export,
@@ -38,13 +36,11 @@ from adapt.core.checkpoint import (
 from adapt.core.diffusion import mask_tokens, maskable_positions, masked_token_nll, sample_t
 from adapt.core.errors import AdaptError, first_line
 from adapt.core.locate import locate, looks_like_hub_id
-from adapt.core.outputs import current_umask, json_text
-from adapt.core.ownership import add_owned
+from adapt.evaluation.report import RESULTS_NAME, format_table, plot_results, save_results  # noqa: F401
+from adapt.evaluation.sizes import check_elbo, check_gen_ppl, first_diffusion
 from adapt.loading.model import load_diffusion_model
 from adapt.loading.precision import weights_dtype
 from adapt.loading.weights import check_finite_model, from_pretrained
-
-RESULTS_NAME = "eval_results.json"
 
 
 @dataclass
@@ -170,7 +166,7 @@ def elbo_noise(
     blocks = -(-length // block)
     t = torch.stack([sample_t(mc_samples, eps, True, generator) for _ in range(n * blocks)])  # [n*nb, k]
     t = t.view(n, blocks, mc_samples).transpose(1, 2).reshape(n * mc_samples, blocks)  # [n*k, nb]
-    t_tok = t.repeat_interleave(block, dim=1)[:, :length]  # [n*k, l]
+    t_tok = t[:, torch.arange(length) // block]  # [n*k, l] each token the t of its block
     ids = windows.repeat_interleave(mc_samples, 0)  # [n*k, l]
     rows_maskable = maskable.repeat_interleave(mc_samples, 0)
     masked = (torch.rand(ids.shape, generator=generator) < t_tok) & rows_maskable
@@ -369,6 +365,7 @@ def load_any(
     config = model_config(str(where))
     device = resolve_device(device)
     dtype_ = weights_dtype(dtype, device)[0]
+    check_weights(where, dtype_, device)
     what = f"cannot load the model {path}"
     with about(what):
         model = from_pretrained(AutoModelForCausalLM, where, what, dtype=dtype_)
@@ -382,6 +379,8 @@ def evaluate_model(path: str, config: EvalConfig) -> dict[str, Any]:
     revision = revision_for(path, config.revision)
     model, tokenizer, settings = load_any(path, config.dtype, config.device, revision)
     windows = token_windows(config.data, tokenizer, config.seq_len, config.max_sequences, config.text_column)
+    held = sum(p.numel() * p.element_size() for p in model.parameters())
+    check_elbo(path, config, model.config, len(windows), held)  # the real number of windows
     gen = torch.Generator().manual_seed(config.seed)
     if settings is None:
         per_window, tokens = ar_nll(model, windows, config.batch_size)
@@ -400,8 +399,10 @@ def evaluate_model(path: str, config: EvalConfig) -> dict[str, Any]:
     return row
 
 
-def evaluate(models: Sequence[str], config: EvalConfig) -> dict[str, Any]:
-    """The results of every model on the same text: {"dataset", "seq_len", "models": [rows]}."""
+def evaluate(models: Sequence[str], config: EvalConfig, gen: GenPplConfig | None = None) -> dict[str, Any]:
+    """The results of every model on the same text: {"dataset", "seq_len", "models": [rows]}, and with `gen`
+    the generative perplexity of the first diffusion checkpoint ("gen_ppl"). Every size is checked
+    (`adapt.evaluation.sizes`) before the first model loads."""
     from adapt.core.version import __version__
 
     if not config.data:
@@ -409,11 +410,17 @@ def evaluate(models: Sequence[str], config: EvalConfig) -> dict[str, Any]:
     if config.revision is not None and not any(looks_like_hub_id(m) for m in models):
         raise AdaptError(f"--revision {config.revision} applies to Hub ids; {', '.join(models)}: local paths")
     for m in models:  # every model checked before the first one is evaluated
-        model_config(m, config.seq_len, revision_for(m, config.revision))
+        check_elbo(m, config, model_config(m, config.seq_len, revision_for(m, config.revision)))
+    first = first_diffusion(list(models), config.revision) if gen is not None else ""
+    if gen is not None:
+        check_gen_ppl(first, gen, config.dtype, config.device, config.revision)
     rows = [check_finite_row(evaluate_model(m, config)) for m in models]
     cfg = asdict(config)
-    return {"adapt_version": __version__, "dataset": config.data, "seq_len": config.seq_len, "config": cfg,
-            "models": rows}  # fmt: skip
+    out = {"adapt_version": __version__, "dataset": config.data, "seq_len": config.seq_len, "config": cfg,
+           "models": rows}  # fmt: skip
+    if gen is not None:
+        out["gen_ppl"] = generative_perplexity_of(first, gen, config.dtype, config.device, config.revision)
+    return out
 
 
 def check_finite_row(row: dict[str, Any]) -> dict[str, Any]:
@@ -480,6 +487,7 @@ def generative_perplexity_of(
 ) -> list[dict[str, Any]]:
     """Load a diffusion checkpoint (at `revision` when a Hub id) and its judge (cfg.judge or the recorded
     source) and run the protocol."""
+    check_gen_ppl(path, cfg, dtype, device, revision)
     model, tokenizer, settings = load_any(path, dtype, device, revision_for(path, revision))
     if settings is None:
         raise AdaptError(f"{path} is not a diffusion checkpoint; generative perplexity needs one")
@@ -516,76 +524,3 @@ def unigram_entropy(ids: Sequence[int]) -> float:
     counts = torch.bincount(torch.tensor(list(ids))).double()
     p = counts[counts > 0] / len(ids)
     return float(-(p * p.log()).sum())
-
-
-# ---------------------------------------------------------------- outputs
-
-
-def save_results(checkpoint: str | os.PathLike, results: dict[str, Any]) -> Path:
-    """Write eval_results.json into the checkpoint directory atomically (temp file + rename)."""
-    target = Path(checkpoint) / RESULTS_NAME
-    fd, tmp = tempfile.mkstemp(prefix=f".{RESULTS_NAME}.", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json_text(results))
-        os.chmod(tmp, 0o666 & ~current_umask())
-        os.replace(tmp, target)
-        add_owned(target.parent, RESULTS_NAME)  # replacing the checkpoint later may remove it
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
-
-
-def plot_results(results: dict[str, Any], out: str | os.PathLike) -> Path:
-    """PNG: masked-token accuracy vs mask ratio per diffusion model; generative perplexity vs NFE."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise AdaptError("plots need matplotlib: pip install 'adapt[eval]'") from None
-    gen = results.get("gen_ppl") or []
-    fig, axes = plt.subplots(1, 2 if gen else 1, figsize=(10 if gen else 5, 4), squeeze=False)
-    ax = axes[0][0]
-    for row in results["models"]:
-        acc = row.get("masked_accuracy")
-        if acc:
-            xs = sorted(acc, key=float)
-            ax.plot([float(x) for x in xs], [acc[x] for x in xs], marker="o", label=Path(row["model"]).name)
-    ax.set(xlabel="mask ratio", ylabel="masked-token accuracy", title="Masked-token accuracy")
-    ax.grid(alpha=0.3)
-    if ax.lines:
-        ax.legend()
-    if gen:
-        ax2 = axes[0][1]
-        ax2.plot([g["nfe"] for g in gen], [g["gen_ppl"] for g in gen], marker="o")
-        ax2.set(
-            xlabel="NFE (forward passes)", ylabel="generative perplexity", title="Samples judged by AR model"
-        )
-        ax2.set_xscale("log", base=2)
-        ax2.grid(alpha=0.3)
-    fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
-
-
-def format_table(results: dict[str, Any]) -> str:
-    """Plain-text table of the results for the terminal."""
-    head = f"{'model':<28} {'kind':<10} {'ppl':>10} {'nll':>8} {'±se':>7} {'tokens':>7}  masked acc"
-    lines = [head]
-    for r in results["models"]:
-        acc = " ".join(f"{k}:{v:.3f}" for k, v in (r.get("masked_accuracy") or {}).items())
-        ppl = ("<=" if r["kind"] == "diffusion" else "") + f"{r['ppl']:.2f}"
-        name = Path(r["model"]).name[:28]
-        kind = f"block {r['block_size']}" if r.get("block_size") else r["kind"]
-        lines.append(f"{name:<28} {kind:<10} {ppl:>10} {r['nll']:>8.4f} {r['nll_stderr']:>7.4f} "
-                     f"{r['tokens']:>7}  {acc}")  # fmt: skip
-    for g in results.get("gen_ppl") or []:
-        lines.append(
-            f"gen ppl @ {g['steps']} steps (NFE {g['nfe']}): {g['gen_ppl']:.2f}, entropy {g['entropy']:.3f}"
-        )
-    return "\n".join(lines)

@@ -8,6 +8,7 @@ import os
 from typing import Any
 
 from adapt.core.boundary import about, resolve_device
+from adapt.core.bounds import check_weights
 from adapt.core.checkpoint import DiffusionSettings, adapter_base, config_dir, load_settings
 from adapt.core.locate import locate
 from adapt.loading.precision import weights_dtype
@@ -27,7 +28,8 @@ def load_diffusion_model(
     of a LoRA adapter export (loaded onto its base model with peft and merged). `device` defaults to cuda
     when available, else cpu; `dtype` is read by `weights_dtype` (auto: bf16 where the device multiplies it
     natively). A checkpoint whose files lack a tensor, hold an unexpected one or one of the wrong shape, or
-    hold a NaN or infinite weight, is refused.
+    hold a NaN or infinite weight, is refused. Before anything is allocated, config.json is checked against
+    the weights' headers and the weights against the memory of `device` (`adapt.core.bounds.check_weights`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -35,6 +37,7 @@ def load_diffusion_model(
     settings = load_settings(path)
     device = resolve_device(device)
     kwargs: dict[str, Any] = {"dtype": weights_dtype(dtype, device)[0]}
+    check_weights(config_dir(path), kwargs["dtype"], device)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     where, base = f"cannot load the model in {path}", config_dir(path)  # base: an adapter's base model

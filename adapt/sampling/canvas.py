@@ -61,15 +61,6 @@ def check_fits(length: int, max_length: int | None) -> None:
         )
 
 
-def context_length(config: Any) -> int | None:
-    """The longest sequence a model config allows (None when it names none)."""
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 def encode(tokenizer: Any, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 

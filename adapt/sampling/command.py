@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import typer
 
+from adapt.core.bounds import Weights, check_fits, check_weights, kv_cache_term, logits_term, vocab_size
+from adapt.core.checkpoint import DiffusionSettings
 from adapt.core.errors import AdaptError
 from adapt.sampling.config import SamplingConfig
 
@@ -42,7 +45,8 @@ def sample(
     if not prompts and not infills:
         raise AdaptError("give a --prompt or an --infill template")
     device = resolve_device(device)
-    limit = context_length(AutoConfig.from_pretrained(config_dir(where)))
+    model_config = AutoConfig.from_pretrained(config_dir(where))
+    limit = context_length(model_config)
     if limit is not None and prompts and config.gen_length >= limit:
         raise AdaptError(
             f"--gen-length {config.gen_length} does not fit the model's context of {limit} tokens "
@@ -53,8 +57,11 @@ def sample(
             raise AdaptError(
                 f"--infill template has no {settings.mask_token} (write {settings.mask_token}*N)"
             )
-    resolve_cache(config, settings)  # settings that cannot run on this checkpoint fail before loading
+    resolved = resolve_cache(config, settings)  # what cannot run on this checkpoint fails before loading
     chosen, why = weights_dtype(dtype, device)
+    weights = check_weights(config_dir(where), chosen, device)  # config.json against the weights, and memory
+    if prompts:
+        check_batch(model_config, settings, resolved, len(prompts) + len(infills), weights, chosen, device)
     name = "checkpoint" if chosen == "auto" else str(chosen).removeprefix("torch.")  # resolved once
     shown = "saved dtype" if name == "checkpoint" else name
     typer.echo(f"{checkpoint} on {device} in {shown} ({why})", err=True)
@@ -88,3 +95,30 @@ def sample(
         + (accepted if out.drafted else ""),
         err=True,
     )
+
+
+def check_batch(
+    model_config: Any,
+    settings: DiffusionSettings,
+    config: SamplingConfig,
+    rows: int,
+    weights: Weights | None,
+    dtype: Any,
+    device: str,
+) -> None:
+    """Refuse a batch whose logits (and KV cache) cannot fit beside the weights, before anything is loaded.
+
+    Lower bounds: each row is at least a token and `gen_length` masks; a step reads the logits of one block
+    (the checkpoint's, or --block-length) and the cache holds every column.
+    """
+    length = config.gen_length + 1
+    width = min(settings.block_size or config.block, length)
+    logits = "prompts x block length x vocabulary x 4 bytes"
+    terms = [logits_term(rows, width, vocab_size(model_config), "the logits of a step", logits)]
+    if config.cache != "none":
+        per_value = getattr(dtype, "itemsize", None) or 2
+        terms.append(kv_cache_term(model_config, rows, length, per_value))
+    if weights is not None:
+        terms.append(weights.term(dtype))
+    fix = "lower --gen-length or --block-length, or give fewer prompts"
+    check_fits(f"{rows} prompt(s) x --gen-length {config.gen_length}", terms, device, fix)

@@ -17,10 +17,11 @@ from typing import Any, TypeVar
 
 import torch
 
+from adapt.core.bounds import context_length
 from adapt.core.checkpoint import DiffusionSettings, read_settings
 from adapt.core.errors import AdaptError
 from adapt.sampling.cache import BlockDenoiser, Denoiser
-from adapt.sampling.canvas import Canvas, build_canvas, context_length, encode
+from adapt.sampling.canvas import Canvas, build_canvas, encode
 from adapt.sampling.config import SPECULATIVE, GenerationOutput, SamplingConfig
 from adapt.sampling.speculative import SpeculativeDecoder, check_checkpoint, warn_untrained
 from adapt.sampling.strategies import SCHEDULES, Strategy, make_strategy, propose, skip_empty_steps

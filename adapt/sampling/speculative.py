@@ -28,10 +28,11 @@ from typing import Any
 import torch
 
 from adapt.core.attention import to_additive
+from adapt.core.bounds import context_length
 from adapt.core.checkpoint import DiffusionSettings
 from adapt.core.errors import AdaptError
 from adapt.sampling.cache import forward_signature
-from adapt.sampling.canvas import Canvas, context_length
+from adapt.sampling.canvas import Canvas
 from adapt.sampling.config import SamplingConfig
 from adapt.sampling.strategies import model_logits, sampling_logits
 

@@ -1,12 +1,14 @@
-"""The model a recipe trains: a converted checkpoint, or an AR model converted now (in memory), and
-whether the data fits its context.
+"""The model a recipe trains: a converted checkpoint, or an AR model converted now (in memory), whether
+the data fits its context, and whether a micro-batch fits in memory.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
-from adapt.core.checkpoint import DiffusionSettings, checked_settings
+from adapt.core.bounds import check_fits, check_weights, logits_term, vocab_size
+from adapt.core.checkpoint import DiffusionSettings, checked_settings, resolve_dtype
 from adapt.core.errors import AdaptError
 from adapt.training.config import ModelConfig, Recipe
 
@@ -54,3 +56,23 @@ def check_context(config: Any, recipe: Recipe) -> None:
             f"data.max_length={recipe.data.max_length} is longer than the context of {recipe.model.path} "
             f"({limit} tokens); lower data.max_length"
         )
+
+
+def check_batch(recipe: Recipe, device: Any) -> None:
+    """Before the model loads: a micro-batch's logits fit the training device, and the weights (read whole
+    through the host, then sharded or moved) fit the host. Lower bounds: the loss reads the logits (and
+    their gradients) at the masked tokens, about half of them; activations and optimizer states add more."""
+    from pathlib import Path
+
+    from adapt.conversion.convert import load_config
+
+    config = load_config(recipe.model.path, recipe.model.revision)
+    t, length = recipe.training, recipe.data.max_length
+    what = "the logits and their gradients at the masked half of a micro-batch"
+    terms = [logits_term(t.batch_size, length, vocab_size(config), what)]
+    if Path(recipe.model.path).is_dir():  # a Hub id's weights are not on disk yet
+        dtype = resolve_dtype(recipe.model.dtype)
+        weights = check_weights(recipe.model.path, dtype, "cpu")
+        terms += [replace(weights.term(dtype), host=True)] if weights is not None else []
+    fix = "lower training.batch_size (raise training.grad_accumulation to keep the batch) or data.max_length"
+    check_fits(f"training.batch_size={t.batch_size} x data.max_length={length}", terms, device, fix)
