@@ -97,19 +97,37 @@ def check_request(request: Request, device: str) -> None:
         )
     if request.engine == "FSDP" and request.fsdp_version not in (1, 2):
         raise AdaptError(f"FSDP version {request.fsdp_version} does not exist; set fsdp_version: 2")
+    if request.engine == "FSDP" and request.fsdp_version == 1 and device == "cpu":
+        # (before Accelerate: its FSDP1 settings check refuses the shipped fsdp.yaml's options on CPU)
+        raise AdaptError(
+            "the launch asks for FSDP version 1 on CPU; adapt runs only FSDP2 there: set fsdp_version: 2 in "
+            "the Accelerate config (--fsdp_version 2)"
+        )
     if request.engine != "DeepSpeed":
         return
-    if request.zero_stage not in (None, 0, 1, 2, 3):
-        raise AdaptError(f"DeepSpeed ZeRO stage {request.zero_stage} does not exist; use zero_stage 2 or 3")
-    check_deepspeed_config_file(os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none"))
+    if request.zero_stage not in (None, *ZERO_STAGES):
+        raise AdaptError(
+            f"DeepSpeed ZeRO stage {request.zero_stage} does not exist (the launcher's zero_stage); use "
+            "0, 1, 2 or 3"
+        )
+    config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    check_deepspeed_config_file(config_file, request.zero_stage)
     import importlib.util
 
     if importlib.util.find_spec("deepspeed") is None:
         raise AdaptError("the launch asks for DeepSpeed, which is not installed: pip install deepspeed")
+    from adapt.training.extensions import check_build_locks
+
+    check_build_locks()
 
 
-def check_deepspeed_config_file(name: str) -> None:
-    """A DeepSpeed config file named by the launch (`deepspeed_config_file`) must hold a JSON object."""
+ZERO_STAGES = (0, 1, 2, 3)  # 0: DeepSpeed's data parallel without partitioning
+
+
+def check_deepspeed_config_file(name: str, launcher_stage: int | None) -> None:
+    """A DeepSpeed config file named by the launch (`deepspeed_config_file`) must hold a JSON object whose
+    `zero_optimization.stage` is a ZeRO stage or "auto" (the launcher's), and agrees with the launcher's
+    zero_stage when both give one (Accelerate would silently run the file's)."""
     if name == "none":
         return
     import json
@@ -122,6 +140,24 @@ def check_deepspeed_config_file(name: str) -> None:
         raise AdaptError(f"the launch's DeepSpeed config file {name} is not JSON ({e})") from e
     if not isinstance(config, dict):
         raise AdaptError(f"the launch's DeepSpeed config file {name} holds no JSON object")
+    zero = config.get("zero_optimization")
+    if not isinstance(zero, dict) or "stage" not in zero:
+        raise AdaptError(
+            f"the launch's DeepSpeed config file {name} sets no zero_optimization.stage (DeepSpeed would run "
+            'stage 0 while Accelerate reports another); set it to 0, 1, 2, 3 or "auto"'
+        )
+    stage = zero["stage"]
+    if stage != "auto" and (isinstance(stage, bool) or stage not in ZERO_STAGES):
+        raise AdaptError(
+            f"the launch's DeepSpeed config file {name} sets zero_optimization.stage {json.dumps(stage)}, "
+            'which is not a ZeRO stage adapt runs; use 0, 1, 2, 3 or "auto"'
+        )
+    if stage != "auto" and launcher_stage is not None and stage != launcher_stage:
+        raise AdaptError(
+            f"the launch's DeepSpeed config file {name} sets zero_optimization.stage {stage} but the "
+            f"launcher's zero_stage is {launcher_stage} (DeepSpeed would run {stage}); give one stage: "
+            'drop --zero_stage, or set the file\'s stage to "auto"'
+        )
 
 
 def cpu_launch_processes() -> int:
@@ -176,11 +212,24 @@ def check_launch(request: Request, accelerator: Any) -> None:
             f"the launch asks for FSDP but it would run as {engine_name(accelerator)} ({got} process); "
             f"{CPU_FIX} (FSDP2 then shards over --num_processes, one or more)"
         )
-    if request.engine == "FSDP" and kind == "MULTI_CPU" and request.fsdp_version != 2:
-        raise AdaptError(
-            f"the launch asks for FSDP version {request.fsdp_version} on CPU; adapt runs only FSDP2 there: "
-            "set fsdp_version: 2 in the Accelerate config (--fsdp_version 2)"
-        )
+
+
+@contextlib.contextmanager
+def accelerate_refusals() -> Iterator[None]:
+    """Accelerate's own refusal of the launch's settings, raised while it builds its state and its FSDP or
+    DeepSpeed plugin (an option that engine does not take, a deepspeed_config_file beside the fields it
+    replaces), as one line instead of a traceback."""
+    import traceback
+
+    from adapt.core.boundary import one_line
+
+    try:
+        yield
+    except (ValueError, RuntimeError, NotImplementedError) as e:
+        frames = traceback.extract_tb(e.__traceback__)
+        if not frames or f"{os.sep}accelerate{os.sep}" not in frames[-1].filename:
+            raise
+        raise AdaptError(f"Accelerate refuses the launch's settings: {one_line(str(e))}") from e
 
 
 def settle(request: Request, accelerator: Any, precision_why: str) -> None:
@@ -379,11 +428,16 @@ def describe(accelerator: Any, loss_module: Any, precision_why: str) -> dict[str
 def deepspeed_shares(engine: Any) -> dict[str, Any]:
     """This rank's DeepSpeed engine: its class, ZeRO stage and optimizer, the dtypes of the weights it
     computes with and of its optimizer state, the elements of that state (master weights) it holds against
-    all trainable ones, and under ZeRO-3 its parameter partition."""
+    all trainable ones, and under ZeRO-3 its parameter partition. Below ZeRO-3, whatever DeepSpeed wraps
+    the optimizer in (ZeRO-1/2, its bf16 or fp16 optimizers under ZeRO-0, nothing under ZeRO-0 in fp32),
+    the torch optimizer inside steps this rank's master weights (ZeRO-3 hands them over per step only)."""
     stage = engine.zero_optimization_stage()
     optimizer = engine.optimizer
+    inner = getattr(optimizer, "optimizer", optimizer)
     groups = (
-        optimizer.fp32_partitioned_groups_flat if stage == 3 else optimizer.single_partition_of_fp32_groups
+        optimizer.fp32_partitioned_groups_flat
+        if stage == 3
+        else [p for group in inner.param_groups for p in group["params"]]
     )
     trainable = [p for p in engine.module.parameters() if p.requires_grad]
     facts: dict[str, Any] = {

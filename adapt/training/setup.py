@@ -57,14 +57,15 @@ def _setup(recipe: Recipe) -> Session:
     # The precision is fixed per process by Accelerate's shared state: let a later run in the same
     # process (a notebook, a sweep) choose its own. The process group (PartialState) is kept.
     AcceleratorState._reset_state()
-    accelerator = Accelerator(
-        mixed_precision=precision,
-        log_with=list(recipe.logging.report_to) or None,
-        project_dir=t.output_dir,
-        step_scheduler_with_optimizer=False,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=t.seed),
-    )
-    engine.settle(request, accelerator, why)
+    with engine.accelerate_refusals():
+        accelerator = Accelerator(
+            mixed_precision=precision,
+            log_with=list(recipe.logging.report_to) or None,
+            project_dir=t.output_dir,
+            step_scheduler_with_optimizer=False,
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=t.seed),
+        )
+        engine.settle(request, accelerator, why)
     if accelerator.distributed_type.name == "DEEPSPEED":
         engine.prepare_deepspeed(accelerator, t.max_grad_norm)
     set_seed(t.seed)
