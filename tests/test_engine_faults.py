@@ -271,7 +271,7 @@ def test_when_one_rank_can_load_no_checkpoint_the_launch_stops_with_one_error_li
     assert proc.returncode != 0 and not tracebacks, proc.stderr[-3000:]
     assert errors == [
         f"error: no checkpoint in {out / 'checkpoints'} can be loaded by every process (see above); move "
-        "them away or set training.resume=false to start over"
+        "them away or set training.resume=false and pass --force to start over"
     ]
     assert proc.stderr.count("cannot be loaded by rank 1 (random_states_1.pkl: corrupt") == 2
     assert proc.stderr.count("stopped: no checkpoint") == 1
@@ -308,6 +308,27 @@ def test_one_rank_failing_mid_run_stops_the_launch_within_seconds_with_one_error
     assert proc.returncode != 0 and errors == ["error: [Errno 27] File too large"], err[-3000:]
     assert not tracebacks and err.count("stopped: another process of this run ended first") <= 1, err[-3000:]
     print(f"rank 0's failure to the launch's exit: {took:.1f} s")
+
+
+def test_a_launch_into_a_folder_another_run_holds_stops_with_one_error_line(
+    llama_diffusion: Path, tmp_path: Path
+) -> None:
+    """The lock is the launch's: its first process takes it; refused there, the whole launch ends."""
+    from test_ownership import hold
+
+    out = tmp_path / "run"
+    holder = hold(out)
+    try:
+        began = time.monotonic()
+        proc = launch("ddp", out, llama_diffusion, "training.max_steps=2")
+        took = time.monotonic() - began
+    finally:
+        holder.kill()
+        holder.wait()
+    errors, tracebacks = rank_lines(proc.stderr)
+    assert proc.returncode != 0 and not tracebacks, proc.stderr[-3000:]
+    assert len(errors) == 1 and f"in use by another adapt run (pid {holder.pid}" in errors[0], errors
+    assert sorted(p.name for p in out.iterdir()) == [".adapt-lock"] and took < 120, took
 
 
 # ----------------------------------------------------------------------------- slow: each engine's own files

@@ -16,10 +16,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from test_bad_inputs import RECIPE, check_one_error_line, finetune, run_recipe, tree, world  # noqa: F401
 from typer.testing import CliRunner
 
 from adapt.cli import app
-from tests.test_bad_inputs import RECIPE, check_one_error_line, finetune, run_recipe, tree, world  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 
