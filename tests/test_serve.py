@@ -214,6 +214,27 @@ def test_chat_and_a_seeded_sample_equal_the_sampler(servers: dict[str, Server], 
     assert stops.choices[0].text == sample(local, "full", ["The river"], gen_length=8, stop=("e",)).texts[0]
 
 
+def test_several_prompts_are_choices_and_neutral_openai_fields_pass(
+    servers: dict[str, Server], local: dict
+) -> None:
+    full, prompts = servers["full"], PROMPTS[8:11]
+    want = [sample(local, "full", [p], gen_length=8).texts[0] for p in prompts]
+    neutral = {"presence_penalty": 0, "frequency_penalty": 0.0, "logprobs": None, "echo": False, "best_of": 1}
+    body = {"model": full.name, "prompt": prompts, "max_tokens": 8, "temperature": 0, **neutral}
+    whole = httpx.post(full.url + "/v1/completions", json=body, headers=AUTH, timeout=60).json()
+    assert [c["text"] for c in whole["choices"]] == want and [c["index"] for c in whole["choices"]] == [
+        0,
+        1,
+        2,
+    ]
+    with httpx.stream("POST", full.url + "/v1/completions", json={**body, "stream": True}, headers=AUTH) as r:
+        chunks = [json.loads(e) for e in sse(r) if e != "[DONE]"]
+    streamed = [
+        "".join(c["choices"][0]["text"] for c in chunks if c["choices"][0]["index"] == i) for i in range(3)
+    ]
+    assert streamed == want
+
+
 def test_stream_sends_committed_text_and_ends_with_done(servers: dict[str, Server]) -> None:
     full = servers["full"]
     body = {"model": full.name, "prompt": "The river", "max_tokens": 24, "block_length": 8, "temperature": 0}
@@ -335,6 +356,8 @@ BAD = [  # (route, body: dict merged into GOOD, or raw bytes), status, param, co
     ("completions", {"n": 2}, 400, "n", None),
     ("completions", {"prompt": "river " * 400}, 400, "prompt", "context_length_exceeded"),
     ("completions", {"logprobs": 3}, 400, "logprobs", None),
+    ("completions", {"presence_penalty": 0.5}, 400, "presence_penalty", None),
+    ("completions", {"suffix": "the end"}, 400, "suffix", None),
     ("completions", {"strategy": "best"}, 400, "strategy", None),
     ("completions", {"strategy": "verify"}, 400, None, None),  # a full-attention checkpoint has no AR stream
     ("completions", {"max_tokens": 8, "block_length": 3}, 400, None, None),
@@ -430,8 +453,11 @@ def test_the_api_key_is_required_except_on_health(servers: dict[str, Server]) ->
 # ----------------------------------------------------------------------------- in process
 
 
-def test_batcher_batches_compatible_requests_and_answers_finished_rows_early(local: dict) -> None:
-    from adapt.serving.api import batch_key
+def test_batcher_batches_compatible_requests_and_answers_finished_rows_early(
+    local: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from adapt.serving import batcher as module
+    from adapt.serving.api import ApiError, batch_key
     from adapt.serving.batcher import Batcher, Done, Job
 
     model, tokenizer, settings = local["full"]
@@ -443,13 +469,18 @@ def test_batcher_batches_compatible_requests_and_answers_finished_rows_early(loc
     prompts = ["The river ran", "A traveller came to the mill", "def add(a, b):", "He told", "In the"]
     jobs = [Job(tokenizer(p)["input_ids"], greedy, i, events.append) for i, p in enumerate(prompts)]
     jobs.append(Job(tokenizer("The river")["input_ids"], sampled, 9, events.append))
+    monkeypatch.setattr(module, "MAX_WAITING", len(jobs))
     batcher.submit(jobs)
+    with pytest.raises(ApiError) as busy:  # more waiting than allowed: refused, not queued without bound
+        batcher.submit(jobs[:1])
+    assert busy.value.status == 503
     batcher.start()
     deadline = time.monotonic() + 120
     while sum(isinstance(e, Done) for e in events) < len(jobs) and time.monotonic() < deadline:
         time.sleep(0.05)
     batcher.stop()
     assert sorted(batcher.batches) == [1, 1, 4]  # 4 greedy rows together, the rest alone
+    assert batcher.waiting == 0
     done = {e.index: e for e in events if isinstance(e, Done)}
     for i, p in enumerate(prompts):
         want = sample(local, "full", [p], gen_length=32)

@@ -9,8 +9,10 @@ OpenAI's `{"error": {"message", "type", "param", "code"}}` with its 4xx status.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -123,10 +125,34 @@ class ChatRequest(_Request):
 FIELDS = set(CompletionRequest.model_fields) | set(ChatRequest.model_fields) | set(Message.model_fields)
 
 
+def _zero(v: Any) -> bool:
+    return v is None or (type(v) in (int, float) and v == 0)
+
+
+def _off(v: Any) -> bool:
+    return v is None or v is False or (type(v) is int and v == 0)
+
+
+NEUTRAL: dict[str, Callable[[Any], bool]] = {
+    "presence_penalty": _zero,
+    "frequency_penalty": _zero,
+    "logprobs": _off,
+    "top_logprobs": _zero,
+    "echo": _off,
+    "best_of": lambda v: v is None or (type(v) is int and v == 1),
+    "logit_bias": lambda v: v is None or v == {},
+}
+"""OpenAI fields the server does not offer, accepted at the value that asks for nothing (some clients
+always send them); any other value is refused, never ignored."""
+
+
 def parse(kind: type[_Request], data: Any) -> Any:
     """`data` (decoded JSON) as a `kind` request; the first problem as an ApiError naming the field."""
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object")
+    for name, neutral in NEUTRAL.items():
+        if name in data and not neutral(value := data.pop(name)):
+            raise ApiError(400, f"{name} {json.dumps(value)[:40]} is not supported by this server", name)
     try:
         return kind.model_validate(data)
     except ValidationError as e:
@@ -323,7 +349,7 @@ def _plan(
     include = bool(req.stream_options and req.stream_options.include_usage)
     if req.stream_options is not None and not req.stream:
         raise ApiError(400, "stream_options is only allowed with stream: true", "stream_options")
-    return Plan(prompts, dataclasses.replace(config, chat=False), req.stream, include)
+    return Plan(prompts, config, req.stream, include)
 
 
 def as_fields(message: str) -> str:

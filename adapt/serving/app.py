@@ -23,7 +23,16 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 from starlette.types import Receive, Scope, Send
 
-from adapt.serving.api import ApiError, ChatRequest, CompletionRequest, Plan, Served, parse
+from adapt.serving.api import (
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    Plan,
+    Served,
+    parse,
+    plan_chat,
+    plan_completion,
+)
 from adapt.serving.batcher import Batcher, Delta, Done, Failed, Job
 
 
@@ -35,11 +44,12 @@ def build_app(served: Served, batcher: Batcher, api_key: str | None, max_body: i
     app.add_exception_handler(Exception, _server_error)
     created = int(time.time())
 
-    def authorize(request: Request) -> None:
+    async def authorize(request: Request) -> None:
         if api_key is None:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+        given = token.strip().encode("latin-1")  # the header's bytes, as sent
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given, api_key.encode()):
             raise ApiError(
                 401, "a valid API key is required: Authorization: Bearer KEY", None, "invalid_api_key"
             )
@@ -65,16 +75,12 @@ def build_app(served: Served, batcher: Batcher, api_key: str | None, max_body: i
 
     @v1.post("/completions")
     async def completions(request: Request) -> Any:
-        from adapt.serving.api import plan_completion
-
         req = parse(CompletionRequest, await read_json(request, max_body))
         plan = await asyncio.to_thread(plan_completion, req, served)  # tokenizing: off the event loop
         return await answer(plan, batcher, Shape("text_completion", served.name))
 
     @v1.post("/chat/completions")
     async def chat(request: Request) -> Any:
-        from adapt.serving.api import plan_chat
-
         req = parse(ChatRequest, await read_json(request, max_body))
         plan = await asyncio.to_thread(plan_chat, req, served)
         return await answer(plan, batcher, Shape("chat.completion", served.name))
@@ -85,24 +91,19 @@ def build_app(served: Served, batcher: Batcher, api_key: str | None, max_body: i
 
 async def read_json(request: Request, limit: int) -> Any:
     """The body as JSON, read no further than `limit` bytes."""
+    too_large = ApiError(
+        413, f"the request body is over this server's limit of {limit} bytes", None, "request_too_large"
+    )
     declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > limit):
-        raise ApiError(
-            413,
-            f"the request body is larger than this server's limit of {limit} bytes",
-            None,
-            "request_too_large",
-        )
+    if declared is not None and not declared.isdigit():
+        raise ApiError(400, f"Content-Length {declared[:40]!r} is not a number of bytes")
+    if declared is not None and int(declared) > limit:
+        raise too_large
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > limit:
-            raise ApiError(
-                413,
-                f"the request body is larger than this server's limit of {limit} bytes",
-                None,
-                "request_too_large",
-            )
+            raise too_large
     try:
         return json.loads(bytes(body), parse_constant=_no_constant)
     except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
@@ -179,7 +180,11 @@ async def answer(plan: Plan, batcher: Batcher, shape: Shape) -> Any:
 
     jobs = [Job(ids, plan.config, i, emit) for i, ids in enumerate(plan.prompts)]
     batcher.submit(jobs)
-    cancel = _canceller(jobs)
+
+    def cancel() -> None:  # the answer is sent, or nobody is there to read it
+        for job in jobs:
+            job.cancelled = True
+
     if plan.stream:
         return _Stream(_chunks(events, jobs, shape, plan.include_usage), cancel)
     try:
@@ -218,14 +223,6 @@ async def _chunks(
     yield "data: [DONE]\n\n"
 
 
-def _canceller(jobs: list[Job]) -> Callable[[], None]:
-    def cancel() -> None:
-        for job in jobs:
-            job.cancelled = True
-
-    return cancel
-
-
 class _Stream(StreamingResponse):
     """Server-sent events; however the response ends (done, client gone, server stopping), its jobs are
     cancelled, so a batch stops decoding rows nobody reads."""
@@ -242,21 +239,21 @@ class _Stream(StreamingResponse):
             self.on_close()
 
 
+CLOSE = {"Connection": "close"}
+"""On every refusal: a body the server did not read (a wrong key, a body past the limit) may still be
+arriving, and the connection is closed rather than left to read and discard it."""
+
+
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status, headers=_closing(exc.status))
+    return JSONResponse(exc.body(), status_code=exc.status, headers=CLOSE)
 
 
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     code = "not_found" if exc.status_code == 404 else None
     error = ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", None, code)
-    return JSONResponse(error.body(), status_code=exc.status_code, headers=exc.headers)
+    return JSONResponse(error.body(), status_code=exc.status_code, headers={**(exc.headers or {}), **CLOSE})
 
 
 async def _server_error(request: Request, exc: Exception) -> JSONResponse:
     error = ApiError(500, "internal server error", None, None, "server_error")
     return JSONResponse(error.body(), status_code=500)
-
-
-def _closing(status: int) -> dict[str, str]:
-    """A refused body may still be arriving: close the connection rather than read the rest."""
-    return {"Connection": "close"} if status == 413 else {}

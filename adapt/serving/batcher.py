@@ -79,6 +79,11 @@ class Job:
     arrived: float = field(default_factory=time.monotonic)
     cancelled: bool = False
     """Set by the server when the client has gone: its row's output is no longer sent."""
+    key: tuple[Any, ...] | None = field(init=False)
+    """Jobs with equal keys may share a batch; None: decoded alone (`api.batch_key`)."""
+
+    def __post_init__(self) -> None:
+        self.key = batch_key(self.config)
 
 
 class Turn:
@@ -136,6 +141,8 @@ class Batcher:
         self.turn = Turn()
         self.slots = threading.Semaphore(active)
         self.batches: list[int] = []  # rows of each batch started, in order (read by tests and logs)
+        self.waiting = 0  # jobs submitted and not yet in a batch
+        self._count = threading.Lock()
         self._thread = threading.Thread(target=self._gather, name="adapt-serve-gather", daemon=True)
 
     def start(self) -> None:
@@ -145,7 +152,10 @@ class Batcher:
         self.inbox.put(None)
 
     def submit(self, jobs: list[Job]) -> None:
-        if self.inbox.qsize() + len(jobs) > MAX_WAITING:
+        with self._count:
+            full = self.waiting + len(jobs) > MAX_WAITING
+            self.waiting += 0 if full else len(jobs)
+        if full:
             raise ApiError(
                 503,
                 "the server is busy: too many requests waiting; retry later",
@@ -180,10 +190,10 @@ class Batcher:
     def _collect(self, waiting: list[Job]) -> bool:
         """Move arrivals into `waiting` until the oldest job's batch is full or its window has passed
         (everything already queued is taken in any case). False once `stop` was called."""
-        key = batch_key(waiting[0].config)
-        deadline = waiting[0].arrived + self.window
+        key, deadline = waiting[0].key, waiting[0].arrived + self.window
+        mates = sum(j.key == key for j in waiting) if key is not None else 0
         while True:
-            full = key is None or sum(batch_key(j.config) == key for j in waiting) >= self.max_batch
+            full = key is None or mates >= self.max_batch
             timeout = 0.0 if full else deadline - time.monotonic()
             try:
                 job = self.inbox.get(timeout=timeout) if timeout > 0 else self.inbox.get_nowait()
@@ -192,17 +202,17 @@ class Batcher:
             if job is None:
                 return False
             waiting.append(job)
+            mates += key is not None and job.key == key
 
     def _take(self, waiting: list[Job]) -> list[Job]:
         """The oldest live job and the live jobs that may share its batch, taken out of `waiting`."""
-        waiting[:] = [j for j in waiting if not j.cancelled]
-        if not waiting:
-            return []
-        key = batch_key(waiting[0].config)
-        if key is None:
-            return [waiting.pop(0)]
-        batch = [j for j in waiting if batch_key(j.config) == key][: self.max_batch]
-        waiting[:] = [j for j in waiting if all(j is not b for b in batch)]
+        live = [j for j in waiting if not j.cancelled]
+        key = live[0].key if live else None
+        batch = [j for j in live if key is not None and j.key == key][: self.max_batch] or live[:1]
+        taken = {id(j) for j in batch}
+        with self._count:
+            self.waiting -= len(waiting) - (len(live) - len(batch))  # taken, or dropped: cancelled
+        waiting[:] = [j for j in live if id(j) not in taken]
         return batch
 
     # ------------------------------------------------------------------ decoding
@@ -254,7 +264,7 @@ class _Step:
         if self.spans is None:
             starts, ends = event.canvas.start.tolist(), event.canvas.end.tolist()
             self.spans = list(zip(starts, ends, strict=True))
-        ids = event.ids
+        ids = event.ids.cpu()  # [b, l] one copy per step, not one per row
         for r, (job, row) in enumerate(zip(self.batch, self.rows, strict=True)):
             if row.final is not None or job.cancelled:
                 continue
