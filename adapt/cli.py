@@ -18,6 +18,7 @@ import typer
 
 from adapt.core.boundary import explain
 from adapt.core.errors import AdaptError, first_line
+from adapt.serving.command import serve_cmd
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -469,6 +470,9 @@ def sample_cmd(
         seed=seed,
     )
     sample(checkpoint, prompt or [], infill or [], config, dtype, device, json_output, stream, revision)
+
+
+app.command("serve")(reports_errors(serve_cmd))  # its options live beside the server: adapt/serving
 
 
 @app.command("quickstart")

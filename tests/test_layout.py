@@ -17,6 +17,7 @@ LAYERS = [  # bottom to top: a module imports modules of its own layer or of the
     ("adapt.core", "shared vocabulary: errors, checkpoint format, locate, diffusion math, masks, outputs"),
     ("adapt.loading", "load a checkpoint to run it: weights dtype for the device, the model"),
     ("adapt.sampling", "diffusion decoding"),
+    ("adapt.serving", "the OpenAI HTTP API over the sampler: requests, batches, streams (`adapt serve`)"),
     ("adapt.conversion", "AR model -> diffusion checkpoint, and its checks (which sample with the cache)"),
     ("adapt.publishing", "Hub push and model card (training's run pushes its export)"),
     ("adapt.training", "fine-tuning: recipe, data, objectives, engine, setup, loop, checkpoints, export"),
