@@ -68,8 +68,9 @@ def _setup(recipe: Recipe) -> Session:
         engine.settle(request, accelerator, why)
     if accelerator.distributed_type.name == "DEEPSPEED":
         engine.prepare_deepspeed(accelerator, t.max_grad_norm)
+    with whole_weights():  # a meta-device model under ZeRO-3's zero.Init would run its collectives
+        check_batch(recipe, accelerator.device)  # before the weights are read, and before the seed is set
     set_seed(t.seed)
-    check_batch(recipe, accelerator.device)  # before the weights are read
     with whole_weights():  # until Accelerate prepares it; the engine then shards it
         model, tokenizer, settings = load_model(recipe.model)
         check_context(model.config, recipe)
