@@ -114,7 +114,7 @@ def serve(
     from adapt.core.locate import locate
     from adapt.loading.model import load_diffusion_model
     from adapt.loading.precision import weights_dtype
-    from adapt.sampling.canvas import context_length
+    from adapt.core.bounds import context_length
     from adapt.serving.api import Served
     from adapt.serving.app import build_app
     from adapt.serving.batcher import Batcher
