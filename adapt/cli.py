@@ -239,7 +239,7 @@ def finetune_cmd(
     logging.basicConfig(level=logging.WARNING, format="%(message)s")  # libraries: warnings only
     logging.getLogger("adapt").setLevel(logging.INFO)
     datasets.disable_progress_bars()
-    from adapt.training.run import run
+    from adapt.training.run import close_process_group, leave_launch, run
 
     try:
         state, exported = run(resolved, force=force)
@@ -250,22 +250,14 @@ def finetune_cmd(
         typer.echo(
             f"interrupted at step {state.step} ({by}); saved {state.checkpoint}; rerun to resume", err=True
         )
+        leave_launch(128 + signal.Signals[by].value)
         raise typer.Exit(128 + signal.Signals[by].value)  # the shell's convention: 130, 143
     evaluated = f", eval loss {state.eval_loss:.4f}" if state.eval_loss is not None else ""
     loss = f"{state.train_loss:.4f}" if state.train_loss is not None else "n/a"
     typer.echo(f"trained {state.step} steps on {state.tokens_seen} tokens, loss {loss}{evaluated}")
     if exported is not None:
         typer.echo(f"exported {exported}")
-
-
-def close_process_group() -> None:
-    """Tear the launch's process group down before the interpreter does: left to exit, a ZeRO-3 rank was
-    seen to abort in gloo's threads ("terminate called without an active exception", SIGABRT), failing a
-    launch whose work was done."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    leave_launch(0)
 
 
 @app.command("eval")

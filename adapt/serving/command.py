@@ -110,11 +110,11 @@ def serve(
         needs = f"adapt serve needs FastAPI and uvicorn ({first_line(e)})"
         raise AdaptError(f"{needs}: pip install 'adapt[serve]'") from None
     from adapt.core.boundary import resolve_device
+    from adapt.core.bounds import context_length
     from adapt.core.checkpoint import load_settings
     from adapt.core.locate import locate
     from adapt.loading.model import load_diffusion_model
     from adapt.loading.precision import weights_dtype
-    from adapt.core.bounds import context_length
     from adapt.serving.api import Served
     from adapt.serving.app import build_app
     from adapt.serving.batcher import Batcher
