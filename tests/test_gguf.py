@@ -199,10 +199,15 @@ def chat(tok: object, prompt: str) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama"])
 def test_llama_cpp_decodes_as_adapt_sample(world: Path, tmp_path: Path, arch: str) -> None:
     """llama.cpp's llama-diffusion-cli (built from the llama-cpp-python sdist, cached) on the f32 export gives
-    the tokens of `adapt sample`: greedy, confidence-based, the same steps and block length."""
+    the tokens of `adapt sample`: greedy, confidence-based, the same steps and block length.
+
+    llama.cpp has no greedy confidence-based mode: at temperature 0 it still draws from the softmax, so
+    the tokens agree only where the model's margins are clear. The tiny llama trained here has them; the
+    tiny qwen2 (Dream) trained the same way does not (top-1 near 0.4 at some positions), so it is not in
+    this table (the Dream export is checked tensor by tensor above, not against llama.cpp's tokens)."""
     import subprocess
 
     from transformers import AutoTokenizer
