@@ -9,8 +9,11 @@ llama-diffusion-cli always applies it) is decoded by `adapt.generate` (float32, 
 and by llama-diffusion-cli (confidence-based, --temp 0: it still draws from the softmax) with the same
 steps per block and block length. llama.cpp cuts the whole canvas (prompt included) in blocks, so each
 question gets " Please answer." / " Thanks" until its templated prompt is a whole number of blocks.
-Agreement: llama.cpp's text read back into tokens, compared position by position with adapt's (special
-tokens left out: llama.cpp does not print them). Speed: generated tokens / decoding seconds (adapt: the
+Two modes: "confidence" (blocks of --block-length, llama.cpp --top-k 0: its softmax draw) and "argmax"
+(blocks of 1 token, llama.cpp --top-k 1: both exactly greedy, left to right). Agreement: llama.cpp's text
+read back into tokens, compared position by position with adapt's (special tokens left out: llama.cpp
+does not print them); identical texts: llama.cpp's text equals adapt's decoded without special tokens.
+Speed: generated tokens / decoding seconds (adapt: the
 engine's own timer; llama.cpp: its "total time"), both with --threads threads.
 """
 
@@ -64,7 +67,7 @@ def main() -> None:
     model, tok, settings = load_diffusion_model(str(args.checkpoint), dtype="float32", device="cpu")
     specials = set(tok.all_special_ids) | {settings.mask_token_id}
     block = args.block_length
-    ours = []
+    ours: dict[str, list] = {"confidence": [], "argmax": []}
     for base in PROMPTS:
         for k in range(4 * block):  # llama.cpp needs prompt + output in whole blocks: pad the question
             prompt = base + " Please answer." * (k // 4) + " Thanks" * (k % 4)
@@ -72,40 +75,46 @@ def main() -> None:
             if len(ids) % block == 0:
                 break
         gen = args.gen_length
-        config = adapt.SamplingConfig(
-            gen_length=gen, block_length=block, steps=args.steps_per_block * gen // block, stop_at_eos=False
-        )
-        out = adapt.generate(model, tok, [ids], config, settings)
-        ours.append((prompt, len(ids), gen, list(out.sequences[0]), out.seconds))
-    rows: dict[str, dict[str, float]] = {}
+        for mode, b, spb in (("confidence", block, args.steps_per_block), ("argmax", 1, 1)):
+            config = adapt.SamplingConfig(
+                gen_length=gen, block_length=b, steps=spb * gen // b, stop_at_eos=False
+            )
+            out = adapt.generate(model, tok, [ids], config, settings)
+            ours[mode].append((prompt, len(ids), gen, list(out.sequences[0]), out.seconds))
+    rows: dict[str, dict[str, dict[str, float | str]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for kind in args.types.split(","):
             gguf = Path(tmp) / f"m-{kind}.gguf"
             cmd = [sys.executable, "-m", "adapt", "gguf", str(args.checkpoint), str(gguf), "--type", kind]
             subprocess.run(cmd, check=True, cwd=ROOT)
-            same = total = exact = 0
-            their_tokens = their_seconds = 0.0
-            for prompt, n_input, gen, seq, _ in ours:
-                text, seconds = run_diffusion(
-                    exe, gguf, prompt, n_input, gen, block, args.steps_per_block, args.threads
-                )
-                plain = [i for i in seq if i not in specials]
-                theirs = tok(text, add_special_tokens=False).input_ids
-                same += sum(a == b for a, b in zip(plain, theirs, strict=False))
-                total += max(len(plain), len(theirs))
-                exact += theirs == plain
-                their_tokens += gen
-                their_seconds += seconds
-            rows[kind] = {
-                "token_agreement": round(same / max(total, 1), 4),
-                "identical_outputs": f"{exact}/{len(ours)}",
-                "llama_cpp_tokens_per_s": round(their_tokens / their_seconds, 1),
-            }
+            rows[kind] = {}
+            for mode, b, spb, top_k in (("confidence", block, args.steps_per_block, 0), ("argmax", 1, 1, 1)):
+                same = total = exact = 0
+                their_tokens = their_seconds = 0.0
+                for prompt, n_input, gen, seq, _ in ours[mode]:
+                    text, seconds = run_diffusion(
+                        exe, gguf, prompt, n_input, gen, b, spb, args.threads, top_k
+                    )
+                    plain = [i for i in seq if i not in specials]
+                    theirs = tok(text, add_special_tokens=False).input_ids
+                    same += sum(a == b for a, b in zip(plain, theirs, strict=False))
+                    total += max(len(plain), len(theirs))
+                    exact += text == tok.decode(seq, skip_special_tokens=True)
+                    their_tokens += gen
+                    their_seconds += seconds
+                rows[kind][mode] = {
+                    "token_agreement": round(same / max(total, 1), 4),
+                    "identical_texts": f"{exact}/{len(PROMPTS)}",
+                    "llama_cpp_tokens_per_s": round(their_tokens / their_seconds, 1),
+                }
             print(kind, rows[kind], flush=True)
-    adapt_tps = sum(g for _, _, g, _, _ in ours) / sum(s for *_, s in ours)
+    adapt_tps = {m: round(sum(r[2] for r in v) / sum(r[4] for r in v), 1) for m, v in ours.items()}
     result = {
-        "settings": {**{k: str(v) for k, v in vars(args).items()}, "prompts": [p for p, *_ in ours]},
-        "adapt_float32_tokens_per_s": round(adapt_tps, 1),
+        "settings": {
+            **{k: str(v) for k, v in vars(args).items()},
+            "prompts": [p for p, *_ in ours["argmax"]],
+        },
+        "adapt_float32_tokens_per_s": adapt_tps,
         "llama_cpp": rows,
     }
     print(json.dumps(result, indent=2))

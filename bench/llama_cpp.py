@@ -84,14 +84,17 @@ def run_diffusion(
     block: int,
     steps_per_block: int,
     threads: int = 2,
+    top_k: int = 0,
 ) -> tuple[str, float]:
     """(generated text, seconds of generation) of llama-diffusion-cli, greedy confidence-based decoding.
 
     The canvas is -ub = n_input + gen tokens; llama.cpp cuts all of it (prompt included) in blocks, so
     n_input + gen must be a multiple of `block`, and its steps count every block. `--temp 0 --top-k 0
     --top-p 1` leaves only its `dist` sampler, which draws from the softmax: greedy where the margins are
-    clear (its confidence is that softmax probability, as adapt's). The prompt goes through the GGUF's
-    chat template (llama-diffusion-cli always applies it): compare with `adapt sample --chat`.
+    clear (its confidence is that softmax probability, as adapt's). `top_k=1` takes the argmax, but then
+    every confidence is 1 and a block is decoded left to right: exact greedy decoding with blocks of 1.
+    The prompt goes through the GGUF's chat template (llama-diffusion-cli always applies it): compare
+    with `adapt sample --chat`.
     """
     import re
     import time
@@ -106,9 +109,20 @@ def run_diffusion(
         "--diffusion-steps",
         str(steps_per_block * total // block),
     ]
-    cmd += ["--diffusion-algorithm", "4", "--temp", "0", "--top-k", "0", "--top-p", "1.0", "--seed", "0"]
+    cmd += [
+        "--diffusion-algorithm",
+        "4",
+        "--temp",
+        "0",
+        "--top-k",
+        str(top_k),
+        "--top-p",
+        "1.0",
+        "--seed",
+        "0",
+    ]
     cmd += ["-t", str(threads), "-tb", str(threads)]
-    for _ in range(5):  # its logger is a thread: now and then the last lines are lost at exit; run again
+    for _ in range(20):  # its logger is a thread that may lose the last lines at exit (llama.cpp #22142)
         start = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, timeout=600)
         wall = time.perf_counter() - start
