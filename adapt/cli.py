@@ -18,6 +18,7 @@ import typer
 
 from adapt.core.boundary import explain
 from adapt.core.errors import AdaptError, first_line
+from adapt.publishing.gguf_command import gguf_cmd
 from adapt.serving.command import serve_cmd
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -465,6 +466,7 @@ def sample_cmd(
 
 
 app.command("serve")(reports_errors(serve_cmd))  # its options live beside the server: adapt/serving
+app.command("gguf")(reports_errors(gguf_cmd))  # options in adapt/publishing/gguf_command.py
 
 
 @app.command("quickstart")
