@@ -10,11 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_bad_inputs import check_one_error_line, tree
 from typer.testing import CliRunner
 
 from adapt.cli import app
 from adapt.publishing.gguf import LAYER_TENSORS, rope_halves, rope_pairs
-from tests.test_bad_inputs import check_one_error_line, tree
 
 ROOT = Path(__file__).resolve().parents[1]
 
