@@ -144,3 +144,15 @@ def test_verify_speed_bench_compares_every_decoder_with_the_ar_source(tmp_path: 
             and own["judge_ppl"] == rows["adapted, verify, 3 drafts"]["judge_ppl"]
         )
     assert proc.stdout.count("target (>= 1.5x the AR source's tokens/s") == 2
+
+
+def test_serve_speed_bench_sends_every_request_both_ways_and_checks_the_answers(tmp_path: Path) -> None:
+    out = tmp_path / "serve.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "serve_speed.py"), "--clients", "4", "--max-tokens", "4"]
+    cmd += ["--max-batch", "4", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["clients"] == 4 and row["max_batch"] == 4
+    assert row["equal_to_alone"] == 4  # a batch row equals its alone answer in float32
+    assert row["speedup"] == pytest.approx(row["one_at_a_time_s"] / row["all_at_once_s"], rel=0.05)  # rounded
