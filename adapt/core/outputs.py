@@ -52,7 +52,7 @@ def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
 
     On any exception the temporary directory is removed and `out` is left as it was. The directory and
     the files written into it get the umask's permissions. A replaced `out` loses only the files adapt
-    wrote there (anything else stays in its backup, named in a warning).
+    wrote there; anything else moves to `NAME.kept-ID` beside it, named in a warning.
     """
     out = Path(out).absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
