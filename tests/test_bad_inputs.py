@@ -372,19 +372,25 @@ def check_one_error_line(result: object, says: str) -> None:
     assert says in errors[0], errors[0]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_bad_input(case: Case, world: Path, tmp_path: Path) -> None:
+def run_case(case: Case, world: Path, tmp_path: Path, env: dict[str, str | None] | None = None) -> None:
+    """Break a fresh copy of the world as the row says, run its command, and check the promise: one error
+    line naming the fault, every file as it was but those the row may write, none it must never leave."""
     w = tmp_path / "w"
     shutil.copytree(world, w)
     case.setup(w)
     before = tree(w)
     argv = [a.format(w=w) for a in case.argv]
-    result = CliRunner().invoke(app, argv, env={"ADAPT_DEBUG": ""})
+    result = CliRunner().invoke(app, argv, env={"ADAPT_DEBUG": "", **(env or {})})
     check_one_error_line(result, case.says)
     after = {k: v for k, v in tree(w).items() if not any(k.startswith(m) for m in case.may_write)}
     before = {k: v for k, v in before.items() if not any(k.startswith(m) for m in case.may_write)}
     assert after == before, set(after.items()) ^ set(before.items())
     assert not [p for p in case.never if (w / p).exists()]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input(case: Case, world: Path, tmp_path: Path) -> None:
+    run_case(case, world, tmp_path)
 
 
 # ----------------------------------------------------------------------------- the boundary itself

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import CORE_ARCHS
-from test_bad_inputs import Case, adapter_for, check_one_error_line, finetune, tree, world  # noqa: F401
+from test_bad_inputs import Case, adapter_for, check_one_error_line, finetune, run_case, tree, world  # noqa: F401
 from typer.testing import CliRunner
 
 from adapt.cli import app
@@ -179,16 +179,7 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_broken_model(case: Case, world: Path, tmp_path: Path) -> None:  # noqa: F811
-    w = tmp_path / "w"
-    shutil.copytree(world, w)
-    case.setup(w)
-    before = tree(w)
-    argv = [a.format(w=w) for a in case.argv]
-    result = CliRunner().invoke(app, argv, env={"ADAPT_DEBUG": ""})
-    check_one_error_line(result, case.says)
-    after = tree(w)
-    assert after == before, set(after.items()) ^ set(before.items())
-    assert not [p for p in case.never if (w / p).exists()]
+    run_case(case, world, tmp_path)
 
 
 # ----------------------------------------------------------------------------- what still loads
