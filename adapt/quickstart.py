@@ -63,7 +63,8 @@ def discard_earlier_run(run_dir: Path) -> None:
     """An earlier quickstart's run (checkpoints, metrics, export) is the quickstart's own: removed, except
     any file adapt did not write, which is kept and named."""
     from adapt.core.ownership import remove_owned
-    from adapt.training.outdir import EARLIER, set_aside
+    from adapt.training.metrics import METRICS
+    from adapt.training.outdir import EARLIER, ENGINE_FILE, set_aside
 
     if not any((run_dir / name).exists() for name in EARLIER):
         return
@@ -71,7 +72,7 @@ def discard_earlier_run(run_dir: Path) -> None:
     for d in [*sorted(aside.glob("checkpoints/*")), aside / "final"]:
         if d.is_dir():
             remove_owned(d)
-    for name in ("metrics.jsonl", "engine.json"):
+    for name in (METRICS, ENGINE_FILE):
         (aside / name).unlink(missing_ok=True)
     for d in (aside / "checkpoints", aside):
         with contextlib.suppress(OSError):

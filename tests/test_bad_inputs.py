@@ -453,11 +453,6 @@ def test_resume_falls_back_past_a_corrupt_checkpoint_without_repeating_metrics(
     assert (out / "checkpoints/step-00000003").is_dir()
 
 
-def dead_pid() -> int:
-    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
-    return int(child.stdout)
-
-
 def test_outputs_follow_the_umask(world: Path, tmp_path: Path) -> None:
     from adapt.core.outputs import atomic_dir
 

@@ -168,6 +168,17 @@ def test_launches_that_would_train_apart_are_refused(
     assert not out.exists() or not any(out.iterdir()), "nothing written"
 
 
+def finetune_in_process(model: Path, out: Path) -> Any:
+    """`adapt finetune recipes/multi_process.yaml` in this process, as one rank of a launch would run it
+    (the refusals stop it before any process group exists)."""
+    from typer.testing import CliRunner
+
+    from adapt.cli import app
+
+    args = ["finetune", "recipes/multi_process.yaml", f"model.path={model}", f"training.output_dir={out}"]
+    return CliRunner().invoke(app, [*args, *QUIET])
+
+
 @pytest.mark.parametrize(
     ("env", "message"),
     [
@@ -196,10 +207,6 @@ def test_launches_that_would_train_apart_are_refused(
 def test_engines_that_cannot_run_are_refused_in_one_line(
     llama_diffusion: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, env: dict, message: str
 ) -> None:
-    from typer.testing import CliRunner
-
-    from adapt.cli import app
-
     for name, value in env.items():
         if name == "no deepspeed":  # as if not installed: the import system finds no such module
             monkeypatch.setitem(sys.modules, "deepspeed", None)
@@ -207,13 +214,7 @@ def test_engines_that_cannot_run_are_refused_in_one_line(
             monkeypatch.setenv(name, value)
     monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
     out = tmp_path / "run"
-    args = [
-        "finetune",
-        "recipes/multi_process.yaml",
-        f"model.path={llama_diffusion}",
-        f"training.output_dir={out}",
-    ]
-    result = CliRunner().invoke(app, [*args, *QUIET])
+    result = finetune_in_process(llama_diffusion, out)
     assert result.exit_code == 1 and message in result.output, result.output
     assert result.output.count("\n") == 1 and result.output.startswith("error: ")
     assert not out.exists() or not any(out.iterdir()), "nothing written"

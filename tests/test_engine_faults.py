@@ -19,7 +19,16 @@ from pathlib import Path
 
 import pytest
 from test_bad_inputs import check_one_error_line
-from test_distributed import NO_MP, QUIET, launch, launch_args, losses, rank_pids, start, wait_for
+from test_distributed import (
+    NO_MP,
+    finetune_in_process,
+    launch,
+    launch_args,
+    losses,
+    rank_pids,
+    start,
+    wait_for,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -112,9 +121,6 @@ def test_zero_stages_and_fsdp_versions_are_checked_wherever_the_launch_sets_them
     """The launcher's flag, the Accelerate config and the DeepSpeed JSON file: one `error:` line before
     anything is loaded, naming both values when two places disagree. (Before: a stage in the JSON file
     was never read, and `fsdp.yaml --fsdp_version 1` ended in Accelerate's traceback.)"""
-    from typer.testing import CliRunner
-
-    from adapt.cli import app
 
     argv, says = REFUSALS[case]
     if argv[0] == "json":
@@ -122,13 +128,7 @@ def test_zero_stages_and_fsdp_versions_are_checked_wherever_the_launch_sets_them
         argv = ("--config_file", deepspeed_files(tmp_path, stage, yaml_stage), *flags)
     launched_env(list(argv))  # type: ignore[operator]
     out = tmp_path / "run"
-    args = [
-        "finetune",
-        "recipes/multi_process.yaml",
-        f"model.path={llama_diffusion}",
-        f"training.output_dir={out}",
-    ]
-    result = CliRunner().invoke(app, [*args, *QUIET])
+    result = finetune_in_process(llama_diffusion, out)
     check_one_error_line(result, says.format(ds=tmp_path / "ds.json"))
     assert not out.exists() or not any(out.iterdir()), "nothing written"
 
@@ -138,9 +138,6 @@ def test_a_stale_extension_build_lock_is_named_with_its_fix(
 ) -> None:
     """A build killed while it held torch's extension lock leaves the file; DeepSpeed's next build or load
     of that op would wait on it for ever without a word."""
-    from typer.testing import CliRunner
-
-    from adapt.cli import app
 
     cache = tmp_path / "torch_extensions"
     (cache / "deepspeed_shm_comm").mkdir(parents=True)
@@ -148,8 +145,7 @@ def test_a_stale_extension_build_lock_is_named_with_its_fix(
     lock.touch()
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(cache))
     launched_env(["--config_file", "recipes/accelerate/deepspeed.yaml"])  # type: ignore[operator]
-    args = ["finetune", "recipes/multi_process.yaml", f"model.path={llama_diffusion}"]
-    result = CliRunner().invoke(app, [*args, f"training.output_dir={tmp_path / 'run'}", *QUIET])
+    result = finetune_in_process(llama_diffusion, tmp_path / "run")
     check_one_error_line(
         result, f"build of torch extension deepspeed_shm_comm was interrupted and left its lock {lock}"
     )

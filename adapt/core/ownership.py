@@ -155,7 +155,7 @@ def remove_owned(d: Path, whole: bool = False) -> list[str]:
     owned = owned_files(d) or set()
     for f in owned:
         (d / f).unlink(missing_ok=True)
-    kept = foreign_entries(d) if owned or read_marker(d) else [p.name for p in d.iterdir()]
+    kept = foreign_entries(d)  # everything, when nothing shows adapt wrote `d`
     (d / MARKER).unlink(missing_ok=True)
     for root, _, _ in sorted(os.walk(d), key=lambda w: -len(w[0])):
         with contextlib.suppress(OSError):

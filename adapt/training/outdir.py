@@ -33,7 +33,7 @@ def claim_output(recipe: Recipe, force: bool = False) -> OutputLock | None:
         return None
     out = Path(recipe.training.output_dir)
     lock = lock_output(out, "training.output_dir")
-    if force and earlier_run(recipe):
+    if force and earlier_run(out, recipe.training.resume):
         set_aside(out)
     return lock
 
@@ -42,8 +42,8 @@ def check_outputs(recipe: Recipe, force: bool = False) -> None:
     """Every path the run writes is writable and apart from what it reads, an existing export holds only
     files adapt wrote (it will be replaced), existing checkpoints are this run's to resume."""
     out = Path(recipe.training.output_dir)
-    reads = [("model.path", recipe.model.path), ("data.path", recipe.data.path)]
-    reads.append(("data.eval_path", recipe.data.eval_path))
+    d = recipe.data
+    reads = [("model.path", recipe.model.path), ("data.path", d.path), ("data.eval_path", d.eval_path)]
     for written in (out / FINAL, out / CHECKPOINTS, out / METRICS):
         for option, source in reads:
             if source:
@@ -55,7 +55,7 @@ def check_outputs(recipe: Recipe, force: bool = False) -> None:
     latest = latest_checkpoint(out)
     if recipe.training.resume and latest is not None:
         check_same_run(recipe, latest)
-    elif earlier_run(recipe) and not force:
+    elif earlier_run(out, recipe.training.resume) and not force:
         found = f"checkpoints up to {latest.name}" if latest is not None else METRICS
         raise AdaptError(
             f"training.output_dir {out} holds an earlier run ({found}) and this run starts over "
@@ -64,11 +64,10 @@ def check_outputs(recipe: Recipe, force: bool = False) -> None:
         )
 
 
-def earlier_run(recipe: Recipe) -> bool:
-    """The folder holds what a run that this one does not continue wrote (checkpoints, metrics)."""
-    out = Path(recipe.training.output_dir)
+def earlier_run(out: Path, resume: bool) -> bool:
+    """`out` holds what a run that this one does not continue wrote (checkpoints, metrics)."""
     latest = latest_checkpoint(out)
-    if recipe.training.resume and latest is not None:
+    if resume and latest is not None:
         return False
     return latest is not None or (out / METRICS).is_file() or (out / CHECKPOINTS).is_dir()
 
