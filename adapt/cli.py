@@ -281,6 +281,9 @@ def eval_cmd(
         str, typer.Option(help="float32 (default: bounds to compare), bfloat16, float16, auto or checkpoint.")
     ] = "float32",
     device: Annotated[str | None, typer.Option(help="Device (default cuda if available).")] = None,
+    attn_implementation: Annotated[
+        str, typer.Option(help="sdpa, eager or flex_attention (no dense mask: long windows).")
+    ] = "sdpa",
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here.")] = None,
     save: Annotated[
         bool, typer.Option(help="Write eval_results.json into the first diffusion checkpoint.")
@@ -318,6 +321,7 @@ def eval_cmd(
         dtype=dtype,
         device=device,
         revision=revision,
+        attn_implementation=attn_implementation,
     )
     gcfg = None
     if gen_steps.strip():

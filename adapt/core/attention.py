@@ -7,7 +7,43 @@ attend to a key, the dtype's minimum where it may not.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
+
+MaskKind = Literal["additive", "bool", "flex"]
+
+
+@dataclass(frozen=True)
+class MaskStyle:
+    """How a training pattern reaches the attention kernel: an additive float mask in `dtype` (eager),
+    a boolean mask (sdpa: 1 byte per pair instead of 2-4), or a FlexAttention `BlockMask`
+    (`adapt.core.flex`: no dense mask at all)."""
+
+    kind: MaskKind = "additive"
+    dtype: torch.dtype = torch.float32
+
+    @classmethod
+    def of(cls, style: MaskStyle | torch.dtype) -> MaskStyle:
+        """A style, or a dtype: torch.bool for the boolean mask, a float dtype for its additive mask."""
+        if isinstance(style, MaskStyle):
+            return style
+        return cls("bool") if style == torch.bool else cls("additive", style)
+
+    @classmethod
+    def for_model(cls, model: object, dtype: torch.dtype) -> MaskStyle:
+        """The style the model's attention implementation takes (additive in `dtype` for eager and others)."""
+        config = getattr(model, "config", None)
+        implementation = getattr(config, "_attn_implementation", None)
+        kinds: dict[str | None, MaskKind] = {"sdpa": "bool", "flex_attention": "flex"}
+        return cls(kinds.get(implementation, "additive"), dtype)
+
+    def dense(self, allowed: torch.Tensor) -> torch.Tensor:
+        """A boolean pattern [b, 1, q, k] in this style's dense form."""
+        if self.kind == "flex":
+            raise ValueError("a flex style builds a BlockMask, not a dense mask")
+        return allowed if self.kind == "bool" else to_additive(allowed, self.dtype)
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

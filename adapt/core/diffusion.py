@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from adapt.core.attention import causal_allowed, key_padding_allowed, to_additive
+from adapt.core.attention import MaskStyle, causal_allowed, key_padding_allowed
 
 
 def sample_t(
@@ -185,7 +185,7 @@ def annealing_allowed(
 
 def build_attention_mask(
     attention_mask: torch.Tensor,
-    dtype: torch.dtype,
+    style: MaskStyle | torch.dtype,
     step: int = 0,
     anneal_steps: int = 0,
     segment_allowed: torch.Tensor | None = None,
@@ -195,8 +195,9 @@ def build_attention_mask(
 
     attention_mask [b, l] (0/1 padding); `segment_allowed` bool [b, 1, l, l] from packed documents
     (`adapt.training.data.document_mask`), if any. Returns the 2D mask unchanged when attention is fully
-    bidirectional and there are no segments; otherwise the additive float mask [b, 1, l, l] in `dtype`
-    combining annealing, segments and key padding. Every query keeps its own key so no row is empty.
+    bidirectional and there are no segments; otherwise the mask [b, 1, l, l] in `style` (`MaskStyle`, or a
+    float dtype for an additive mask) combining annealing, segments and key padding. Every query keeps its
+    own key so no row is empty.
     """
     length = attention_mask.shape[-1]
     annealed = annealing_allowed(step, anneal_steps, length, generator, attention_mask.device)
@@ -209,4 +210,4 @@ def build_attention_mask(
         allowed = allowed & segment_allowed.bool()
     allowed = allowed.expand(attention_mask.shape[0], 1, length, length)
     eye = torch.eye(length, dtype=torch.bool, device=attention_mask.device)
-    return to_additive(allowed | eye, dtype)
+    return MaskStyle.of(style).dense(allowed | eye)

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from adapt.core.attention import MaskStyle
 from adapt.core.boundary import about, resolve_device
 from adapt.core.bounds import check_weights
 from adapt.core.checkpoint import (
@@ -35,12 +36,15 @@ from adapt.core.checkpoint import (
 )
 from adapt.core.diffusion import mask_tokens, maskable_positions, masked_token_nll, sample_t
 from adapt.core.errors import AdaptError, first_line
+from adapt.core.flex import check_flex_architecture
 from adapt.core.locate import locate, looks_like_hub_id
 from adapt.evaluation.report import RESULTS_NAME, format_table, plot_results, save_results  # noqa: F401
 from adapt.evaluation.sizes import check_elbo, check_gen_ppl, first_diffusion
 from adapt.loading.model import load_diffusion_model
 from adapt.loading.precision import weights_dtype
 from adapt.loading.weights import check_finite_model, from_pretrained
+
+ATTENTION = ("sdpa", "eager", "flex_attention")
 
 
 @dataclass
@@ -67,6 +71,8 @@ class EvalConfig:
     dtype: str = "float32"
     device: str | None = None
     """Device; default cuda when available, else cpu."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel of every model: sdpa, eager or flex_attention (no dense mask; long windows)."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) read for every Hub id among the models; local directories have
     none (the judge of generative perplexity is read at its default branch)."""
@@ -78,6 +84,10 @@ class EvalConfig:
             raise AdaptError(f"mc_samples must be at least 2 (for a standard error), not {self.mc_samples}")
         if self.max_sequences < 1 or self.batch_size < 1:
             raise AdaptError("max_sequences and batch_size must be positive")
+        if self.attn_implementation not in ATTENTION:
+            raise AdaptError(
+                f"--attn-implementation takes {', '.join(ATTENTION)}, not {self.attn_implementation!r}"
+            )
         if any(not 0 < r <= 1 for r in self.mask_ratios):
             raise AdaptError(f"mask ratios must lie in (0, 1], got {list(self.mask_ratios)}")
 
@@ -275,7 +285,7 @@ def block_masked_nll(
     from adapt.training.objectives.loss import TokenLoss
 
     device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
+    style = MaskStyle.for_model(model, next(model.parameters()).dtype)
     loss = TokenLoss(model, fast=True)
     rows_total, length = ids.shape
     out = torch.zeros(rows_total, dtype=torch.float64)
@@ -286,7 +296,7 @@ def block_masked_nll(
         # (the normaliser in the weights is not used: 1/t is applied here)
         am = torch.ones_like(ids[sl]) if attention_mask is None else attention_mask[sl]
         inputs = pair_inputs(
-            ids[sl], am, positions[sl], None, masked[sl], t[sl], masked[sl], block, settings, False, dtype
+            ids[sl], am, positions[sl], None, masked[sl], t[sl], masked[sl], block, settings, False, style
         )
         inputs = {k: v.to(device) if v is not None else v for k, v in inputs.items()}
         _, nll, correct = loss(**inputs)
@@ -352,7 +362,11 @@ def model_config(path: str, seq_len: int | None = None, revision: str | None = N
 
 
 def load_any(
-    path: str, dtype: str = "float32", device: str | None = None, revision: str | None = None
+    path: str,
+    dtype: str = "float32",
+    device: str | None = None,
+    revision: str | None = None,
+    attn_implementation: str = "sdpa",
 ) -> tuple[Any, Any, Any]:
     """A model directory or Hub id (at `revision`): (model in eval mode, tokenizer, diffusion settings or
     None for AR); a LoRA adapter export is merged onto its base."""
@@ -361,14 +375,16 @@ def load_any(
     where = locate(path, revision)
     adapter = adapter_export(str(where))
     if adapter is not None:
-        return load_diffusion_model(adapter, dtype, device)
+        return load_diffusion_model(adapter, dtype, device, attn_implementation)
     config = model_config(str(where))
     device = resolve_device(device)
     dtype_ = weights_dtype(dtype, device)[0]
     check_weights(where, dtype_, device)
     what = f"cannot load the model {path}"
     with about(what):
-        model = from_pretrained(AutoModelForCausalLM, where, what, dtype=dtype_)
+        model = from_pretrained(
+            AutoModelForCausalLM, where, what, dtype=dtype_, attn_implementation=attn_implementation
+        )
         tokenizer = AutoTokenizer.from_pretrained(where)
     check_finite_model(model.to(device), what)
     return model.eval(), tokenizer, read_settings(config)
@@ -377,7 +393,11 @@ def load_any(
 def evaluate_model(path: str, config: EvalConfig) -> dict[str, Any]:
     """One row of the results table for a diffusion checkpoint or an AR model."""
     revision = revision_for(path, config.revision)
-    model, tokenizer, settings = load_any(path, config.dtype, config.device, revision)
+    if config.attn_implementation == "flex_attention":
+        check_flex_architecture(model_config(path, None, revision))
+    model, tokenizer, settings = load_any(
+        path, config.dtype, config.device, revision, config.attn_implementation
+    )
     windows = token_windows(config.data, tokenizer, config.seq_len, config.max_sequences, config.text_column)
     held = sum(p.numel() * p.element_size() for p in model.parameters())
     check_elbo(path, config, model.config, len(windows), held)  # the real number of windows

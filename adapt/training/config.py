@@ -32,8 +32,9 @@ class ModelConfig:
     """Hub revision (branch, tag or commit) when `path` is a Hub id; None: the default branch."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Dtype of the weights held by the optimizer (use training.mixed_precision for autocast)."""
-    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
-    """Attention kernel; both take the 4D masks that annealing needs."""
+    attn_implementation: Literal["sdpa", "eager", "flex_attention"] = "sdpa"
+    """Attention kernel: sdpa (a boolean mask per batch), eager (an additive one), or flex_attention (a
+    FlexAttention BlockMask that skips empty tiles, no dense mask: CUDA, for long sequences)."""
     shift: bool | None = None
     """Logits at i predict token i + 1. None: the checkpoint's recorded value (True when converting)."""
     mask_init: Literal["mean", "normal", "zero"] = "mean"

@@ -58,6 +58,24 @@ def check_context(config: Any, recipe: Recipe) -> None:
         )
 
 
+def check_attention(recipe: Recipe, device: Any) -> None:
+    """model.attn_implementation=flex_attention needs a torch that trains FlexAttention on `device` and an
+    architecture whose transformers code takes it (checked on its config, before any weight is read)."""
+    if recipe.model.attn_implementation != "flex_attention":
+        return
+    from adapt.core.flex import check_flex_architecture, flex_cannot_train
+
+    reason = flex_cannot_train(device)
+    if reason is not None:
+        raise AdaptError(
+            f"model.attn_implementation=flex_attention cannot train on {device}: {reason}; use sdpa here "
+            "(flex_attention trains on CUDA)"
+        )
+    from adapt.conversion.convert import load_config
+
+    check_flex_architecture(load_config(recipe.model.path, recipe.model.revision))
+
+
 def check_batch(recipe: Recipe, device: Any) -> None:
     """Before the model loads: a micro-batch's logits fit the training device, and the weights (read whole
     through the host, then sharded or moved) fit the host. Lower bounds: the loss reads the logits (and

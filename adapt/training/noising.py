@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from adapt.core.attention import MaskStyle
 from adapt.training.session import Session
 
 
@@ -14,7 +15,13 @@ def make_inputs(
     session: Session, batch: dict[str, torch.Tensor], step: int | None, generator: torch.Generator
 ) -> dict:
     """Noise a clean batch into the loss's inputs with the session's objective (step None: final setting)."""
-    return session.objective.inputs(batch, step, generator, mask_dtype(session))
+    return session.objective.inputs(batch, step, generator, mask_style(session))
+
+
+def mask_style(session: Session) -> MaskStyle:
+    """The mask the trained model's attention takes: bool for sdpa, a BlockMask for flex_attention,
+    additive in the autocast (or weights) dtype for eager."""
+    return MaskStyle.for_model(session.model, mask_dtype(session))
 
 
 def mask_dtype(session: Session) -> torch.dtype:

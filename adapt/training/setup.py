@@ -19,7 +19,7 @@ from adapt.training.config import Recipe
 from adapt.training.engine import whole_weights
 from adapt.training.lora import apply_lora, check_adapter_export
 from adapt.training.metrics import flat_config
-from adapt.training.model import check_batch, check_context, load_model
+from adapt.training.model import check_attention, check_batch, check_context, load_model
 from adapt.training.objectives import make_objective
 from adapt.training.objectives.loss import TokenLoss, causal_lm_of, check_fast_path
 from adapt.training.optim import build_optimizer, build_scheduler
@@ -68,6 +68,7 @@ def _setup(recipe: Recipe) -> Session:
         engine.settle(request, accelerator, why)
     if accelerator.distributed_type.name == "DEEPSPEED":
         engine.prepare_deepspeed(accelerator, t.max_grad_norm)
+    check_attention(recipe, accelerator.device)
     with whole_weights():  # a meta-device model under ZeRO-3's zero.Init would run its collectives
         check_batch(recipe, accelerator.device)  # before the weights are read, and before the seed is set
     set_seed(t.seed)

@@ -19,10 +19,11 @@ schedule (LLaDA2) moves from the first towards the second during adaptation.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
-from adapt.core.attention import block_ids, block_pair_allowed, position_ids_from_mask, to_additive
+from adapt.core.attention import MaskStyle, block_ids, block_pair_allowed, position_ids_from_mask
 from adapt.core.checkpoint import DiffusionSettings
 from adapt.core.diffusion import complementary_mask, maskable_positions, sample_t
 from adapt.core.errors import AdaptError
@@ -58,9 +59,13 @@ class BlockDiffusion:
         return size
 
     def inputs(
-        self, batch: dict[str, torch.Tensor], step: int | None, generator: torch.Generator, dtype: torch.dtype
+        self,
+        batch: dict[str, torch.Tensor],
+        step: int | None,
+        generator: torch.Generator,
+        style: MaskStyle | torch.dtype,
     ) -> Inputs:
-        """`TokenLoss` inputs for a clean batch at the block size of `step`."""
+        """`TokenLoss` inputs for a clean batch at the block size of `step`, its mask in `style`."""
         d = self.config
         ids, am = batch["input_ids"], batch["attention_mask"]  # [b, l]
         positions = token_positions(batch)
@@ -74,11 +79,19 @@ class BlockDiffusion:
         if d.complementary_masking:
             views.append((complementary_mask(masked, maskable), (1.0 - t).clamp(min=d.eps)))
         settings = self.record(self.settings)  # the recipe's block settings, not the loaded checkpoint's
+        style = MaskStyle.of(style)
+        shared = style.kind == "flex" and len(views) > 1  # one BlockMask over the stacked views
+        each = None if shared else style
         parts = [
-            pair_inputs(ids, am, positions, segments, m, level, maskable, size, settings, sft, dtype)
+            pair_inputs(ids, am, positions, segments, m, level, maskable, size, settings, sft, each)
             for m, level in views
         ]
         out = concat_views(parts, ids.shape[1])
+        if shared:
+            n = len(views)
+            docs = None if segments is None else segments.repeat(n, 1)
+            rows = (positions.repeat(n, 1), size, am.repeat(n, 1), docs, settings.clean_attention)
+            out["attention_mask"] = pair_mask(*rows, style)
         if d.ar_loss_weight:
             out = with_ar_term(out, ar_term(ids, positions, maskable, d.ar_loss_weight))
         return out
@@ -140,18 +153,18 @@ def pair_inputs(
     block_size: int,
     settings: DiffusionSettings,
     sft: bool,
-    dtype: torch.dtype,
+    style: MaskStyle | torch.dtype | None,
 ) -> Inputs:
     """One view: the pair [x_t ; x_0] and where each masked token's prediction is read.
 
     ids, attention_mask, positions, segments, masked (bool), t (per token), maskable: [b, l].
-    Weights are 1/t over the row's normaliser (maskable tokens for SFT, else l) over the batch size.
+    Weights are 1/t over the row's normaliser (maskable tokens for SFT, else l) over the batch size. The
+    mask is in `style` (`MaskStyle`, or a float dtype for an additive mask); None leaves it to the caller.
     """
     batch, length = ids.shape
     noisy = ids.masked_fill(masked, settings.mask_token_id)
-    allowed = block_pair_allowed(
-        positions, block_size, attention_mask, segments, settings.clean_attention
-    )  # [b, 1, 2l, 2l]
+    clean = settings.clean_attention
+    mask = None if style is None else pair_mask(positions, block_size, attention_mask, segments, clean, style)
     rows, cols = masked.nonzero(as_tuple=True)  # [n]
     source = cols
     if settings.shift:
@@ -161,13 +174,31 @@ def pair_inputs(
     norm = norm.to(ids.device)
     return {
         "input_ids": torch.cat([noisy, ids], dim=1),  # [b, 2l]
-        "attention_mask": to_additive(allowed, dtype),
+        "attention_mask": mask,
         "position_ids": positions.repeat(1, 2),
         "rows": rows,
         "cols": source,
         "targets": ids[rows, cols],
         "weights": 1.0 / (t[rows, cols].float() * norm[rows] * batch),
     }
+
+
+def pair_mask(
+    positions: torch.Tensor,
+    block_size: int,
+    attention_mask: torch.Tensor,
+    segments: torch.Tensor | None,
+    clean: str,
+    style: MaskStyle | torch.dtype,
+) -> Any:
+    """The pair's attention pattern in `style`: a dense [b, 1, 2l, 2l] mask, or a FlexAttention BlockMask."""
+    style = MaskStyle.of(style)
+    if style.kind != "flex":
+        return style.dense(block_pair_allowed(positions, block_size, attention_mask, segments, clean))
+    from adapt.core.flex import block_mask, pair_mask_mod
+
+    mod = pair_mask_mod(positions, block_size, attention_mask, segments, clean)
+    return block_mask(mod, positions.shape[0], 2 * positions.shape[1], positions.device)
 
 
 def concat_views(parts: list[Inputs], length: int) -> Inputs:
@@ -182,7 +213,8 @@ def concat_views(parts: list[Inputs], length: int) -> Inputs:
         rows.append(p["rows"] + offset)
         offset += p["input_ids"].shape[0]
     for key in ("input_ids", "attention_mask", "position_ids", "cols", "targets", "weights"):
-        out[key] = torch.cat([p[key] for p in parts])  # type: ignore[misc]
+        values = [p[key] for p in parts]
+        out[key] = None if values[0] is None else torch.cat(values)  # type: ignore[arg-type]
     out["rows"] = torch.cat(rows)
     out["weights"] = out["weights"] / len(parts)  # type: ignore[operator]
     return out

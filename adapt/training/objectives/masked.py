@@ -8,12 +8,14 @@ documents see only themselves. The loss is 1/t-weighted cross-entropy on the mas
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from adapt.core.attention import position_ids_from_mask
+from adapt.core.attention import MaskStyle, position_ids_from_mask
 from adapt.core.checkpoint import DiffusionSettings
 from adapt.core.diffusion import (
+    annealing_allowed,
     build_attention_mask,
     complementary_mask,
     mask_tokens,
@@ -34,11 +36,16 @@ class MaskedDiffusion:
     name: str = "masked"
 
     def inputs(
-        self, batch: dict[str, torch.Tensor], step: int | None, generator: torch.Generator, dtype: torch.dtype
+        self,
+        batch: dict[str, torch.Tensor],
+        step: int | None,
+        generator: torch.Generator,
+        style: MaskStyle | torch.dtype,
     ) -> Inputs:
-        """`TokenLoss` inputs for a clean batch; step None is the final setting (annealing done)."""
+        """`TokenLoss` inputs for a clean batch, its mask in `style`; step None is the final setting
+        (annealing done)."""
         final = max(self.config.anneal_steps, 0) if step is None else step
-        return noise_batch(batch, final, generator, self.config, self.settings, dtype)
+        return noise_batch(batch, final, generator, self.config, self.settings, style)
 
     def step_metrics(self, step: int, batch: dict[str, torch.Tensor], inputs: Inputs) -> dict[str, float]:
         """Share of future edges open (attention annealing)."""
@@ -55,7 +62,7 @@ def noise_batch(
     generator: torch.Generator,
     d: DiffusionConfig,
     settings: DiffusionSettings,
-    dtype: torch.dtype,
+    style: MaskStyle | torch.dtype,
 ) -> Inputs:
     """A clean batch -> the inputs of `TokenLoss` (both views with complementary masking).
 
@@ -75,8 +82,7 @@ def noise_batch(
         prompt = None if prompt is None else prompt.repeat(2, 1)
     # SFT normalises by the response length, pretraining by the sequence length
     norm = maskable.sum(-1).clamp(min=1).float() if prompt is not None else torch.full_like(t, ids.shape[1])
-    segments = segment_allowed(batch, repeat=2 if d.complementary_masking else 1)
-    attn = build_attention_mask(am, dtype, step, d.anneal_steps, segments, generator)
+    attn = full_mask(batch, am, MaskStyle.of(style), step, d, generator)
     position_ids = batch.get("position_ids")
     if position_ids is None and not bool(am.all()):
         position_ids = position_ids_from_mask(am)
@@ -95,6 +101,28 @@ def noise_batch(
     }
 
 
+def full_mask(
+    batch: dict[str, torch.Tensor],
+    am: torch.Tensor,
+    style: MaskStyle,
+    step: int,
+    d: DiffusionConfig,
+    generator: torch.Generator,
+) -> Any:
+    """The attention argument for the (possibly doubled) padding mask `am` [b', l]: the 2D mask, a dense
+    mask in `style`, or a FlexAttention BlockMask; annealing draws its pattern from `generator` either way."""
+    repeat = am.shape[0] // batch["input_ids"].shape[0]
+    if style.kind != "flex":
+        segments = segment_allowed(batch, repeat)
+        return build_attention_mask(am, style, step, d.anneal_steps, segments, generator)
+    from adapt.core.flex import block_mask, full_mask_mod
+
+    annealed = annealing_allowed(step, d.anneal_steps, am.shape[1], generator, am.device)
+    docs = batch.get("segment_ids")
+    docs = None if docs is None else docs.repeat(repeat, 1)
+    return block_mask(full_mask_mod(am, docs, annealed), am.shape[0], am.shape[1], am.device)
+
+
 def segment_allowed(batch: dict[str, torch.Tensor], repeat: int = 1) -> torch.Tensor | None:
     """Block-diagonal document pattern [b, 1, l, l] for packed batches that carry document ids."""
     docs = batch.get("segment_ids")
@@ -106,14 +134,17 @@ def segment_allowed(batch: dict[str, torch.Tensor], repeat: int = 1) -> torch.Te
     return allowed.repeat(repeat, 1, 1, 1) if repeat > 1 else allowed
 
 
-def open_fraction(attention_mask: torch.Tensor, real: torch.Tensor) -> float:
+def open_fraction(attention_mask: Any, real: torch.Tensor) -> float:
     """Share of future edges between real tokens that are open, over the batch; 1.0 for a 2D mask.
 
-    attention_mask: the model's mask ([b, l] or additive [b, 1, l, l]); real: [b, l] padding mask.
+    attention_mask: the model's mask ([b, l], additive or bool [b, 1, l, l], or a BlockMask); real: [b, l].
     """
-    if attention_mask.ndim == 2:
+    if not isinstance(attention_mask, torch.Tensor):  # a FlexAttention BlockMask of `full_mask_mod`
+        attention_mask = attention_mask.mask_mod.dense()  # None: bidirectional over padding, as a 2D mask
+    if attention_mask is None or attention_mask.ndim == 2:
         return 1.0
-    opened = attention_mask[:, 0] == 0  # [b', l, l]; b' = 2b with complementary masking
+    mask = attention_mask[:, 0]  # [b', l, l]; b' = 2b with complementary masking
+    opened = mask if mask.dtype == torch.bool else mask == 0
     real = real.bool().repeat(opened.shape[0] // real.shape[0], 1)
     pairs = real[:, :, None] & real[:, None, :] & torch.ones_like(opened[0]).triu(1)  # [b, l, l]
     return float((opened & pairs).sum() / pairs.sum().clamp(min=1))
