@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -156,3 +157,28 @@ def test_serve_speed_bench_sends_every_request_both_ways_and_checks_the_answers(
     assert row["clients"] == 4 and row["max_batch"] == 4
     assert row["equal_to_alone"] == 4  # a batch row equals its alone answer in float32
     assert row["speedup"] == pytest.approx(row["one_at_a_time_s"] / row["all_at_once_s"], rel=0.05)  # rounded
+
+
+def test_long_context_bench_runs_every_objective_in_its_own_process(tmp_path: Path) -> None:
+    out = tmp_path / "long.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "long_context.py"), "--lengths", "32", "--steps", "1"]
+    cmd += ["--threads", "1", "--checkpointing", "on", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    rows = {(r["attn"], r["objective"]): r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {(a, o) for a in ("sdpa", "flex_attention") for o in ("ar", "full", "block")}
+    sdpa = {o: rows["sdpa", o] for o in ("ar", "full", "block")}
+    assert sdpa["ar"]["memory_vs_ar"] == 1.0 and sdpa["ar"]["step_vs_ar"] == 1.0
+    for r in sdpa.values():  # each trained: finite losses, checkpointing really on, its own peak
+        assert len(r["losses"]) == 2 and all(math.isfinite(x) for x in r["losses"])
+        assert r["checkpointing_active"] and r["peak_gib"] >= r["loaded_gib"] > 0
+        assert r["step_vs_ar"] == pytest.approx(r["step_s"] / sdpa["ar"]["step_s"])
+    assert sdpa["block"]["mask"] == "bool [1, 1, 64, 64]"  # the pair [x_t ; x_0], one byte per pair
+    assert sdpa["block"]["kernel"] == "adapt_pair_sdpa" and sdpa["ar"]["kernel"] == "sdpa"
+    assert sdpa["full"]["mask"] == "int64 [1, 32]"  # bidirectional: the 2D padding mask, nothing dense
+    flex = rows["flex_attention", "block"]
+    if "failed" in flex:  # torch 2.13 on CPU
+        assert "backward on CPU" in flex["failed"]
+    else:
+        assert flex["mask"] == "BlockMask"
+    assert proc.stdout.count("| 32 | 1 | on |") == 6

@@ -273,7 +273,9 @@ def test_the_elbo_of_eval_is_the_same_under_flex(block, converted, eager_flex) -
     sdpa, _, settings = load_diffusion_model(converted["qwen2"], device="cpu", attn_implementation="sdpa")
     flex, _, _ = load_diffusion_model(converted["qwen2"], device="cpu", attn_implementation="flex_attention")
     settings = settings.with_block_size(block, "causal") if block else settings
-    windows = torch.randint(3, sdpa.config.vocab_size - 2, (3, 16), generator=torch.Generator().manual_seed(3))
+    windows = torch.randint(
+        3, sdpa.config.vocab_size - 2, (3, 16), generator=torch.Generator().manual_seed(3)
+    )
     want, _ = elbo_samples(sdpa, windows, settings, 2, generator=torch.Generator().manual_seed(4))
     got, _ = elbo_samples(flex, windows, settings, 2, generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -36,7 +36,11 @@ class MaskStyle:
         """The style the model's attention implementation takes (additive in `dtype` for eager and others)."""
         config = getattr(model, "config", None)
         implementation = getattr(config, "_attn_implementation", None)
-        kinds: dict[str | None, MaskKind] = {"sdpa": "bool", "flex_attention": "flex"}
+        kinds: dict[str | None, MaskKind] = {
+            "sdpa": "bool",
+            "adapt_pair_sdpa": "bool",
+            "flex_attention": "flex",
+        }
         return cls(kinds.get(implementation, "additive"), dtype)
 
     def dense(self, allowed: torch.Tensor) -> torch.Tensor:

@@ -298,7 +298,7 @@ def block_masked_nll(
         inputs = pair_inputs(
             ids[sl], am, positions[sl], None, masked[sl], t[sl], masked[sl], block, settings, False, style
         )
-        inputs = {k: v.to(device) if v is not None else v for k, v in inputs.items()}
+        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
         _, nll, correct = loss(**inputs)
         rows, cols = masked[sl].nonzero(as_tuple=True)
         value = correct.double().cpu() if hits else nll.double().cpu() / t[sl][rows, cols].double()

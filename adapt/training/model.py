@@ -58,6 +58,16 @@ def check_context(config: Any, recipe: Recipe) -> None:
         )
 
 
+def choose_kernel(model: Any, recipe: Recipe) -> None:
+    """The block objective under sdpa runs the tiled pair kernel: the same attention, without the scores of
+    pairs its mask never opens (`adapt.core.pair_attention`)."""
+    from adapt.core.pair_attention import use_pair_sdpa
+    from adapt.training.objectives.loss import causal_lm_of
+
+    if recipe.diffusion.block_size is not None and recipe.model.attn_implementation == "sdpa":
+        use_pair_sdpa(causal_lm_of(model))
+
+
 def check_attention(recipe: Recipe, device: Any) -> None:
     """model.attn_implementation=flex_attention needs a torch that trains FlexAttention on `device` and an
     architecture whose transformers code takes it (checked on its config, before any weight is read)."""

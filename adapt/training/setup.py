@@ -19,7 +19,7 @@ from adapt.training.config import Recipe
 from adapt.training.engine import whole_weights
 from adapt.training.lora import apply_lora, check_adapter_export
 from adapt.training.metrics import flat_config
-from adapt.training.model import check_attention, check_batch, check_context, load_model
+from adapt.training.model import check_attention, check_batch, check_context, choose_kernel, load_model
 from adapt.training.objectives import make_objective
 from adapt.training.objectives.loss import TokenLoss, causal_lm_of, check_fast_path
 from adapt.training.optim import build_optimizer, build_scheduler
@@ -85,6 +85,7 @@ def _setup(recipe: Recipe) -> Session:
             )
         fast = check_fast_path(model, probe_ids)
     objective = make_objective(recipe.diffusion, settings)
+    choose_kernel(model, recipe)
     warn_objective_change(settings, recipe)
     loss_module = TokenLoss(model, fast=fast).train()
     if accelerator.distributed_type.name == "FSDP":

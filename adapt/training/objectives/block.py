@@ -180,6 +180,7 @@ def pair_inputs(
         "cols": source,
         "targets": ids[rows, cols],
         "weights": 1.0 / (t[rows, cols].float() * norm[rows] * batch),
+        "pair": (length, block_size),  # for the tiled pair kernel (`adapt.core.pair_attention`)
     }
 
 
@@ -216,6 +217,7 @@ def concat_views(parts: list[Inputs], length: int) -> Inputs:
         values = [p[key] for p in parts]
         out[key] = None if values[0] is None else torch.cat(values)  # type: ignore[arg-type]
     out["rows"] = torch.cat(rows)
+    out["pair"] = parts[0]["pair"]
     out["weights"] = out["weights"] / len(parts)  # type: ignore[operator]
     return out
 

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adapt.core.pair_attention import NAME as PAIR_KERNEL
+
 
 class TokenLoss(nn.Module):
     """Weighted cross-entropy of the model's predictions at chosen positions (the masked ones)."""
@@ -43,12 +45,13 @@ class TokenLoss(nn.Module):
         targets: torch.Tensor,
         weights: torch.Tensor,
         ar: torch.Tensor | None = None,
+        pair: tuple[int, int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """input_ids [b, l] (noisy), attention_mask [b, l] or additive [b, 1, l, l], rows/cols [n]
-        (where the prediction is read: already shifted), targets [n], weights [n], ar [n] (which entries
-        are the joint objective's AR term; only the metrics read it)
-        -> (loss [], nll [n], correct [n]: argmax == target)."""
-        logits = self.logits_at(input_ids, attention_mask, position_ids, rows, cols)  # [n, V]
+        """input_ids [b, l] (noisy), attention_mask [b, l], a 4D mask [b, 1, l, l] or a BlockMask, rows/cols
+        [n] (where the prediction is read: already shifted), targets [n], weights [n], ar [n] (which entries
+        are the joint objective's AR term; only the metrics read it), pair (l, B) of the block objective's
+        [x_t ; x_0] input (read by the tiled pair kernel only) -> (loss [], nll [n], correct [n])."""
+        logits = self.logits_at(input_ids, attention_mask, position_ids, rows, cols, pair)  # [n, V]
         nll = F.cross_entropy(logits.float(), targets, reduction="none")  # [n]
         return (nll * weights).sum(), nll.detach(), (logits.detach().argmax(-1) == targets)
 
@@ -59,11 +62,14 @@ class TokenLoss(nn.Module):
         position_ids: torch.Tensor | None,
         rows: torch.Tensor,
         cols: torch.Tensor,
+        pair: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """Logits at (rows, cols) only. -> [n, V]"""
         kwargs: dict[str, Any] = {"attention_mask": attention_mask, "use_cache": False}
         if position_ids is not None:
             kwargs["position_ids"] = position_ids
+        if pair is not None and causal_lm_of(self.model).config._attn_implementation == PAIR_KERNEL:
+            kwargs["adapt_pair"] = pair
         if not self.fast:
             return self.model(input_ids=input_ids, **kwargs).logits[rows, cols]
         lm = causal_lm_of(self.model)

@@ -1,0 +1,76 @@
+"""Exact attention over the block pair [x_t ; x_0] without computing the pairs it never uses.
+
+sdpa with a dense mask computes all (2l)^2 scores, but in the block pair clean queries never see noisy
+keys, a noisy query sees the clean keys before its block and the noisy keys of its own block, and a clean
+query the clean keys up to its own block's end. So a tile of T query columns [a, a + T) of either half
+sees nothing outside clean columns [0, a + T + B) and, for noisy queries, noisy columns
+[a - B, a + T + B) (a block spans at most B contiguous columns, whatever the padding or packing). Running
+sdpa per tile over those keys only, with the same boolean mask sliced, gives the same attention with about
+(l^2 + 3lT) scores instead of 4 l^2: on a CPU, where sdpa skips no masked tile, the block objective's
+attention then costs about twice the AR step's causal attention instead of about seven times.
+
+It is registered with transformers' `AttentionInterface` (and the sdpa mask builder, so 2D masks work as
+under sdpa) as `adapt_pair_sdpa`; the objective passes `adapt_pair=(l, B)` through the model's forward
+kwargs. Anything else (no `adapt_pair`, no boolean 4D mask) is plain transformers sdpa.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+NAME = "adapt_pair_sdpa"
+TILE = 512
+
+
+def register() -> None:
+    """Make `NAME` an attention implementation transformers knows (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(NAME, pair_sdpa_forward)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+
+
+def use_pair_sdpa(model: Any) -> None:
+    """Switch an sdpa model (a transformers causal LM) to the tiled pair kernel."""
+    register()
+    model.set_attn_implementation(NAME)
+
+
+def pair_sdpa_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    adapt_pair: tuple[int, int] | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention signature: query [b, h, 2l, d], key/value [b, kv, 2l, d], the pair's boolean
+    mask [b or 1, 1, 2l, 2l] -> ([b, 2l, h, d], None)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    kwargs.pop("is_causal", None)
+    dense = adapt_pair is None or attention_mask is None or attention_mask.dtype != torch.bool
+    if dense or query.shape[2] != 2 * adapt_pair[0]:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    length, block = adapt_pair
+    tile = max(block, TILE // block * block)
+    outs = []
+    for half in (0, 1):  # noisy queries, then clean ones
+        for a in range(0, length, tile):
+            end = min(length, a + tile)
+            cols = [slice(length, length + min(length, end + block))]  # clean keys
+            if half == 0:
+                cols.insert(0, slice(max(0, a - block), min(length, end + block)))  # noisy keys
+            rows = slice(half * length + a, half * length + end)
+            k = torch.cat([key[:, :, c] for c in cols], dim=2)
+            v = torch.cat([value[:, :, c] for c in cols], dim=2)
+            m = torch.cat([attention_mask[:, :, rows, c] for c in cols], dim=-1)
+            out, _ = sdpa_attention_forward(module, query[:, :, rows], k, v, m, dropout, scaling, **kwargs)
+            outs.append(out)  # [b, tile, h, d]
+    return torch.cat(outs, dim=1), None

@@ -1,0 +1,82 @@
+"""The tiled pair kernel: exactly sdpa's attention over the block pair (outputs, losses, gradients) on
+LLaMA, Qwen2 and Gemma, with padding, packing and both clean rules, while it really computes per tile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import adapt.core.pair_attention as pair_attention
+from adapt.core.attention import MaskStyle
+from adapt.loading.model import load_diffusion_model
+from adapt.training.objectives.loss import TokenLoss
+from tests.test_flex import OBJECTIVES, batches, objective_of
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+BLOCK_OBJECTIVES = [name for name in OBJECTIVES if OBJECTIVES[name][0] == "block"]
+
+
+@pytest.fixture
+def small_tiles(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Tiles of 4 query columns (so a 12-token row has 3 per half), and the query lengths sdpa was run on."""
+    import transformers.integrations.sdpa_attention as sdpa
+
+    monkeypatch.setattr(pair_attention, "TILE", 4)
+    seen: list[int] = []
+    original = sdpa.sdpa_attention_forward
+
+    def counted(module, query, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        seen.append(query.shape[2])
+        return original(module, query, *args, **kwargs)
+
+    monkeypatch.setattr(sdpa, "sdpa_attention_forward", counted)
+    return seen
+
+
+def step(model, objective, batch):  # noqa: ANN001, ANN201
+    inputs = objective.inputs(
+        batch, 3, torch.Generator().manual_seed(7), MaskStyle.for_model(model, torch.float32)
+    )
+    model.zero_grad()
+    loss, nll, _ = TokenLoss(model)(**inputs)
+    loss.backward()
+    return (
+        loss.detach(),
+        nll.detach(),
+        {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+    )
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma"])
+def test_the_tiled_kernel_has_sdpa_s_loss_and_gradients(arch: str, converted, small_tiles) -> None:  # noqa: ANN001
+    dense, _, settings = load_diffusion_model(converted[arch], device="cpu", attn_implementation="sdpa")
+    tiled, _, _ = load_diffusion_model(converted[arch], device="cpu", attn_implementation="sdpa")
+    pair_attention.use_pair_sdpa(tiled)
+    dense.train(), tiled.train()
+    layers = tiled.config.num_hidden_layers
+    for batch_name, batch in batches(dense.config.vocab_size).items():
+        for name in BLOCK_OBJECTIVES:
+            objective = objective_of(name, settings)
+            want = step(dense, objective, batch)  # plain sdpa: the whole pair at once
+            small_tiles.clear()
+            got = step(tiled, objective, batch)
+            # B = 4: tiles of 4 queries, 3 per half; B = 3: tiles of 3, 4 per half
+            tiles = 6 if objective.config.block_size == 4 else 8
+            assert len(small_tiles) == tiles * layers and max(small_tiles) < 24, small_tiles
+            where = f"{arch}, {name}, {batch_name}"
+            torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6, msg=where)
+            torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5, msg=where)
+            for key, value in want[2].items():
+                torch.testing.assert_close(got[2][key], value, rtol=1e-4, atol=1e-6, msg=f"{where}, {key}")
+
+
+def test_without_the_pair_it_is_plain_sdpa(converted, small_tiles) -> None:  # noqa: ANN001
+    model, tokenizer, _ = load_diffusion_model(converted["llama"], device="cpu", attn_implementation="sdpa")
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    want = model(input_ids=ids, attention_mask=torch.tensor([[0, 1, 1, 1, 1, 1]])).logits
+    pair_attention.use_pair_sdpa(model)
+    small_tiles.clear()
+    got = model(input_ids=ids, attention_mask=torch.tensor([[0, 1, 1, 1, 1, 1]])).logits
+    assert small_tiles == [6] * model.config.num_hidden_layers
+    torch.testing.assert_close(got, want)
