@@ -192,7 +192,7 @@ def test_every_objective_has_the_sdpa_loss_under_flex(arch: str, converted, eage
 
 
 def test_a_wrong_block_mask_changes_the_loss(converted, eager_flex, monkeypatch) -> None:  # noqa: ANN001
-    import adapt.core.flex as flex_module
+    import adapt.training.objectives.block as block_module
 
     model, _, settings = load_diffusion_model(
         converted["llama"], device="cpu", attn_implementation="flex_attention"
@@ -200,14 +200,14 @@ def test_a_wrong_block_mask_changes_the_loss(converted, eager_flex, monkeypatch)
     objective = objective_of("block, block clean", settings)
     batch = batches(model.config.vocab_size)["padded"]
     right, _, _ = losses(model, objective, batch)
-    original = flex_module.pair_mask_mod
+    original = block_module.pair_mask_mod
 
     def leaky(positions, block_size, attention_mask, segment_ids=None, clean="block"):  # noqa: ANN001, ANN202
         mod = original(positions, block_size, attention_mask, segment_ids, clean)
         length = positions.shape[1]
         return lambda b, h, q, k: mod(b, h, q, k) | ((q < length) & (k == q + length))  # sees its own answer
 
-    monkeypatch.setattr(flex_module, "pair_mask_mod", leaky)
+    monkeypatch.setattr(block_module, "pair_mask_mod", leaky)
     wrong, _, _ = losses(model, objective, batch)
     assert (wrong - right).abs() > 1e-3
 

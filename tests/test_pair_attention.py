@@ -80,3 +80,44 @@ def test_without_the_pair_it_is_plain_sdpa(converted, small_tiles) -> None:  # n
     got = model(input_ids=ids, attention_mask=torch.tensor([[0, 1, 1, 1, 1, 1]])).logits
     assert small_tiles == [6] * model.config.num_hidden_layers
     torch.testing.assert_close(got, want)
+
+
+def test_the_tiled_step_builds_no_pair_mask(converted) -> None:  # noqa: ANN001
+    model, _, settings = load_diffusion_model(converted["llama"], device="cpu", attn_implementation="sdpa")
+    pair_attention.use_pair_sdpa(model)
+    batch = batches(model.config.vocab_size)["packed"]
+    inputs = objective_of("block, causal clean", settings).inputs(
+        batch, 0, torch.Generator().manual_seed(0), MaskStyle.for_model(model, torch.float32)
+    )
+    mask = inputs["attention_mask"]
+    assert mask.shape == (2, 1, 24, 24) and mask.untyped_storage().nbytes() == 1  # one element, not 2l x 2l
+    assert inputs["pair"].mask_mod is not None and inputs["pair"].length == 12
+
+
+def test_a_placeholder_mask_without_its_layout_is_refused(converted) -> None:  # noqa: ANN001
+    model, _, _ = load_diffusion_model(converted["llama"], device="cpu", attn_implementation="sdpa")
+    pair_attention.use_pair_sdpa(model)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with pytest.raises(RuntimeError, match="placeholder mask without the pair's layout"):
+        model(input_ids=ids, attention_mask=pair_attention.no_dense_mask(1, 4, ids.device))
+
+
+@pytest.mark.parametrize("clean", ["block", "causal"])
+def test_slices_of_a_dense_mask_give_sdpa_s_attention(clean: str, small_tiles) -> None:  # noqa: ANN001
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from adapt.core.attention import block_pair_allowed
+
+    am = torch.tensor([[1] * 10, [0] * 3 + [1] * 7])
+    positions = (am.cumsum(-1) - 1).clamp(min=0)
+    mask = block_pair_allowed(positions, 3, am, None, clean)  # [2, 1, 20, 20]
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 20, 8, generator=gen)
+    k, v = torch.randn(2, 2, 20, 8, generator=gen), torch.randn(2, 2, 20, 8, generator=gen)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal, module.training = 2, False, False
+    want, _ = sdpa_attention_forward(module, q, k, v, mask)
+    layout = pair_attention.PairLayout(10, 3)
+    got, _ = pair_attention.pair_sdpa_forward(module, q, k, v, mask, adapt_pair=layout)
+    assert small_tiles == [20] + [3, 3, 3, 1] * 2  # sdpa whole, then tiles of 3 queries: 4 per half
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

@@ -12,14 +12,15 @@ from typing import Literal
 
 import torch
 
-MaskKind = Literal["additive", "bool", "flex"]
+MaskKind = Literal["additive", "bool", "tiled", "flex"]
 
 
 @dataclass(frozen=True)
 class MaskStyle:
     """How a training pattern reaches the attention kernel: an additive float mask in `dtype` (eager),
-    a boolean mask (sdpa: 1 byte per pair instead of 2-4), or a FlexAttention `BlockMask`
-    (`adapt.core.flex`: no dense mask at all)."""
+    a boolean mask (sdpa: 1 byte per pair instead of 2-4), a mask function the tiled pair kernel asks per
+    tile (`adapt.core.pair_attention`; dense patterns other than the pair are boolean), or a FlexAttention
+    `BlockMask` (`adapt.core.flex`). The last two hold no [q, k] mask at all."""
 
     kind: MaskKind = "additive"
     dtype: torch.dtype = torch.float32
@@ -38,7 +39,7 @@ class MaskStyle:
         implementation = getattr(config, "_attn_implementation", None)
         kinds: dict[str | None, MaskKind] = {
             "sdpa": "bool",
-            "adapt_pair_sdpa": "bool",
+            "adapt_pair_sdpa": "tiled",
             "flex_attention": "flex",
         }
         return cls(kinds.get(implementation, "additive"), dtype)
@@ -47,7 +48,7 @@ class MaskStyle:
         """A boolean pattern [b, 1, q, k] in this style's dense form."""
         if self.kind == "flex":
             raise ValueError("a flex style builds a BlockMask, not a dense mask")
-        return allowed if self.kind == "bool" else to_additive(allowed, self.dtype)
+        return allowed if self.kind in ("bool", "tiled") else to_additive(allowed, self.dtype)
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

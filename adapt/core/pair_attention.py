@@ -16,12 +16,38 @@ kwargs. Anything else (no `adapt_pair`, no boolean 4D mask) is plain transformer
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 NAME = "adapt_pair_sdpa"
 TILE = 512
+
+
+@dataclass(frozen=True)
+class PairLayout:
+    """The block pair a forward pass runs on: l, B, and (for the tiled kernel without a dense mask) the
+    pattern's mask function (`adapt.core.flex.pair_mask_mod`), asked per tile."""
+
+    length: int
+    block: int
+    mask_mod: Callable[..., torch.Tensor] | None = None
+
+
+def no_dense_mask(batch: int, length: int, device: torch.device) -> torch.Tensor:
+    """The `attention_mask` argument when the tiled kernel asks `PairLayout.mask_mod` instead: a 4D
+    boolean tensor that holds one element (stride 0), so transformers passes it through as a prepared
+    mask; the kernel refuses it without its layout."""
+    return torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device).expand(batch, 1, length, length)
+
+
+def is_placeholder(mask: torch.Tensor | None) -> bool:
+    """Whether `mask` is `no_dense_mask`'s one element seen as many."""
+    if mask is None or mask.ndim != 4 or mask.numel() == 1 or mask.dtype != torch.bool:
+        return False
+    return all(stride == 0 for stride, size in zip(mask.stride(), mask.shape, strict=True) if size > 1)
 
 
 def register() -> None:
@@ -47,18 +73,23 @@ def pair_sdpa_forward(
     attention_mask: torch.Tensor | None,
     dropout: float = 0.0,
     scaling: float | None = None,
-    adapt_pair: tuple[int, int] | None = None,
+    adapt_pair: PairLayout | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention signature: query [b, h, 2l, d], key/value [b, kv, 2l, d], the pair's boolean
-    mask [b or 1, 1, 2l, 2l] -> ([b, 2l, h, d], None)."""
+    mask [b or 1, 1, 2l, 2l] (or `no_dense_mask` with the layout's mask function) -> ([b, 2l, h, d], None)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     kwargs.pop("is_causal", None)
-    dense = adapt_pair is None or attention_mask is None or attention_mask.dtype != torch.bool
-    if dense or query.shape[2] != 2 * adapt_pair[0]:
+    layout = adapt_pair
+    if layout is None or layout.mask_mod is None and is_placeholder(attention_mask):
+        if is_placeholder(attention_mask):
+            raise RuntimeError("the tiled pair kernel got a placeholder mask without the pair's layout")
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-    length, block = adapt_pair
+    dense = layout.mask_mod is None and (attention_mask is None or attention_mask.dtype != torch.bool)
+    if dense or query.shape[2] != 2 * layout.length:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    length, block = layout.length, layout.block
     tile = max(block, TILE // block * block)
     outs = []
     for half in (0, 1):  # noisy queries, then clean ones
@@ -70,7 +101,21 @@ def pair_sdpa_forward(
             rows = slice(half * length + a, half * length + end)
             k = torch.cat([key[:, :, c] for c in cols], dim=2)
             v = torch.cat([value[:, :, c] for c in cols], dim=2)
-            m = torch.cat([attention_mask[:, :, rows, c] for c in cols], dim=-1)
+            m = tile_mask(layout, attention_mask, rows, cols, query.shape[0])
             out, _ = sdpa_attention_forward(module, query[:, :, rows], k, v, m, dropout, scaling, **kwargs)
             outs.append(out)  # [b, tile, h, d]
     return torch.cat(outs, dim=1), None
+
+
+def tile_mask(
+    layout: PairLayout, mask: torch.Tensor | None, rows: slice, cols: list[slice], batch: int
+) -> torch.Tensor:
+    """The boolean mask of one tile's queries over its keys: [b or 1, 1, rows, keys]."""
+    if layout.mask_mod is None:
+        assert mask is not None
+        return torch.cat([mask[:, :, rows, c] for c in cols], dim=-1)
+    device = mask.device if mask is not None else None
+    q = torch.arange(rows.start, rows.stop, device=device)[None, :, None]
+    k = torch.cat([torch.arange(c.start, c.stop, device=device) for c in cols])[None, None, :]
+    b = torch.arange(batch, device=device)[:, None, None]
+    return layout.mask_mod(b, 0, q, k)[:, None]  # [b, 1, rows, keys]

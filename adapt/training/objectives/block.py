@@ -27,6 +27,8 @@ from adapt.core.attention import MaskStyle, block_ids, block_pair_allowed, posit
 from adapt.core.checkpoint import DiffusionSettings
 from adapt.core.diffusion import complementary_mask, maskable_positions, sample_t
 from adapt.core.errors import AdaptError
+from adapt.core.flex import block_mask, pair_mask_mod
+from adapt.core.pair_attention import PairLayout, no_dense_mask
 from adapt.training.config import DiffusionConfig
 
 Inputs = dict[str, "torch.Tensor | None"]
@@ -80,7 +82,7 @@ class BlockDiffusion:
             views.append((complementary_mask(masked, maskable), (1.0 - t).clamp(min=d.eps)))
         settings = self.record(self.settings)  # the recipe's block settings, not the loaded checkpoint's
         style = MaskStyle.of(style)
-        shared = style.kind == "flex" and len(views) > 1  # one BlockMask over the stacked views
+        shared = style.kind in ("flex", "tiled") and len(views) > 1  # one mask function over stacked views
         each = None if shared else style
         parts = [
             pair_inputs(ids, am, positions, segments, m, level, maskable, size, settings, sft, each)
@@ -91,7 +93,7 @@ class BlockDiffusion:
             n = len(views)
             docs = None if segments is None else segments.repeat(n, 1)
             rows = (positions.repeat(n, 1), size, am.repeat(n, 1), docs, settings.clean_attention)
-            out["attention_mask"] = pair_mask(*rows, style)
+            out["attention_mask"], out["pair"] = pair_attention(*rows, style)
         if d.ar_loss_weight:
             out = with_ar_term(out, ar_term(ids, positions, maskable, d.ar_loss_weight))
         return out
@@ -164,7 +166,9 @@ def pair_inputs(
     batch, length = ids.shape
     noisy = ids.masked_fill(masked, settings.mask_token_id)
     clean = settings.clean_attention
-    mask = None if style is None else pair_mask(positions, block_size, attention_mask, segments, clean, style)
+    mask, layout = (None, None)
+    if style is not None:
+        mask, layout = pair_attention(positions, block_size, attention_mask, segments, clean, style)
     rows, cols = masked.nonzero(as_tuple=True)  # [n]
     source = cols
     if settings.shift:
@@ -180,26 +184,29 @@ def pair_inputs(
         "cols": source,
         "targets": ids[rows, cols],
         "weights": 1.0 / (t[rows, cols].float() * norm[rows] * batch),
-        "pair": (length, block_size),  # for the tiled pair kernel (`adapt.core.pair_attention`)
+        "pair": layout,  # for the tiled pair kernel (`adapt.core.pair_attention`)
     }
 
 
-def pair_mask(
+def pair_attention(
     positions: torch.Tensor,
     block_size: int,
     attention_mask: torch.Tensor,
     segments: torch.Tensor | None,
     clean: str,
     style: MaskStyle | torch.dtype,
-) -> Any:
-    """The pair's attention pattern in `style`: a dense [b, 1, 2l, 2l] mask, or a FlexAttention BlockMask."""
+) -> tuple[Any, PairLayout]:
+    """The pair's attention in `style`: (the model's attention_mask argument: a dense [b, 1, 2l, 2l] mask,
+    a BlockMask, or for the tiled kernel a one-element placeholder; the pair's layout)."""
     style = MaskStyle.of(style)
-    if style.kind != "flex":
-        return style.dense(block_pair_allowed(positions, block_size, attention_mask, segments, clean))
-    from adapt.core.flex import block_mask, pair_mask_mod
-
+    batch, length = positions.shape
+    if style.kind == "bool" or style.kind == "additive":
+        dense = block_pair_allowed(positions, block_size, attention_mask, segments, clean)
+        return style.dense(dense), PairLayout(length, block_size)
     mod = pair_mask_mod(positions, block_size, attention_mask, segments, clean)
-    return block_mask(mod, positions.shape[0], 2 * positions.shape[1], positions.device)
+    if style.kind == "tiled":
+        return no_dense_mask(batch, 2 * length, positions.device), PairLayout(length, block_size, mod)
+    return block_mask(mod, batch, 2 * length, positions.device), PairLayout(length, block_size)
 
 
 def concat_views(parts: list[Inputs], length: int) -> Inputs:

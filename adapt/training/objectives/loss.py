@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapt.core.pair_attention import NAME as PAIR_KERNEL
+from adapt.core.pair_attention import PairLayout
 
 
 class TokenLoss(nn.Module):
@@ -45,12 +46,12 @@ class TokenLoss(nn.Module):
         targets: torch.Tensor,
         weights: torch.Tensor,
         ar: torch.Tensor | None = None,
-        pair: tuple[int, int] | None = None,
+        pair: PairLayout | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """input_ids [b, l] (noisy), attention_mask [b, l], a 4D mask [b, 1, l, l] or a BlockMask, rows/cols
         [n] (where the prediction is read: already shifted), targets [n], weights [n], ar [n] (which entries
-        are the joint objective's AR term; only the metrics read it), pair (l, B) of the block objective's
-        [x_t ; x_0] input (read by the tiled pair kernel only) -> (loss [], nll [n], correct [n])."""
+        are the joint objective's AR term; only the metrics read it), pair: the block objective's layout of
+        its [x_t ; x_0] input (read by the tiled pair kernel only) -> (loss [], nll [n], correct [n])."""
         logits = self.logits_at(input_ids, attention_mask, position_ids, rows, cols, pair)  # [n, V]
         nll = F.cross_entropy(logits.float(), targets, reduction="none")  # [n]
         return (nll * weights).sum(), nll.detach(), (logits.detach().argmax(-1) == targets)
@@ -62,7 +63,7 @@ class TokenLoss(nn.Module):
         position_ids: torch.Tensor | None,
         rows: torch.Tensor,
         cols: torch.Tensor,
-        pair: tuple[int, int] | None = None,
+        pair: PairLayout | None = None,
     ) -> torch.Tensor:
         """Logits at (rows, cols) only. -> [n, V]"""
         kwargs: dict[str, Any] = {"attention_mask": attention_mask, "use_cache": False}
