@@ -121,3 +121,22 @@ def test_slices_of_a_dense_mask_give_sdpa_s_attention(clean: str, small_tiles) -
     got, _ = pair_attention.pair_sdpa_forward(module, q, k, v, mask, adapt_pair=layout)
     assert small_tiles == [20] + [3, 3, 3, 1] * 2  # sdpa whole, then tiles of 3 queries: 4 per half
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_a_block_finetune_trains_through_the_tiled_kernel(llama_diffusion, tmp_path, small_tiles) -> None:  # noqa: ANN001, E501
+    from adapt.tiny import SAMPLE_TEXT
+    from adapt.training.config import load_recipe
+    from adapt.training.run import run
+
+    corpus = tmp_path / "text.txt"
+    corpus.write_text("\n\n".join([SAMPLE_TEXT] * 4))
+    overrides = [f"model.path={llama_diffusion}", f"data.path={corpus}", f"data.eval_path={corpus}",
+                 f"training.output_dir={tmp_path / 'run'}", "data.max_length=16", "diffusion.block_size=4",
+                 "diffusion.block_schedule=null", "training.max_steps=2", "training.eval_every=0",
+                 "training.checkpoint_every=0", "training.gradient_checkpointing=true",
+                 "logging.report_to=[]", "logging.progress_bar=false"]  # fmt: skip
+    state, final = run(load_recipe("recipes/block_text.yaml", overrides))
+    assert state.step == 2 and (final / "model.safetensors").exists()
+    # tiles of 4 queries (TILE 4, B 4): 8 per pass over [x_t ; x_0] of 2 x 16 columns, nothing longer
+    assert small_tiles and set(small_tiles) == {4}, sorted(set(small_tiles))
+    assert "adapt_pair_sdpa" not in (final / "config.json").read_text()  # the export is a stock checkpoint
