@@ -239,12 +239,17 @@ def peak_rss() -> int:
 
 def held(model: Any, rss_before: int) -> dict[str, int]:
     """Elements of the model's parameters this rank holds right after loading (its zero.Init partition,
-    none on the meta device) against their full count, and its peak resident memory before it loaded."""
+    none on the meta device) against their full count, and its peak resident memory before and after."""
     local = full = 0
     for p in model.parameters():
         local += p.ds_tensor.numel() if hasattr(p, "ds_tensor") else 0 if p.is_meta else p.numel()
         full += getattr(p, "ds_numel", p.numel())
-    return {"local": local, "full": full, "peak_rss_before_load_bytes": rss_before}
+    return {
+        "local": local,
+        "full": full,
+        "peak_rss_before_load_bytes": rss_before,
+        "peak_rss_loaded_bytes": peak_rss(),
+    }
 
 
 def facts(load: Load, loaded: dict[str, int]) -> dict[str, Any]:
