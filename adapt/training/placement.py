@@ -24,7 +24,6 @@ Host memory per rank while loading, W the weights in the recipe's model.dtype, N
 from __future__ import annotations
 
 import contextlib
-import logging
 import resource
 import sys
 from collections.abc import Iterator
@@ -34,8 +33,6 @@ from typing import Any, Literal
 from adapt.core.errors import AdaptError
 from adapt.core.zero3 import whole_weights
 from adapt.training.config import ModelConfig
-
-log = logging.getLogger(__name__)
 
 How = Literal["whole", "zero.Init", "rank 0 + broadcast"]
 CONVERT_FIRST = "the AR model is converted in memory; `adapt convert` it first to load it sharded"
@@ -76,7 +73,8 @@ def choose(accelerator: Any, cfg: ModelConfig, engine: str) -> Load:
             return Load("whole", "fsdp_cpu_ram_efficient_loading is off")
         how = "rank 0 + broadcast"
     else:
-        return Load("whole", f"{engine} keeps every weight on every rank")
+        several = accelerator.num_processes > 1
+        return Load("whole", f"{engine} keeps every weight on every rank" if several else engine)
     return Load(how) if converted(cfg) else Load("whole", CONVERT_FIRST)
 
 
@@ -95,7 +93,7 @@ def reading(load: Load) -> Iterator[None]:
         yield
 
 
-def load(load: Load, cfg: ModelConfig, main: bool) -> tuple[Any, Any, Any]:
+def read(load: Load, cfg: ModelConfig, main: bool) -> tuple[Any, Any, Any]:
     """(model, tokenizer, settings) as `load` reads them: under rank 0 + broadcast the other ranks' model
     is on the meta device until Accelerate broadcasts rank 0's weights into their shards."""
     from adapt.training.model import load_model
@@ -119,7 +117,8 @@ def apply_lora(load: Load, model: Any, cfg: Any, mask_token_id: int) -> Any:
     from adapt.training.objectives.loss import causal_lm_of
 
     lm = causal_lm_of(model)
-    edges = {id(m.weight): m.weight for m in (lm.get_input_embeddings(), lm.get_output_embeddings()) if m}
+    ends = [m for m in (lm.get_input_embeddings(), lm.get_output_embeddings()) if m is not None]
+    edges = {id(m.weight): m.weight for m in ends}  # once when tied
     with deepspeed.zero.GatheredParameters(list(edges.values())), whole_weights():
         return lora.apply_lora(model, cfg, mask_token_id)
 

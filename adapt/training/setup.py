@@ -72,12 +72,12 @@ def _setup(recipe: Recipe) -> Session:
     if accelerator.is_main_process:
         log.info(load.line())
     share = load.host_share(accelerator.process_index, accelerator.num_processes)
-    with placement.whole_weights():  # a meta-device model under ZeRO-3's zero.Init would run its collectives
+    with placement.whole_weights():  # a meta-device model under zero.Init would run its collectives
         check_batch(recipe, accelerator.device, share)  # before the weights are read and the seed is set
     set_seed(t.seed)
     rss_before = placement.peak_rss()
     with placement.reading(load):  # whole: until Accelerate prepares it; the engine then shards it
-        model, tokenizer, settings = placement.load(load, recipe.model, accelerator.is_main_process)
+        model, tokenizer, settings = placement.read(load, recipe.model, accelerator.is_main_process)
         loaded = placement.held(model, rss_before)
         check_context(model.config, recipe)
         probe_ids = ordinary_token_ids(model, tokenizer)
