@@ -10,9 +10,17 @@ weights only. Per GPU, over N GPUs:
     ZeRO-2   weights replicated, grads and optimizer sharded      4 + 12/N B/param
     FSDP2 / ZeRO-3  everything sharded                            16/N B/param (+ one gathered layer)
 
-Activations (which grow with batch x length, and double for the block objective's [x_t ; x_0] pass)
-and the CUDA context (~0.5-1 GiB) come on top. Parameter counts are computed from each model's
-published dimensions (embeddings tied or not); LoRA adapts every linear layer of the decoder blocks.
+Host memory per rank while the weights load (adapt/training/placement.py), W = 4 B/param in float32:
+
+    DDP, ZeRO-0/1/2, or a whole load       W on every rank (so N x W on a node of N ranks)
+    FSDP2 (rank 0 + broadcast)             rank 0: W + W/N; ranks > 0: W/N
+    ZeRO-3 (zero.Init)                     rank 0: W (the files it reads) + W/N; ranks > 0: W/N
+
+Sharded loading needs a converted checkpoint (`adapt convert` first); an AR model converted in memory
+loads whole. Activations (which grow with batch x length, and double for the block objective's
+[x_t ; x_0] pass) and the CUDA context (~0.5-1 GiB) come on top. Parameter counts are computed from
+each model's published dimensions (embeddings tied or not); LoRA adapts every linear layer of the
+decoder blocks.
 """
 
 from __future__ import annotations
@@ -76,6 +84,16 @@ def bytes_per_gpu(total: int, trained: int, engine: str, gpus: int) -> float:
     raise ValueError(engine)
 
 
+def host_bytes_loading(total: int, engine: str, gpus: int, rank0: bool) -> float:
+    """Host memory of one rank while float32 weights load: whole, or its 1/N (+ the whole on rank 0)."""
+    weights = 4 * total
+    if engine in ("DDP", "ZeRO-2"):
+        return weights
+    if engine in ("FSDP2", "ZeRO-3"):
+        return weights / gpus + (weights if rank0 else 0)
+    raise ValueError(engine)
+
+
 def table(gpus: int, r: int) -> str:
     engines = ["DDP", "ZeRO-2", "FSDP2", "ZeRO-3"]
     head = "| model | params | fine-tuning | " + " | ".join(f"{e} ({gpus} GPUs)" for e in engines) + " |"
@@ -85,6 +103,15 @@ def table(gpus: int, r: int) -> str:
         for label, trained in (("full", n), (f"LoRA r={r}", lora_parameters(d, r))):
             cells = [f"{bytes_per_gpu(n, trained, e, gpus) / GIB:.2f} GiB" for e in engines]
             rows.append(f"| {d.name} | {n / 1e9:.2f}B | {label} | " + " | ".join(cells) + " |")
+    rows += ["", f"| model | host while loading, per rank ({gpus} GPUs) | DDP, ZeRO-2 | FSDP2, ZeRO-3 |",
+             "|---|---|---|---|"]  # fmt: skip
+    for d in MODELS:
+        n = parameters(d)
+        whole = host_bytes_loading(n, "DDP", gpus, rank0=True) / GIB
+        first, other = (host_bytes_loading(n, "ZeRO-3", gpus, rank0) / GIB for rank0 in (True, False))
+        rows.append(
+            f"| {d.name} | rank 0 / others | {whole:.2f} / {whole:.2f} GiB | {first:.2f} / {other:.2f} GiB |"
+        )
     return "\n".join(rows)
 
 

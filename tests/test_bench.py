@@ -105,6 +105,26 @@ def test_memory_table_counts_the_parameters_a_model_really_has(llama_src: Path) 
     assert bytes_per_gpu(n, n, "DDP", 8) == ADAMW_FP32 * n
     assert bytes_per_gpu(n, n, "ZeRO-3", 8) == bytes_per_gpu(n, n, "FSDP2", 8) == ADAMW_FP32 * n / 8
     assert bytes_per_gpu(n, n, "ZeRO-2", 8) == 4 * n + 12 * n / 8
+    from memory_per_gpu import host_bytes_loading
+
+    assert host_bytes_loading(n, "DDP", 8, rank0=False) == host_bytes_loading(n, "ZeRO-2", 8, True) == 4 * n
+    assert host_bytes_loading(n, "FSDP2", 8, False) == host_bytes_loading(n, "ZeRO-3", 8, False) == n / 2
+    assert host_bytes_loading(n, "ZeRO-3", 8, rank0=True) == 4 * n + n / 2
+
+
+@pytest.mark.slow
+def test_load_memory_bench_reports_each_rank_of_each_loading(llama_diffusion: Path, tmp_path: Path) -> None:
+    """On the tiny model (too small for the memory figures to mean anything): FSDP2 read whole, then
+    from rank 0, one row per rank with what engine.json recorded."""
+    cmd = [sys.executable, str(ROOT / "bench/load_memory.py"), "--model", str(llama_diffusion), "--out"]
+    cmd += [str(tmp_path), "--engines", "fsdp"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| FSDP2")]
+    assert [row.split(" | ")[1:3] for row in rows] == [
+        ["whole (whole)", "0"], ["whole (whole)", "1"],
+        ["sharded (rank 0 + broadcast)", "0"], ["sharded (rank 0 + broadcast)", "1"],
+    ]  # fmt: skip
 
 
 def test_pass_cost_bench_times_every_pass_size_against_generate(tmp_path: Path) -> None:

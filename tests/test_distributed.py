@@ -245,6 +245,59 @@ def test_fsdp_wraps_the_models_own_layer_class_or_says_which_it_falls_back_to(
     assert (said in caplog.text) is not declared
 
 
+def fake_accelerator(kind: str, stage: int = 3, zero3_init: bool = True, rank0_loads: bool = True) -> Any:
+    from types import SimpleNamespace
+
+    ds = SimpleNamespace(zero_stage=stage, zero3_init_flag=zero3_init)
+    fsdp = SimpleNamespace(cpu_ram_efficient_loading=rank0_loads)
+    state = SimpleNamespace(deepspeed_plugin=ds, fsdp_plugin=fsdp)
+    return SimpleNamespace(distributed_type=SimpleNamespace(name=kind), state=state, num_processes=2)
+
+
+@pytest.mark.parametrize(
+    ("kind", "options", "source", "line"),
+    [
+        ("MULTI_CPU", {}, "converted", "load: whole (DDP keeps every weight on every rank)"),
+        ("DEEPSPEED", {"stage": 2}, "converted", "load: whole (DeepSpeed ZeRO-2 keeps every weight on"),
+        ("DEEPSPEED", {}, "converted", "load: sharded (zero.Init)"),
+        ("DEEPSPEED", {"zero3_init": False}, "converted", "load: whole (zero3_init_flag is off)"),
+        ("DEEPSPEED", {}, "ar", "load: whole (the AR model is converted in memory; `adapt convert` it first"),
+        ("FSDP", {}, "converted", "load: rank 0 + broadcast"),
+        ("FSDP", {"rank0_loads": False}, "converted", "load: whole (fsdp_cpu_ram_efficient_loading is off)"),
+        ("FSDP", {}, "ar", "load: whole (the AR model is converted in memory"),
+    ],
+)
+def test_the_weights_load_sharded_where_the_engine_shards_a_converted_checkpoint(
+    kind: str, options: dict, source: str, line: str, llama_diffusion: Path, llama_src: Path
+) -> None:
+    from adapt.training.config import ModelConfig
+    from adapt.training.placement import choose
+
+    path = llama_diffusion if source == "converted" else llama_src
+    engine = "DeepSpeed ZeRO-2" if options.get("stage") == 2 else "DDP"
+    load = choose(fake_accelerator(kind, **options), ModelConfig(path=str(path)), engine)
+    assert load.line().startswith(line), load.line()
+    shares = [load.host_share(rank, 4) for rank in range(4)]
+    assert shares == ([1, 0.25, 0.25, 0.25] if load.sharded else [1, 1, 1, 1])
+
+
+def test_the_memory_check_counts_this_ranks_share_of_the_weights(
+    llama_diffusion: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Refused when the host holds less than the weights: whole on a rank, or its 1/N on a rank > 0."""
+    from adapt.core.bounds import MEMORY_LIMIT_ENV, read_weights
+    from adapt.core.errors import AdaptError
+    from adapt.training.config import load_recipe
+    from adapt.training.model import check_batch
+
+    recipe = load_recipe(ROOT / "recipes/multi_process.yaml", [f"model.path={llama_diffusion}", *SMALL])
+    weights = read_weights(llama_diffusion).bytes_in(torch.float32)
+    monkeypatch.setenv(MEMORY_LIMIT_ENV, str(weights // 2 + 50_000))  # + the logits of a micro-batch
+    check_batch(recipe, "cpu", host_share=0.25)
+    with pytest.raises(AdaptError, match="for the weights"):
+        check_batch(recipe, "cpu", host_share=1.0)
+
+
 # ----------------------------------------------------------------------------- FSDP2 against DDP
 
 
@@ -274,6 +327,24 @@ def check_sharded_per_layer(run: Path) -> None:
         assert all(0.4 * full <= rank[name]["local"] <= 0.6 * full for rank in ranks), (name, ranks)
 
 
+def check_loaded(run: Path, how: str) -> None:
+    """engine.json's `load` and the `load:` line: how the weights were read, and what each rank held right
+    after (before Accelerate prepared the model): all of it (whole), half (its zero.Init partition), or
+    rank 0 all and rank 1 nothing (the meta device, until rank 0's weights are broadcast); and the fast-path
+    probe, which runs where the weights are (rank 0's, or the prepared ZeRO-3 engine), found it."""
+    facts = json.loads((run / "engine.json").read_text())
+    load = facts["load"]
+    assert load["how"] == how, load
+    assert facts["fast_path"] is True, "the probe found the decoder + head fast path on the loaded model"
+    held = [r["local"] / r["full"] for r in load["ranks"]]
+    expected = {"whole": [1, 1], "zero.Init": [0.5, 0.5], "rank 0 + broadcast": [1, 0]}[how]
+    assert held == pytest.approx(expected, abs=0.02), load
+    assert all(r["peak_rss_bytes"] >= r["peak_rss_before_load_bytes"] > 0 for r in load["ranks"]), load
+    said = [line for line in run.with_suffix(".stderr").read_text().splitlines() if line.startswith("load:")]
+    line = "load: sharded (zero.Init)" if how == "zero.Init" else f"load: {how}"
+    assert len(said) == 1 and said[0].startswith(line), said
+
+
 def check_losses_agree(ddp: Path, fsdp: Path, steps: int) -> None:
     a, b = losses(ddp), losses(fsdp)
     assert sorted(b) == list(range(1, steps + 1)) and sorted(a) == sorted(b)
@@ -286,6 +357,8 @@ def test_fsdp_lora_shards_each_layer_trains_like_ddp_and_its_adapter_loads_in_pe
 ) -> None:
     check_sharded_per_layer(lora_runs["fsdp"])
     assert json.loads((lora_runs["ddp"] / "engine.json").read_text())["engine"] == "DDP"
+    check_loaded(lora_runs["fsdp"], "rank 0 + broadcast")
+    check_loaded(lora_runs["ddp"], "whole")
     assert start_lines(lora_runs["fsdp"]) == [
         "engine: FSDP2, 2 processes, mixed precision: no (launcher's), device: cpu/gloo"
     ]
@@ -395,6 +468,7 @@ def full_runs(llama_diffusion: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 def test_fsdp_full_finetune_trains_and_exports_like_ddp(full_runs: Runs, llama_diffusion: Path) -> None:
     check_sharded_per_layer(full_runs["fsdp"])
+    check_loaded(full_runs["fsdp"], "rank 0 + broadcast")
     check_losses_agree(full_runs["ddp"], full_runs["fsdp"], 4)
     ddp, fsdp = (export_logits(full_runs[c] / "final") for c in ("ddp", "fsdp"))
     torch.testing.assert_close(fsdp, ddp, atol=LOGIT_TOL, rtol=0)
@@ -459,6 +533,7 @@ def test_deepspeed_lora_partitions_trains_like_ddp_and_exports_what_ddp_does(
 ) -> None:
     run = trained(f"zero{stage}", tmp_path / "run", llama_diffusion, *LORA, f"lora.export={export}")
     check_partitioned(run, stage, trainable_parameters(llama_diffusion, lora=True))
+    check_loaded(run, "zero.Init" if stage == 3 else "whole")
     assert start_lines(run) == [
         f"engine: DeepSpeed ZeRO-{stage}, 2 processes, mixed precision: no (launcher's), device: cpu/gloo"
     ]
@@ -479,6 +554,7 @@ def test_deepspeed_full_finetune_trains_and_exports_like_ddp(
 ) -> None:
     run = full_runs[f"zero{stage}"]
     check_partitioned(run, stage, trainable_parameters(llama_diffusion, lora=False))
+    check_loaded(run, "zero.Init" if stage == 3 else "whole")
     check_losses_agree(full_runs["ddp"], run, 4)
     exported = export_logits(run / "final")
     torch.testing.assert_close(exported, export_logits(full_runs["ddp"] / "final"), atol=LOGIT_TOL, rtol=0)

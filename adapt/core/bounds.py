@@ -323,8 +323,10 @@ def meta_model(config: Any) -> Any | None:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from adapt.core.zero3 import whole_weights
+
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), whole_weights():
             return AutoModelForCausalLM.from_config(config)
     except Exception:  # whatever it is, from_pretrained raises it too, and the boundary reports it
         return None

@@ -247,14 +247,13 @@ def enable_cpu_fsdp2(accelerator: Any) -> None:
     """Turn a CPU (gloo) Accelerate state into FSDP2 with the launch's FSDP settings.
 
     Accelerate only selects FSDP on GPU-like devices; its FSDP2 code paths (fully_shard per decoder layer,
-    sharded save/load_state, get_state_dict) run on CPU once the state says FSDP. Every rank loads the
-    full model itself, so the rank-0-only loading option is turned off.
+    sharded save/load_state, get_state_dict) run on CPU once the state says FSDP; the launch's
+    fsdp_cpu_ram_efficient_loading (rank 0 reads, the others start on the meta device) is kept.
     """
     from accelerate.state import PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
-    plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
-    plugin.cpu_ram_efficient_loading = False
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2)  # reads the launch's FSDP_* settings
     if accelerator.mixed_precision != "no":
         plugin.set_mixed_precision(accelerator.mixed_precision)
     accelerator.state.fsdp_plugin = plugin
@@ -299,28 +298,6 @@ def prepare_deepspeed(accelerator: Any, max_grad_norm: float | None) -> None:
         config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
 
 
-@contextlib.contextmanager
-def whole_weights() -> Iterator[None]:
-    """Load models whole on this rank even while a ZeRO-3 config is selected.
-
-    Selecting a ZeRO-3 plugin makes transformers partition every model it loads (deepspeed.zero.Init);
-    adapt converts, probes and wraps the model before the engine exists, and rank 0 rebuilds a plain copy
-    for a LoRA export, so it loads whole models and lets `deepspeed.initialize` partition them.
-    """
-    try:
-        from transformers.integrations import deepspeed as hf_deepspeed
-    except ImportError:
-        yield
-        return
-    ref = hf_deepspeed._hf_deepspeed_config_weak_ref
-    hf_deepspeed.unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        if ref is not None and ref() is not None:
-            hf_deepspeed.set_hf_deepspeed_config(ref())
-
-
 def engine_name(accelerator: Any) -> str:
     """single process, DDP, FSDP1/FSDP2 or DeepSpeed ZeRO-n: what Accelerate will run."""
     kind = accelerator.distributed_type.name
@@ -343,13 +320,19 @@ def start_line(accelerator: Any, precision_why: str) -> str:
 
 
 def prepare_fsdp(accelerator: Any, loss_module: Any) -> None:
-    """Before Accelerate shards: one unit per decoder layer, and (gloo) every rank starts from rank 0's
-    weights, as DDP does, rather than from its own identically seeded copy (new rows, LoRA init)."""
+    """Before Accelerate shards: one unit per decoder layer, and every rank starts from rank 0's weights,
+    as DDP does, rather than from its own identically seeded copy (new rows, LoRA init): Accelerate
+    broadcasts them under fsdp_cpu_ram_efficient_loading, adapt does on gloo otherwise."""
     import torch.distributed as dist
 
-    configure_wrapping(accelerator.state.fsdp_plugin, loss_module, accelerator.is_main_process)
-    keep_fp32_edges(accelerator.state.fsdp_plugin)
-    if dist.get_backend() == "gloo":
+    from adapt.training.placement import keep_ties
+
+    plugin = accelerator.state.fsdp_plugin
+    configure_wrapping(plugin, loss_module, accelerator.is_main_process)
+    keep_fp32_edges(plugin)
+    if plugin.cpu_ram_efficient_loading:
+        keep_ties(loss_module)
+    elif dist.get_backend() == "gloo":
         for tensor in loss_module.state_dict().values():
             dist.broadcast(tensor, src=0)
 

@@ -55,7 +55,7 @@ def unsharded_peft_model(session: Any, state_dict: dict[str, Any]) -> Any:
     """Rank 0's plain copy of a sharded peft model (FSDP, DeepSpeed): rebuilt as `setup` built it, then the
     gathered weights loaded, every key accounted for. peft's merge and save then run on one process only
     (on the sharded model they would wait for the other ranks)."""
-    from adapt.training.engine import whole_weights
+    from adapt.core.zero3 import whole_weights
     from adapt.training.lora import apply_lora
     from adapt.training.model import load_model
 

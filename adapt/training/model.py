@@ -7,14 +7,15 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from adapt.core.bounds import check_fits, check_weights, logits_term, vocab_size
+from adapt.core.bounds import check_config_matches, check_fits, logits_term, read_weights, vocab_size
 from adapt.core.checkpoint import DiffusionSettings, checked_settings, resolve_dtype
 from adapt.core.errors import AdaptError
 from adapt.training.config import ModelConfig, Recipe
 
 
-def load_model(cfg: ModelConfig) -> tuple[Any, Any, DiffusionSettings]:
-    """A diffusion model to train: a converted checkpoint, or an AR model converted now (in memory)."""
+def load_model(cfg: ModelConfig, empty: bool = False) -> tuple[Any, Any, DiffusionSettings]:
+    """A diffusion model to train: a converted checkpoint, or an AR model converted now (in memory).
+    `empty`: a converted checkpoint's model with its parameters on the meta device (nothing read)."""
     from adapt.conversion.convert import (
         ConvertOptions,
         check_supported,
@@ -35,7 +36,9 @@ def load_model(cfg: ModelConfig) -> tuple[Any, Any, DiffusionSettings]:
     )
     if settings is None:
         check_supported(config)
-    model, tokenizer = load_model_and_tokenizer(cfg.path, options)
+    if empty and settings is None:
+        raise AdaptError(f"{cfg.path} is not a converted checkpoint; only those load empty")
+    model, tokenizer = (empty_model if empty else load_model_and_tokenizer)(cfg.path, options)
     if settings is None:
         settings, _, _ = convert_model(model, tokenizer, options, source=cfg.path)
     elif cfg.shift is not None and cfg.shift != settings.shift:
@@ -44,6 +47,24 @@ def load_model(cfg: ModelConfig) -> tuple[Any, Any, DiffusionSettings]:
             "remove model.shift (it only applies when converting an AR model)"
         )
     return model.train(), tokenizer, settings
+
+
+def empty_model(path: str, options: Any) -> tuple[Any, Any]:
+    """The model of `path`'s config with its parameters on the meta device (its buffers, rotary
+    frequencies, computed as usual), and its tokenizer."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from adapt.conversion.convert import load_config
+
+    config = load_config(path, options.revision)
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=options.revision)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=resolve_dtype(options.dtype), attn_implementation=options.attn_implementation
+        )
+    model.tie_weights()  # (init_empty_weights gave each tied name its own meta parameter)
+    return model, tokenizer
 
 
 def check_context(config: Any, recipe: Recipe) -> None:
@@ -86,10 +107,11 @@ def check_attention(recipe: Recipe, device: Any) -> None:
     check_flex_architecture(load_config(recipe.model.path, recipe.model.revision))
 
 
-def check_batch(recipe: Recipe, device: Any) -> None:
-    """Before the model loads: a micro-batch's logits fit the training device, and the weights (read whole
-    through the host, then sharded or moved) fit the host. Lower bounds: the loss reads the logits (and
-    their gradients) at the masked tokens, about half of them; activations and optimizer states add more."""
+def check_batch(recipe: Recipe, device: Any, host_share: float = 1.0) -> None:
+    """Before the model loads: a micro-batch's logits fit the training device, and this rank's share of
+    the weights read through the host (`host_share`: 1 for a whole load, 1/N on ranks > 0 of a sharded
+    one; `adapt.training.placement`) fits the host. Lower bounds: the loss reads the logits (and their
+    gradients) at the masked tokens, about half of them; activations and optimizer states add more."""
     from pathlib import Path
 
     from adapt.conversion.convert import load_config
@@ -100,7 +122,18 @@ def check_batch(recipe: Recipe, device: Any) -> None:
     terms = [logits_term(t.batch_size, length, vocab_size(config), what)]
     if Path(recipe.model.path).is_dir():  # a Hub id's weights are not on disk yet
         dtype = resolve_dtype(recipe.model.dtype)
-        weights = check_weights(recipe.model.path, dtype, "cpu")
-        terms += [replace(weights.term(dtype), host=True)] if weights is not None else []
+        weights = read_weights(recipe.model.path)  # headers only; the share this rank holds is checked below
+        if weights is not None:
+            check_config_matches(config, weights, recipe.model.path)
+        terms += [host_weights(weights.term(dtype), host_share)] if weights is not None else []
     fix = "lower training.batch_size (raise training.grad_accumulation to keep the batch) or data.max_length"
     check_fits(f"training.batch_size={t.batch_size} x data.max_length={length}", terms, device, fix)
+
+
+def host_weights(term: Any, share: float) -> Any:
+    """The weights term as this rank holds it in host memory while loading."""
+    if share == 1:
+        return replace(term, host=True)
+    what = f"this rank's 1/{round(1 / share)} of the weights"
+    formula = f"{term.formula} / {round(1 / share)}"
+    return replace(term, what=what, bytes=int(term.bytes * share), formula=formula, host=True)

@@ -14,14 +14,14 @@ import torch
 
 from adapt.core.checkpoint import DiffusionSettings
 from adapt.core.lock import abandoned_on_error
+from adapt.training import placement
 from adapt.training.checkpoints import resume
 from adapt.training.config import Recipe
-from adapt.training.engine import whole_weights
-from adapt.training.lora import apply_lora, check_adapter_export
+from adapt.training.lora import check_adapter_export
 from adapt.training.metrics import flat_config
-from adapt.training.model import check_attention, check_batch, check_context, choose_kernel, load_model
+from adapt.training.model import check_attention, check_batch, check_context, choose_kernel
 from adapt.training.objectives import make_objective
-from adapt.training.objectives.loss import TokenLoss, causal_lm_of, check_fast_path
+from adapt.training.objectives.loss import TokenLoss, causal_lm_of
 from adapt.training.optim import build_optimizer, build_scheduler
 from adapt.training.outdir import ENGINE_FILE, claim_output
 from adapt.training.session import Session
@@ -69,21 +69,28 @@ def _setup(recipe: Recipe) -> Session:
     if accelerator.distributed_type.name == "DEEPSPEED":
         engine.prepare_deepspeed(accelerator, t.max_grad_norm)
     check_attention(recipe, accelerator.device)
-    with whole_weights():  # a meta-device model under ZeRO-3's zero.Init would run its collectives
-        check_batch(recipe, accelerator.device)  # before the weights are read, and before the seed is set
+    load = placement.choose(accelerator, recipe.model, engine.engine_name(accelerator))
+    if accelerator.is_main_process:
+        log.info(load.line())
+    share = load.host_share(accelerator.process_index, accelerator.num_processes)
+    with placement.whole_weights():  # a meta-device model under zero.Init would run its collectives
+        check_batch(recipe, accelerator.device, share)  # before the weights are read and the seed is set
     set_seed(t.seed)
-    with whole_weights():  # until Accelerate prepares it; the engine then shards it
-        model, tokenizer, settings = load_model(recipe.model)
+    rss_before = placement.peak_rss()
+    with placement.reading(load):  # whole: until Accelerate prepares it; the engine then shards it
+        model, tokenizer, settings = placement.read(load, recipe.model, accelerator.is_main_process)
+        loaded = placement.held(model, rss_before)
         check_context(model.config, recipe)
         probe_ids = ordinary_token_ids(model, tokenizer)
         if recipe.lora is not None:
             check_adapter_export(recipe)
-            model = apply_lora(model, recipe.lora, settings.mask_token_id)
+            model = placement.apply_lora(load, model, recipe.lora, settings.mask_token_id)
         if t.gradient_checkpointing:
             causal_lm_of(model).gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
-        fast = check_fast_path(model, probe_ids)
+        placement.match_rank0(load, model, accelerator.device)
+        fast = placement.fast_path_before(load, model, probe_ids, accelerator.is_main_process)
     objective = make_objective(recipe.diffusion, settings)
     choose_kernel(model, recipe)
     warn_objective_change(settings, recipe)
@@ -100,7 +107,9 @@ def _setup(recipe: Recipe) -> Session:
     )
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
-    facts = engine.describe(accelerator, loss_module, why)
+    placement.fast_path_after(load, accelerator, loss_module, probe_ids)
+    facts = {**engine.describe(accelerator, loss_module, why), "load": placement.facts(load, loaded)}
+    facts["fast_path"] = accelerator.unwrap_model(loss_module).fast
     session = Session(
         recipe,
         accelerator,
