@@ -145,6 +145,41 @@ def mask_kind(model: Any, objective: Any, ids: torch.Tensor) -> str:
     return f"{str(mask.dtype).removeprefix('torch.')} {list(mask.shape)}"
 
 
+def run_interleaved(args: argparse.Namespace, device: str) -> list[dict[str, Any]]:
+    """Step times with the objectives' steps interleaved in one process (round after round), so that a
+    machine shared with other work slows them alike; memory is not measured in this mode."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = []
+    for spec in plan(args, device):
+        if spec["objective"] == "ar":
+            group = [dict(spec, objective=o) for o in args.objectives]
+            rows += time_group(group, args.steps, device)
+    return rows
+
+
+def time_group(group: list[dict[str, Any]], steps: int, device: str) -> list[dict[str, Any]]:
+    """One warm-up step each, then `steps` rounds of one step of each objective; medians."""
+    runs = []
+    for spec in group:
+        model, objective = load(spec["model"], spec["objective"], spec["attn"], spec["checkpointing"], device)
+        gen = torch.Generator().manual_seed(0)
+        ids = torch.randint(3, model.config.vocab_size - 2, (spec["batch"], spec["length"]), generator=gen)
+        runs.append((spec, step_fn(model, objective, ids.to(device)), []))
+    for i in range(steps + 1):
+        for _, step, times in runs:
+            t0 = time.perf_counter()
+            step(i)
+            times.append(time.perf_counter() - t0)
+    out = []
+    for spec, _, times in runs:
+        median = statistics.median(times[1:])
+        out.append({**spec, "first_step_s": times[0], "step_s": median, "interleaved": True})
+        out[-1]["tokens_per_s"] = spec["batch"] * spec["length"] / median
+        print(json.dumps(out[-1]), flush=True)
+    return out
+
+
 def run_child(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
     """`run_one` in a fresh process; a configuration that dies (memory) or hangs is reported, not fatal."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
@@ -201,12 +236,14 @@ def with_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for r in rows:
         base = ar.get(tuple(r[k] for k in key))
         if base is not None and "failed" not in r:
-            r["memory_vs_ar"] = r["peak_gib"] / base["peak_gib"]
+            if "peak_gib" in r:
+                r["memory_vs_ar"] = r["peak_gib"] / base["peak_gib"]
             r["step_vs_ar"] = r["step_s"] / base["step_s"]
     return rows
 
 
 def table(rows: list[dict[str, Any]]) -> str:
+    """Markdown rows; memory columns are blank for interleaved timing rows."""
     head = "| L | batch | checkpointing | kernel | objective | peak GiB | x AR | step s | x AR | tokens/s |"
     out = [head + " first step s |", "|" + "---|" * 11]
     for r in rows:
@@ -214,7 +251,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         if "failed" in r:
             out.append("| " + " | ".join(map(str, cells)) + f" | {r['failed']} |" + " |" * 5)
             continue
-        cells += [f"{r['peak_gib']:.2f}", f"{r.get('memory_vs_ar', float('nan')):.2f}", f"{r['step_s']:.2f}"]
+        memory = [f"{r['peak_gib']:.2f}", f"{r['memory_vs_ar']:.2f}"] if "peak_gib" in r else ["", ""]
+        cells += [*memory, f"{r['step_s']:.2f}"]
         cells += [
             f"{r.get('step_vs_ar', float('nan')):.2f}",
             f"{r['tokens_per_s']:.0f}",
@@ -246,6 +284,11 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per configuration")
     parser.add_argument("--json", type=Path, default=None, help="write the rows here")
+    parser.add_argument(
+        "--interleave",
+        action="store_true",
+        help="time the objectives in one process, step by step (no memory)",
+    )
     args = parser.parse_args()
     if args.one is None:
         args.lengths = [int(x) for x in args.lengths.split(",")]
@@ -264,6 +307,10 @@ def main() -> None:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if not args.model:
         args.model = str(build_tiny(Path("out/bench-long-context-tiny")))
+    if args.interleave:
+        args.attn = [a for a in args.attn if a != "flex_attention" or flex_refusal(device) is None]
+        write(args, device, with_ratios(run_interleaved(args, device)))
+        return
     refusal = flex_refusal(device) if "flex_attention" in args.attn else None
     rows = []
     for spec in plan(args, device):
@@ -272,7 +319,10 @@ def main() -> None:
             continue
         rows.append(run_child(spec, args.timeout))
         print(json.dumps(rows[-1]), flush=True)
-    rows = with_ratios(rows)
+    write(args, device, with_ratios(rows))
+
+
+def write(args: argparse.Namespace, device: str, rows: list[dict[str, Any]]) -> None:
     print(f"\n{args.model}; {machine(device)}; torch {torch.__version__}; fp32 weights, AdamW; block B = 16")
     print(table(rows))
     if args.json is not None:
