@@ -408,6 +408,7 @@ def test_a_one_process_checkpoint_resumes_on_two_processes(llama_diffusion: Path
     session = one_process_session(out, llama_diffusion, "training.checkpoint_every=3")
     fit(session)  # 3 steps x 2 micro-batches on one process
     session.accelerator.end_training()
+    session.lock.release()  # what `run` does when the session ends: the folder is free for the next run
     proc = launch("ddp", out, llama_diffusion, *LORA, "training.max_steps=4")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("data position: 6 micro-batches over 1 processes -> 3 per process") == 2
