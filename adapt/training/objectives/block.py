@@ -200,7 +200,7 @@ def pair_attention(
     a BlockMask, or for the tiled kernel a one-element placeholder; the pair's layout)."""
     style = MaskStyle.of(style)
     batch, length = positions.shape
-    if style.kind == "bool" or style.kind == "additive":
+    if style.kind in ("bool", "additive"):
         dense = block_pair_allowed(positions, block_size, attention_mask, segments, clean)
         return style.dense(dense), PairLayout(length, block_size)
     mod = pair_mask_mod(positions, block_size, attention_mask, segments, clean)
