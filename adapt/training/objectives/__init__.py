@@ -11,14 +11,14 @@ loop calls `objective.inputs(...)` and never asks which objective it has.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
 from adapt.core.checkpoint import DiffusionSettings
 from adapt.training.config import DiffusionConfig
 
-Inputs = dict[str, "torch.Tensor | None"]
+Inputs = dict[str, Any]  # tensors, the attention argument (dense, BlockMask or placeholder), a PairLayout
 
 
 class Objective(Protocol):

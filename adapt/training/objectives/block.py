@@ -31,7 +31,7 @@ from adapt.core.flex import block_mask, pair_mask_mod
 from adapt.core.pair_attention import PairLayout, no_dense_mask
 from adapt.training.config import DiffusionConfig
 
-Inputs = dict[str, "torch.Tensor | None"]
+Inputs = dict[str, Any]  # tensors, the attention argument (dense, BlockMask or placeholder), a PairLayout
 
 
 @dataclass

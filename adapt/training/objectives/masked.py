@@ -24,7 +24,7 @@ from adapt.core.diffusion import (
 )
 from adapt.training.config import DiffusionConfig
 
-Inputs = dict[str, "torch.Tensor | None"]
+Inputs = dict[str, Any]  # tensors, the attention argument (dense, BlockMask or placeholder), a PairLayout
 
 
 @dataclass
