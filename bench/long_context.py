@@ -6,18 +6,21 @@ python bench/long_context.py --model ~/.cache/adapt/smollm2-135m-instruct --leng
     --steps 2 --threads 2 --json bench/results/long_context_smollm2.json
 
 Every configuration runs in its own process, so its peak memory is its own: RSS (ru_maxrss) on CPU,
-torch.cuda.max_memory_allocated on CUDA. One step is AdamW on fp32 weights: the AR objective is stock
-transformers (`labels=`, causal attention); the diffusion objectives are adapt's (`objective.inputs` +
-`TokenLoss`), block diffusion (B = 16) with causal clean attention over [x_t ; x_0] (2L tokens), under sdpa
-through the tiled pair kernel `adapt finetune` uses (`adapt.core.pair_attention`). Ratios are to the
-AR step at the same length, batch, checkpointing and kernel. flex_attention runs where torch can train it
-(CUDA; torch 2.13 has no FlexAttention backward on CPU: those rows say so). The first step is timed apart
-(flex compiles there) and the step time is the median of the rest.
+torch.cuda.max_memory_allocated on CUDA; "step adds" is that peak over the memory held once the model is
+loaded (freed memory trimmed back first): gradients, optimizer state, activations and logits. Every
+row loads the model the same way (converted; the AR row is set causal again). One step is AdamW on fp32
+weights: the AR objective is stock transformers (`labels=`, causal attention); the diffusion objectives are
+adapt's (`objective.inputs` + `TokenLoss`), block diffusion (B = 16) with causal clean attention over
+[x_t ; x_0] (2L tokens), under sdpa through the tiled pair kernel `adapt finetune` uses
+(`adapt.core.pair_attention`). Ratios are to the AR step at the same length, batch, checkpointing and kernel.
+flex_attention runs where torch can train it (CUDA; torch 2.13 has no FlexAttention backward on CPU: those
+rows say so). The first step is timed apart (flex compiles there); the step time is the median of the rest.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -45,15 +48,18 @@ def load(model_path: str, objective: str, attn: str, checkpointing: bool, device
     """The model to train (converted in memory for the diffusion objectives) and its objective (None: AR)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, attn_implementation=attn)
-    objective_obj = None
-    if objective != "ar":
-        from adapt.conversion.convert import ConvertOptions, convert_model
-        from adapt.training.config import DiffusionConfig
-        from adapt.training.objectives import make_objective
+    from adapt.conversion.convert import ConvertOptions, convert_model
+    from adapt.training.config import DiffusionConfig
+    from adapt.training.objectives import make_objective
 
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
-        settings, _, _ = convert_model(model, tokenizer, ConvertOptions(attn_implementation=attn))
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, attn_implementation=attn)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    # every row is loaded the same way (converted), so that their memory differs by the step alone
+    settings, _, _ = convert_model(model, tokenizer, ConvertOptions(attn_implementation=attn))
+    objective_obj = None
+    if objective == "ar":
+        model.config.is_causal = True  # the AR source again: causal attention, its own loss
+    else:
         block = {"block_size": 16, "clean_attention": "causal"} if objective == "block" else {}
         objective_obj = make_objective(DiffusionConfig(**block), settings)
     if objective == "block" and attn == "sdpa":  # what `adapt finetune` runs for the block objective
@@ -95,6 +101,19 @@ def peak_bytes(device: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def settled_bytes(device: str) -> int:
+    """Memory held now, once freed memory went back to the system: the base a step's peak adds to."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    if device == "cuda":
+        return torch.cuda.memory_allocated()
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     """One configuration in this process: its step times and peak memory."""
     if spec["threads"]:
@@ -105,6 +124,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(3, vocab - 2, (spec["batch"], spec["length"]), generator=gen).to(device)
     step = step_fn(model, objective, ids)
+    base = settled_bytes(device)
     before = peak_bytes(device)
     times, losses = [], []
     for i in range(spec["steps"] + 1):
@@ -122,6 +142,8 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         "tokens_per_s": tokens / median,
         "peak_gib": peak_bytes(device) / 2**30,
         "loaded_gib": before / 2**30,
+        "base_gib": base / 2**30,
+        "step_gib": (peak_bytes(device) - base) / 2**30,
         "losses": losses,
         "checkpointing_active": bool(model.is_gradient_checkpointing),
         "mask": mask_kind(model, objective, ids),
@@ -238,20 +260,26 @@ def with_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if base is not None and "failed" not in r:
             if "peak_gib" in r:
                 r["memory_vs_ar"] = r["peak_gib"] / base["peak_gib"]
+                r["step_memory_vs_ar"] = r["step_gib"] / base["step_gib"]
             r["step_vs_ar"] = r["step_s"] / base["step_s"]
     return rows
 
 
 def table(rows: list[dict[str, Any]]) -> str:
     """Markdown rows; memory columns are blank for interleaved timing rows."""
-    head = "| L | batch | checkpointing | kernel | objective | peak GiB | x AR | step s | x AR | tokens/s |"
-    out = [head + " first step s |", "|" + "---|" * 11]
+    head = (
+        "| L | batch | checkpointing | kernel | objective | peak GiB | x AR | step adds GiB | x AR | step s |"
+    )
+    out = [head + " x AR | tokens/s | first step s |", "|" + "---|" * 13]
     for r in rows:
         cells = [r["length"], r["batch"], "on" if r["checkpointing"] else "off", r["attn"], r["objective"]]
         if "failed" in r:
-            out.append("| " + " | ".join(map(str, cells)) + f" | {r['failed']} |" + " |" * 5)
+            out.append("| " + " | ".join(map(str, cells)) + f" | {r['failed']} |" + " |" * 7)
             continue
-        memory = [f"{r['peak_gib']:.2f}", f"{r['memory_vs_ar']:.2f}"] if "peak_gib" in r else ["", ""]
+        memory = ["", "", "", ""]
+        if "peak_gib" in r:
+            memory = [f"{r['peak_gib']:.2f}", f"{r['memory_vs_ar']:.2f}", f"{r['step_gib']:.2f}"]
+            memory.append(f"{r['step_memory_vs_ar']:.2f}")
         cells += [*memory, f"{r['step_s']:.2f}"]
         cells += [
             f"{r.get('step_vs_ar', float('nan')):.2f}",
