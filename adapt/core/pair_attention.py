@@ -34,6 +34,9 @@ class PairLayout:
     length: int
     block: int
     mask_mod: Callable[..., torch.Tensor] | None = None
+    causal_clean: bool = False
+    """The clean half is plainly causal (causal clean attention, no padding, one document per row): it runs
+    as one causal sdpa call, which skips the masked half of its tiles."""
 
 
 def no_dense_mask(batch: int, length: int, device: torch.device) -> torch.Tensor:
@@ -93,11 +96,19 @@ def pair_sdpa_forward(
     tile = max(block, TILE // block * block)
     outs = []
     for half in (0, 1):  # noisy queries, then clean ones
+        if half == 1 and layout.causal_clean:
+            clean = slice(length, 2 * length)
+            q, k, v = query[:, :, clean], key[:, :, clean], value[:, :, clean]
+            out, _ = sdpa_attention_forward(module, q, k, v, None, dropout, scaling, is_causal=True, **kwargs)
+            outs.append(out)
+            break
         for a in range(0, length, tile):
             end = min(length, a + tile)
-            cols = [slice(length, length + min(length, end + block))]  # clean keys
+            # noisy queries: clean keys before their block (< end) and their block's noisy keys; clean
+            # queries: clean keys to their block's end
+            cols = [slice(length, length + min(length, end + block * half))]
             if half == 0:
-                cols.insert(0, slice(max(0, a - block), min(length, end + block)))  # noisy keys
+                cols.insert(0, slice(max(0, a - block), min(length, end + block)))
             rows = slice(half * length + a, half * length + end)
             k = torch.cat([key[:, :, c] for c in cols], dim=2)
             v = torch.cat([value[:, :, c] for c in cols], dim=2)

@@ -205,7 +205,9 @@ def pair_attention(
         return style.dense(dense), PairLayout(length, block_size)
     mod = pair_mask_mod(positions, block_size, attention_mask, segments, clean)
     if style.kind == "tiled":
-        return no_dense_mask(batch, 2 * length, positions.device), PairLayout(length, block_size, mod)
+        plain = clean == "causal" and segments is None and bool(attention_mask.all())
+        layout = PairLayout(length, block_size, mod, causal_clean=plain)
+        return no_dense_mask(batch, 2 * length, positions.device), layout
     return block_mask(mod, batch, 2 * length, positions.device), PairLayout(length, block_size)
 
 
