@@ -1,8 +1,9 @@
 """Attention masks and positions that reach any architecture through transformers' 4D-mask path.
 
-A `(batch, 1, q, k)` float mask is passed through unchanged by the stock mask builders, so causal,
-annealed and padded patterns need no modeling code. Masks here are additive: 0 where a query may
-attend to a key, the dtype's minimum where it may not.
+A `(batch, 1, q, k)` mask is passed through unchanged by the stock mask builders, so causal, annealed
+and padded patterns need no modeling code. The patterns here are boolean (True where a query may attend
+to a key); `MaskStyle` gives them to a kernel as it takes them: boolean for sdpa, additive (0 or the
+dtype's minimum) for eager, or as mask functions (`adapt.core.flex`) where no dense mask is built.
 """
 
 from __future__ import annotations
