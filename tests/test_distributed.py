@@ -415,6 +415,18 @@ def test_a_one_process_checkpoint_resumes_on_two_processes(llama_diffusion: Path
     assert sorted(losses(out))[-1] == 4
 
 
+def test_a_block_recipe_trains_through_the_tiled_kernel_under_ddp_and_fsdp_alike(
+    llama_diffusion: Path, tmp_path: Path
+) -> None:
+    block = ["diffusion.block_size=4", "diffusion.clean_attention=causal", "diffusion.anneal_steps=0"]
+    block += ["training.max_steps=3", "training.gradient_checkpointing=true", "training.eval_every=0"]
+    runs = {c: trained(c, tmp_path / c, llama_diffusion, *block) for c in ("ddp", "fsdp")}
+    for run in runs.values():
+        assert json.loads((run / "engine.json").read_text())["attention"] == "adapt_pair_sdpa"
+    ddp, fsdp = losses(runs["ddp"]), losses(runs["fsdp"])
+    assert sorted(ddp) == [1, 2, 3] and ddp == pytest.approx(fsdp, abs=LOSS_TOL)
+
+
 @pytest.mark.parametrize(("batches", "saved", "now", "expected"), [(6, 2, 1, 12), (6, 1, 2, 3), (4, 2, 2, 4)])
 def test_the_data_position_converts_between_process_counts(
     batches: int, saved: int, now: int, expected: int

@@ -110,6 +110,7 @@ def _setup(recipe: Recipe) -> Session:
     placement.fast_path_after(load, accelerator, loss_module, probe_ids)
     facts = {**engine.describe(accelerator, loss_module, why), "load": placement.facts(load, loaded)}
     facts["fast_path"] = accelerator.unwrap_model(loss_module).fast
+    facts["attention"] = causal_lm_of(model).config._attn_implementation  # adapt_pair_sdpa: the tiled kernel
     session = Session(
         recipe,
         accelerator,
