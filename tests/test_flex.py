@@ -16,7 +16,7 @@ import warnings
 import pytest
 import torch
 
-from adapt.core.attention import MaskStyle, block_pair_allowed
+from adapt.core.attention import MaskStyle, block_pair_allowed, pair_mask_mod
 from adapt.core.diffusion import annealing_allowed, build_attention_mask
 from adapt.core.errors import AdaptError
 from adapt.core.flex import (
@@ -25,7 +25,6 @@ from adapt.core.flex import (
     dense_pattern,
     flex_cannot_train,
     full_mask_mod,
-    pair_mask_mod,
 )
 from adapt.loading.model import load_diffusion_model
 from adapt.training.config import DiffusionConfig

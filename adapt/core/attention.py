@@ -8,12 +8,15 @@ dtype's minimum) for eager, or as mask functions (`adapt.core.flex`) where no de
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 MaskKind = Literal["additive", "bool", "tiled", "flex"]
+MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""FlexAttention's mask function: (batch, head, query, key) indices -> may the query see the key."""
 
 
 @dataclass(frozen=True)
@@ -129,17 +132,47 @@ def block_pair_allowed(
     own pattern); clean tokens never see noisy ones. positions, attention_mask (0/1 padding) and
     segment_ids (packed documents: tokens see their own document only) are [b, l], shared by both halves.
     """
-    blocks = block_ids(positions, block_size)  # [b, l]
-    q, k = blocks[:, :, None], blocks[:, None, :]  # [b, l, 1], [b, 1, l]
-    same = (
-        torch.ones_like(q == k) if segment_ids is None else segment_ids[:, :, None] == segment_ids[:, None, :]
-    )
-    noisy = torch.cat([(q == k) & same, (k < q) & same], dim=-1)  # [b, l, 2l] noisy queries
-    if clean == "causal":  # columns: within a document they follow positions, and padding is hidden
-        cols = torch.arange(blocks.shape[1], device=blocks.device)
-        sees = (cols[None, :] <= cols[:, None])[None]  # [1, l, l]
-    else:
-        sees = k <= q
-    clean_q = torch.cat([torch.zeros_like(same), sees & same], dim=-1)  # [b, l, 2l] clean queries
-    real = attention_mask.bool().repeat(1, 2)[:, None, :]  # [b, 1, 2l] keys
-    return _keep_diagonal((torch.cat([noisy, clean_q], dim=1) & real)[:, None])
+    batch, length = positions.shape
+    mod = pair_mask_mod(positions, block_size, attention_mask, segment_ids, clean)
+    return dense_of(mod, batch, 2 * length, 2 * length, positions.device)
+
+
+def pair_mask_mod(
+    positions: torch.Tensor,
+    block_size: int,
+    attention_mask: torch.Tensor,
+    segment_ids: torch.Tensor | None = None,
+    clean: str = "block",
+) -> MaskMod:
+    """The block pair's pattern as a mask function over [x_t ; x_0] (indices 0..2l-1), in FlexAttention's
+    signature; it takes broadcast index tensors too (`dense_of`, the tiled pair kernel).
+
+    Noisy query (index < l) of block b: noisy keys of block b, clean keys of blocks < b. Clean query:
+    clean keys of blocks <= b ("block"), or of columns <= its own ("causal"). Same document, real keys.
+    positions, attention_mask (0/1), segment_ids: [b, l].
+    """
+    length = positions.shape[1]
+    blocks = block_ids(positions, block_size)
+    real = attention_mask.bool()
+    docs = torch.zeros_like(positions) if segment_ids is None else segment_ids
+    causal = clean == "causal"
+
+    def mod(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        q_noisy, k_noisy = q < length, k < length
+        qc = torch.where(q_noisy, q, q - length)  # column within the half
+        kc = torch.where(k_noisy, k, k - length)
+        bq, bk = blocks[b, qc], blocks[b, kc]
+        noisy_rule = torch.where(k_noisy, bq == bk, bk < bq)
+        clean_rule = ~k_noisy & ((kc <= qc) if causal else (bk <= bq))
+        rule = torch.where(q_noisy, noisy_rule, clean_rule)
+        return (rule & (docs[b, qc] == docs[b, kc]) & real[b, kc]) | (q == k)
+
+    return mod
+
+
+def dense_of(mod: MaskMod, batch: int, q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
+    """A mask function written out over every (row, query, key): bool [b, 1, q, k]."""
+    b = torch.arange(batch, device=device)[:, None, None]
+    q = torch.arange(q_len, device=device)[None, :, None]
+    k = torch.arange(k_len, device=device)[None, None, :]
+    return mod(b, torch.zeros((), dtype=torch.long), q, k).expand(batch, q_len, k_len)[:, None]

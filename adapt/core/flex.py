@@ -1,4 +1,4 @@
-"""FlexAttention block masks: the training patterns of `adapt.core.attention` as mask functions.
+"""FlexAttention block masks: the training patterns as mask functions, and their BlockMasks.
 
 A dense mask costs one entry per (query, key) pair: [b, 1, 2l, 2l] for the block objective's pair, 2 GiB
 in fp32 at l = 4096, b = 8. A FlexAttention `BlockMask` holds, per 128 x 128 tile, whether the tile is
@@ -7,22 +7,19 @@ tensors (positions, blocks, documents, padding); the kernel skips empty tiles (a
 pair). transformers passes a 4D `BlockMask` unchanged to its flex-attention integration
 (`attn_implementation="flex_attention"`), so no modeling code is involved.
 
-Each mask function here answers exactly what its dense builder in `adapt.core.attention` /
-`adapt.core.diffusion` answers (tests compare them pair by pair), including the diagonal those builders
-keep so that no row is empty.
+The block pair's mask function is `adapt.core.attention.pair_mask_mod` (its dense mask is that function
+written out); `full_mask_mod` here answers what `adapt.core.diffusion.build_attention_mask` builds (tests
+compare them pair by pair), including the diagonal that builder keeps so that no row is empty.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from adapt.core.attention import block_ids
+from adapt.core.attention import MaskMod, dense_of
 from adapt.core.errors import AdaptError
-
-MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def flex_unavailable() -> str | None:
@@ -64,38 +61,6 @@ def check_flex_architecture(config: Any) -> None:
         )
 
 
-def pair_mask_mod(
-    positions: torch.Tensor,
-    block_size: int,
-    attention_mask: torch.Tensor,
-    segment_ids: torch.Tensor | None = None,
-    clean: str = "block",
-) -> MaskMod:
-    """`block_pair_allowed` as a mask function over the pair [x_t ; x_0] (indices 0..2l-1).
-
-    Noisy query (index < l) of block b: noisy keys of block b, clean keys of blocks < b. Clean query:
-    clean keys of blocks <= b ("block"), or of columns <= its own ("causal"). Same document, real keys.
-    positions, attention_mask (0/1), segment_ids: [b, l].
-    """
-    length = positions.shape[1]
-    blocks = block_ids(positions, block_size)
-    real = attention_mask.bool()
-    docs = torch.zeros_like(positions) if segment_ids is None else segment_ids
-    causal = clean == "causal"
-
-    def mod(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        q_noisy, k_noisy = q < length, k < length
-        qc = torch.where(q_noisy, q, q - length)  # column within the half
-        kc = torch.where(k_noisy, k, k - length)
-        bq, bk = blocks[b, qc], blocks[b, kc]
-        noisy_rule = torch.where(k_noisy, bq == bk, bk < bq)
-        clean_rule = ~k_noisy & ((kc <= qc) if causal else (bk <= bq))
-        rule = torch.where(q_noisy, noisy_rule, clean_rule)
-        return (rule & (docs[b, qc] == docs[b, kc]) & real[b, kc]) | (q == k)
-
-    return mod
-
-
 def full_mask_mod(
     attention_mask: torch.Tensor,
     segment_ids: torch.Tensor | None = None,
@@ -119,20 +84,10 @@ def full_mask_mod(
             allowed = allowed & pattern[q, k]
         return allowed if plain else allowed | (q == k)
 
-    mod.dense = lambda: None if plain else dense_full(real, segment_ids, pattern)  # type: ignore[attr-defined]
+    batch, length = real.shape
+    dense = lambda: None if plain else dense_of(mod, batch, length, length, real.device)  # noqa: E731
+    mod.dense = dense  # type: ignore[attr-defined]
     return mod
-
-
-def dense_full(
-    real: torch.Tensor, segment_ids: torch.Tensor | None, pattern: torch.Tensor | None
-) -> torch.Tensor:
-    """`full_mask_mod`'s pattern written out: bool [b, 1, l, l] (what the dense path builds; for metrics)."""
-    allowed = real[:, None, None, :].expand(-1, 1, real.shape[1], -1)
-    if segment_ids is not None:
-        allowed = allowed & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
-    if pattern is not None:
-        allowed = allowed & pattern
-    return allowed | torch.eye(real.shape[1], dtype=torch.bool, device=real.device)
 
 
 def block_mask(mod: MaskMod, batch: int, length: int, device: torch.device, tile: int | None = None) -> Any:

@@ -29,7 +29,7 @@ TILE = 512
 @dataclass(frozen=True)
 class PairLayout:
     """The block pair a forward pass runs on: l, B, and (for the tiled kernel without a dense mask) the
-    pattern's mask function (`adapt.core.flex.pair_mask_mod`), asked per tile."""
+    pattern's mask function (`adapt.core.attention.pair_mask_mod`), asked per tile."""
 
     length: int
     block: int

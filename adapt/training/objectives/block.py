@@ -23,11 +23,17 @@ from typing import Any
 
 import torch
 
-from adapt.core.attention import MaskStyle, block_ids, block_pair_allowed, position_ids_from_mask
+from adapt.core.attention import (
+    MaskStyle,
+    block_ids,
+    block_pair_allowed,
+    pair_mask_mod,
+    position_ids_from_mask,
+)
 from adapt.core.checkpoint import DiffusionSettings
 from adapt.core.diffusion import complementary_mask, maskable_positions, sample_t
 from adapt.core.errors import AdaptError
-from adapt.core.flex import block_mask, pair_mask_mod
+from adapt.core.flex import block_mask
 from adapt.core.pair_attention import PairLayout, no_dense_mask
 from adapt.training.config import DiffusionConfig
 
