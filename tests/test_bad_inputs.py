@@ -154,6 +154,14 @@ class Case:
     """Paths (relative to the world) that must not exist afterwards (a broken export)."""
 
 
+JOINT = (
+    "diffusion.block_size=4",
+    "diffusion.clean_attention=causal",
+    "diffusion.ar_loss_weight=1",
+    "diffusion.anneal_steps=0",
+)
+
+
 def finetune(*overrides: str) -> tuple[str, ...]:
     base = ("model.path={w}/ckpt", "data.path={w}/data.txt", "training.output_dir={w}/run")
     return ("finetune", RECIPE, *base, *QUIET, *overrides)
@@ -272,6 +280,13 @@ CASES = [
          finetune("model.attn_implementation=flex_attention"), "cannot train on cpu"),
     Case("finetune: an attention kernel transformers does not have",
          finetune("model.attn_implementation=flash"), "model.attn_implementation"),
+    Case("finetune: an AR teacher without the AR term", finetune("diffusion.ar_teacher={w}/src"),
+         "ar_loss_weight is 0"),
+    Case("finetune: an AR teacher that is not there", finetune(*JOINT, "diffusion.ar_teacher={w}/nothing"),
+         "no AR model at"),
+    Case("finetune: a diffusion checkpoint as the AR teacher",
+         finetune(*JOINT, "diffusion.ar_teacher={w}/ckpt"),
+         "is a diffusion checkpoint"),
     Case("finetune: lr is NaN", finetune("training.lr=.nan"), "training.lr must be a finite number"),
     Case("finetune: lr is infinite", finetune("training.lr=.inf"), "training.lr must be a finite number"),
     Case("finetune: negative lr", finetune("training.lr=-1"), "training.lr must be > 0"),

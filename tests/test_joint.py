@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from adapt.core.checkpoint import check_settings
@@ -225,3 +226,187 @@ def test_joint_training_logs_both_terms_and_the_export_records_the_weight(llama_
     )
     with torch.no_grad():
         torch.testing.assert_close(loss(ours, ar_part(inputs)), stock(input_ids=ids, labels=ids).loss)
+
+
+# ----------------------------------------------------------------------------- the AR term against a teacher
+
+
+def teacher_objective(converted, tiny_models, arch: str, block: int = 4):  # noqa: ANN001, ANN201
+    from adapt.training.objectives.teacher import load_teacher
+
+    model, tokenizer, settings = load_diffusion_model(converted[arch], device="cpu")
+    objective = joint(settings, 1.0, block)
+    objective.teacher = load_teacher(str(tiny_models[arch]), tokenizer, model, "cpu", torch.float32)
+    return model, tokenizer, objective
+
+
+def hand_kl(source_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per row written out: sum_v p_v (log p_v - log q_v), the teacher's rows padded with 0."""
+    p = source_logits.double().softmax(-1)
+    logq = student_logits.double().log_softmax(-1)
+    return (p * (p.log() - logq[:, : p.shape[-1]])).sum(-1)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma"])
+def test_the_teacher_term_is_the_kl_to_the_source_s_next_token_distribution(
+    converted, tiny_models, arch
+) -> None:  # noqa: ANN001
+    model, tokenizer, objective = teacher_objective(converted, tiny_models, arch)
+    batch = random_batch(tokenizer, rows=2, length=12, seed=11)
+    inputs = objective.inputs(batch, 0, torch.Generator().manual_seed(2), torch.float32)
+    entries = ar_part(inputs)
+    assert entries["soft_targets"].shape == (22, model.get_output_embeddings().weight.shape[0])
+    with torch.no_grad():
+        _, nll, _ = TokenLoss(model)(**inputs)
+        source = AutoModelForCausalLM.from_pretrained(tiny_models[arch]).eval()
+        clean = entries["cols"] - batch["input_ids"].shape[1]
+        want_p = source(**batch).logits[entries["rows"], clean]
+        causal = AutoModelForCausalLM.from_pretrained(converted[arch], is_causal=True).eval()
+        student = causal(**batch).logits[entries["rows"], clean]
+    kl = nll[inputs["ar"]]
+    torch.testing.assert_close(kl.double(), hand_kl(want_p, student), rtol=1e-4, atol=1e-5)
+    # the unchanged converted model is its source but for the mask row (its whole KL: the mass the new
+    # row takes, -log(1 - q_mask)), far below the tokens' cross-entropy the term replaces
+    assert float(kl.max()) < 0.1 * float(F.cross_entropy(student, entries["targets"]))
+    # evaluation (step None) keeps the tokens' cross-entropy: held-out eval_ar_loss means what it did
+    assert "soft_targets" not in objective.inputs(batch, None, torch.Generator(), torch.float32)
+
+
+def test_the_teacher_term_moves_the_model_towards_the_teacher(converted, tiny_models) -> None:  # noqa: ANN001
+    """Gradients of the joint loss with a teacher = diffusion + the KL's, from separate computations; a few
+    steps on the KL alone bring a perturbed model back towards the teacher."""
+    model, tokenizer, objective = teacher_objective(converted, tiny_models, "llama")
+    batch = random_batch(tokenizer, rows=2, length=16, seed=12)
+    with torch.no_grad():  # move the student away from its source
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    inputs = objective.inputs(batch, 0, torch.Generator().manual_seed(4), torch.float32)
+    diffusion = joint(objective.settings, 0.0).inputs(
+        batch, 0, torch.Generator().manual_seed(4), torch.float32
+    )
+    entries = ar_part(inputs)
+
+    def kl_by_hand() -> torch.Tensor:
+        logits = TokenLoss(model).logits_at(
+            entries["input_ids"],
+            entries["attention_mask"],
+            entries["position_ids"],
+            entries["rows"],
+            entries["cols"],
+            entries.get("pair"),
+        )
+        logq = logits.float().log_softmax(-1)
+        p = entries["soft_targets"]
+        return (torch.xlogy(p, p) - p * logq).sum(-1).mean()
+
+    def grads(value: torch.Tensor) -> list[torch.Tensor]:
+        model.zero_grad()
+        value.backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    joint_loss = TokenLoss(model)(**inputs)[0]
+    g_joint = grads(joint_loss)
+    d_loss = TokenLoss(model)(**diffusion)[0]
+    g_diff = grads(d_loss)
+    k_loss = kl_by_hand()
+    g_kl = grads(k_loss)
+    torch.testing.assert_close(joint_loss, d_loss + k_loss, rtol=1e-5, atol=1e-5)
+    for gj, gd, gk in zip(g_joint, g_diff, g_kl, strict=True):
+        torch.testing.assert_close(gj, gd + gk, rtol=1e-4, atol=1e-6)
+    before = float(k_loss.detach())
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(5):
+        opt.zero_grad()
+        ar = ar_part(objective.inputs(batch, 0, torch.Generator().manual_seed(4), torch.float32))
+        TokenLoss(model)(**ar)[0].backward()
+        opt.step()
+    assert float(kl_by_hand()) < 0.7 * before
+
+
+def test_the_teacher_sees_padding_and_packed_documents_as_the_source_does(converted, tiny_models) -> None:  # noqa: ANN001
+    _, tokenizer, objective = teacher_objective(converted, tiny_models, "qwen2", block=2)
+    gen = torch.Generator().manual_seed(13)
+    long = torch.randint(10, len(tokenizer) - 1, (10,), generator=gen)
+    short = torch.randint(10, len(tokenizer) - 1, (7,), generator=gen)
+    pad = tokenizer.pad_token_id
+    source = AutoModelForCausalLM.from_pretrained(tiny_models["qwen2"]).eval()
+
+    def soft(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs = ar_part(objective.inputs(batch, 0, torch.Generator().manual_seed(1), torch.float32))
+        return inputs["soft_targets"], inputs["rows"]
+
+    def alone(row: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return source(input_ids=row[None]).logits[0, :-1].softmax(-1)
+
+    padded = {
+        "input_ids": torch.stack([long, torch.cat([torch.full((3,), pad), short])]),
+        "attention_mask": torch.tensor([[1] * 10, [0] * 3 + [1] * 7]),
+    }
+    probs, rows = soft(padded)
+    for r, row in enumerate((long, short)):
+        got = probs[rows == r]
+        torch.testing.assert_close(got[:, : source.config.vocab_size], alone(row), rtol=1e-4, atol=1e-6)
+        assert float(got[:, source.config.vocab_size :].abs().sum()) == 0.0  # rows the teacher lacks
+    packed = {
+        "input_ids": torch.cat([long[:6], short[:4]])[None],
+        "attention_mask": torch.ones(1, 10, dtype=torch.long),
+        "segment_ids": torch.tensor([[0] * 6 + [1] * 4]),
+        "position_ids": torch.tensor([[0, 1, 2, 3, 4, 5, 0, 1, 2, 3]]),
+    }
+    probs, _ = soft(packed)
+    want = torch.cat([alone(long[:6]), alone(short[:4])])
+    torch.testing.assert_close(probs[:, : source.config.vocab_size], want, rtol=1e-4, atol=1e-6)
+
+
+def test_a_teacher_with_other_tokens_or_a_wider_vocabulary_is_refused(
+    converted, tiny_models, tmp_path
+) -> None:  # noqa: ANN001
+    from transformers import AutoTokenizer
+
+    from adapt.training.objectives.teacher import load_teacher
+
+    model, tokenizer, _ = load_diffusion_model(converted["llama"], device="cpu")
+    source = AutoModelForCausalLM.from_pretrained(tiny_models["llama"])
+    theirs = AutoTokenizer.from_pretrained(tiny_models["llama"])
+    theirs.add_tokens(["<not-the-mask>"])  # the id the converted model gave its mask token
+    source.save_pretrained(tmp_path / "other")
+    theirs.save_pretrained(tmp_path / "other")
+    with pytest.raises(AdaptError, match="another tokenizer .*'<not-the-mask>'"):
+        load_teacher(str(tmp_path / "other"), tokenizer, model, "cpu", torch.float32)
+    source.resize_token_embeddings(len(tokenizer) + 64)
+    source.save_pretrained(tmp_path / "wide")
+    AutoTokenizer.from_pretrained(tiny_models["llama"]).save_pretrained(tmp_path / "wide")
+    with pytest.raises(AdaptError, match="predicts .* tokens, more than the model's"):
+        load_teacher(str(tmp_path / "wide"), tokenizer, model, "cpu", torch.float32)
+
+
+def test_a_run_with_a_teacher_starts_near_zero_and_keeps_eval_as_cross_entropy(
+    llama_src,
+    llama_diffusion,
+    tmp_path,  # noqa: ANN001
+) -> None:
+    from adapt.tiny import SAMPLE_TEXT
+    from adapt.training.config import load_recipe
+    from adapt.training.run import run
+
+    corpus = tmp_path / "text.txt"
+    corpus.write_text("\n\n".join([SAMPLE_TEXT] * 4))
+
+    def train(out: str, *extra: str) -> list[dict]:
+        overrides = [f"model.path={llama_src}", f"data.path={corpus}", f"data.eval_path={corpus}",
+                     f"training.output_dir={tmp_path / out}", "data.max_length=32", "diffusion.block_size=4",
+                     "diffusion.block_schedule=null", "diffusion.clean_attention=causal",
+                     "diffusion.ar_loss_weight=1", "training.max_steps=2", "training.eval_every=2",
+                     "training.eval_batches=2", "training.checkpoint_every=0", "logging.report_to=[]",
+                     "logging.progress_bar=false", "logging.log_every=1", *extra]  # fmt: skip
+        run(load_recipe("recipes/block_text.yaml", overrides))
+        return [json.loads(line) for line in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
+
+    kl = train("kl", f"diffusion.ar_teacher={llama_src}")
+    ce = train("ce")
+    assert kl[0]["ar_loss"] < 0.1 * ce[0]["ar_loss"]  # step 1: the same weights, KL ~0 against CE ~ln V
+    ev_kl, ev_ce = (next(m for m in lines if "eval_ar_loss" in m) for lines in (kl, ce))
+    assert ev_kl["eval_ar_loss"] > 1.0 and ev_ce["eval_ar_loss"] > 1.0  # both the tokens' cross-entropy
+    recipe = (tmp_path / "kl" / "final" / "recipe.yaml").read_text()
+    assert f"ar_teacher: {llama_src}" in recipe  # the export's recipe (and model card) name the teacher

@@ -71,6 +71,12 @@ class DiffusionConfig:
     loss, added with this weight. Needs clean_attention: causal (the clean half is then an AR pass); the
     checkpoint is then an AR model and a block-diffusion drafter at once (`adapt sample --strategy verify`).
     0: the diffusion loss alone."""
+    ar_teacher: str | None = None
+    """With the AR term: an AR causal LM (usually model.path's AR source) whose next-token distribution
+    the clean stream is trained to match, KL(teacher || model), instead of the corpus tokens' cross-
+    entropy. Keeps the AR stream at the teacher's quality when the corpus is the teacher's own greedy text
+    (whose hard targets sharpen it). Training only: held-out `eval_ar_loss` stays the tokens' cross-
+    entropy. null: cross-entropy on the tokens."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.eps < 1.0:
@@ -107,6 +113,11 @@ class DiffusionConfig:
         a = self.ar_loss_weight
         if not math.isfinite(a) or a < 0:
             raise AdaptError(f"diffusion.ar_loss_weight must be a finite number >= 0, got {a}")
+        if self.ar_teacher is not None and not a:
+            raise AdaptError(
+                "diffusion.ar_teacher sets what the AR term matches, but diffusion.ar_loss_weight is 0 "
+                "(no AR term); set ar_loss_weight > 0 or ar_teacher=null"
+            )
         if a and (self.block_size is None or self.clean_attention != "causal"):
             where = "full attention" if self.block_size is None else "clean_attention: block"
             raise AdaptError(

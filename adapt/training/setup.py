@@ -22,6 +22,7 @@ from adapt.training.metrics import flat_config
 from adapt.training.model import check_attention, check_batch, check_context, choose_kernel
 from adapt.training.objectives import make_objective
 from adapt.training.objectives.loss import TokenLoss, causal_lm_of
+from adapt.training.objectives.teacher import load_teacher, teacher_dtype
 from adapt.training.optim import build_optimizer, build_scheduler
 from adapt.training.outdir import ENGINE_FILE, claim_output
 from adapt.training.session import Session
@@ -92,6 +93,15 @@ def _setup(recipe: Recipe) -> Session:
         placement.match_rank0(load, model, accelerator.device)
         fast = placement.fast_path_before(load, model, probe_ids, accelerator.is_main_process)
     objective = make_objective(recipe.diffusion, settings)
+    if recipe.diffusion.ar_teacher is not None:
+        with placement.whole_weights():  # the frozen teacher is whole on every rank
+            objective.teacher = load_teacher(  # type: ignore[attr-defined]
+                recipe.diffusion.ar_teacher,
+                tokenizer,
+                causal_lm_of(model),
+                accelerator.device,
+                teacher_dtype(accelerator.mixed_precision, model),
+            )
     choose_kernel(model, recipe)
     warn_objective_change(settings, recipe)
     loss_module = TokenLoss(model, fast=fast).train()

@@ -36,6 +36,7 @@ from adapt.core.errors import AdaptError
 from adapt.core.flex import block_mask
 from adapt.core.pair_attention import PairLayout, no_dense_mask
 from adapt.training.config import DiffusionConfig
+from adapt.training.objectives.teacher import Teacher
 
 Inputs = dict[str, Any]  # tensors, the attention argument (dense, BlockMask or placeholder), a PairLayout
 
@@ -47,6 +48,8 @@ class BlockDiffusion:
     config: DiffusionConfig
     settings: DiffusionSettings
     name: str = "block"
+    teacher: Teacher | None = None
+    """`diffusion.ar_teacher` loaded: training steps match its next-token distributions (KL)."""
 
     def __post_init__(self) -> None:
         if self.config.ar_loss_weight and not self.settings.shift:
@@ -101,7 +104,11 @@ class BlockDiffusion:
             rows = (positions.repeat(n, 1), size, am.repeat(n, 1), docs, settings.clean_attention)
             out["attention_mask"], out["pair"] = pair_attention(*rows, style)
         if d.ar_loss_weight:
-            out = with_ar_term(out, ar_term(ids, positions, maskable, d.ar_loss_weight))
+            ar = ar_term(ids, positions, maskable, d.ar_loss_weight)
+            if self.teacher is not None and step is not None:  # evaluation: the tokens' cross-entropy
+                clean = ar["cols"] - ids.shape[1]
+                ar["soft_targets"] = self.teacher.probabilities(batch, positions, ar["rows"], clean)
+            out = with_ar_term(out, ar)
         return out
 
     def step_metrics(self, step: int, batch: dict[str, torch.Tensor], inputs: Inputs) -> dict[str, float]:
@@ -263,6 +270,8 @@ def with_ar_term(inputs: Inputs, ar: Inputs) -> Inputs:
     out = dict(inputs)
     for key in ("rows", "cols", "targets", "weights"):
         out[key] = torch.cat([inputs[key], ar[key]])  # type: ignore[list-item]
+    if "soft_targets" in ar:  # the teacher's distributions for the last entries
+        out["soft_targets"] = ar["soft_targets"]
     diffusion = inputs["rows"].numel()  # type: ignore[union-attr]
     out["ar"] = torch.arange(out["rows"].numel(), device=out["rows"].device) >= diffusion  # type: ignore[union-attr]
     return out

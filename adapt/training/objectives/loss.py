@@ -47,13 +47,19 @@ class TokenLoss(nn.Module):
         weights: torch.Tensor,
         ar: torch.Tensor | None = None,
         pair: PairLayout | None = None,
+        soft_targets: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """input_ids [b, l] (noisy), attention_mask [b, l], a 4D mask [b, 1, l, l] or a BlockMask, rows/cols
         [n] (where the prediction is read: already shifted), targets [n], weights [n], ar [n] (which entries
         are the joint objective's AR term; only the metrics read it), pair: the block objective's layout of
-        its [x_t ; x_0] input (read by the tiled pair kernel only) -> (loss [], nll [n], correct [n])."""
+        its [x_t ; x_0] input (read by the tiled pair kernel only), soft_targets [m, V] (a teacher's
+        distributions for the last m entries, scored by KL(teacher || model) instead of their targets)
+        -> (loss [], nll [n], correct [n])."""
         logits = self.logits_at(input_ids, attention_mask, position_ids, rows, cols, pair)  # [n, V]
         nll = F.cross_entropy(logits.float(), targets, reduction="none")  # [n]
+        if soft_targets is not None and len(soft_targets):
+            m = len(soft_targets)
+            nll = torch.cat([nll[:-m], kl_divergence(soft_targets, logits[-m:])])
         return (nll * weights).sum(), nll.detach(), (logits.detach().argmax(-1) == targets)
 
     def logits_at(
@@ -76,6 +82,12 @@ class TokenLoss(nn.Module):
         lm = causal_lm_of(self.model)
         hidden = lm.get_decoder()(input_ids=input_ids, **kwargs).last_hidden_state  # [b, l, h]
         return head_logits(lm, hidden[rows, cols])  # [n, V]
+
+
+def kl_divergence(p: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL(p || softmax(logits)) per row: [m, V] probabilities and logits -> [m]."""
+    logq = F.log_softmax(logits.float(), dim=-1)
+    return (torch.xlogy(p, p) - p * logq).sum(-1)
 
 
 def causal_lm_of(model: nn.Module) -> Any:
