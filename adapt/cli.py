@@ -396,6 +396,10 @@ def sample_cmd(
     draft_length: Annotated[
         int | None, typer.Option(help="verify: drafts per pass, at most block size - 1 (default).")
     ] = None,
+    mask_block: Annotated[
+        int | None,
+        typer.Option(help="verify: masks per mask block, 2 to block size (default); drafts < it."),
+    ] = None,
     redraft: Annotated[
         bool, typer.Option(help="verify: draft for every possible number of accepted drafts (TiDAR).")
     ] = False,
@@ -451,6 +455,7 @@ def sample_cmd(
         step_schedule=step_schedule,  # type: ignore[arg-type]
         threshold=threshold,
         draft_length=draft_length,
+        mask_block=mask_block,
         redraft=redraft,
         entropy_bound=entropy_bound,
         temperature=temperature,

@@ -10,7 +10,8 @@ documents), the same number of new tokens, no EOS stopping:
 - the AR source's greedy `generate` with its KV cache (the baseline),
 - the adapted model's own AR stream (`--strategy ar`): the output `verify` must reproduce,
 - threshold decoding of its diffusion stream (`--thresholds`),
-- `--strategy verify` at each `--drafts` setting (draft length, `r` suffix: redraft, e.g. 3,3r,2).
+- `--strategy verify` at each `--drafts` setting (draft length, `mM`: mask blocks of M masks, `r` suffix:
+  redraft; e.g. 3,3r,2,1m2r).
 Reported per row: tokens/s and its ratio to the AR source, tokens committed per pass, the cost of one pass in
 AR steps, the acceptance rate by draft position, the judge perplexity of the outputs under the AR source
 (conditioned on the prompt, ± one standard error across prompts), and the share of tokens equal to the
@@ -57,13 +58,15 @@ def build_default(root: Path, block: int) -> tuple[Path, Path]:
     return out, src
 
 
-def draft_settings(text: str) -> list[tuple[int | None, bool]]:
-    """'3,3r,d' -> [(3, False), (3, True), (None, False)]: draft length (d: the default), redraft."""
+def draft_settings(text: str) -> list[tuple[int | None, int | None, bool]]:
+    """'3,1m2r,d' -> [(3, None, False), (1, 2, True), (None, None, False)]: draft length (d: the default),
+    masks per mask block (`mM`; default the block size), redraft (`r`)."""
     out = []
     for item in (x.strip() for x in text.split(",") if x.strip()):
         redraft = item.endswith("r")
-        length = item.removesuffix("r")
-        out.append((None if length in ("", "d") else int(length), redraft))
+        item = item.removesuffix("r")
+        length, _, masks = item.partition("m")
+        out.append((None if length in ("", "d") else int(length), int(masks) if masks else None, redraft))
     return out
 
 
@@ -83,12 +86,18 @@ def rows_for(args, model, tokenizer, settings, source) -> dict[str, object]:  # 
     for tau in [float(t) for t in args.thresholds.split(",") if t]:
         cfg = SamplingConfig(gen_length=gen, strategy="threshold", threshold=tau, stop_at_eos=False)
         rows[f"adapted, threshold {tau}"] = adapted(cfg)
-    for length, redraft in draft_settings(args.drafts):
+    for length, masks, redraft in draft_settings(args.drafts):
         cfg = SamplingConfig(
-            gen_length=gen, strategy="verify", draft_length=length, redraft=redraft, stop_at_eos=False
+            gen_length=gen,
+            strategy="verify",
+            draft_length=length,
+            mask_block=masks,
+            redraft=redraft,
+            stop_at_eos=False,
         )
-        shown = length if length is not None else settings.block_size - 1
-        rows[f"adapted, verify, {shown} drafts{' + redraft' if redraft else ''}"] = adapted(cfg)
+        shown = length if length is not None else (masks or settings.block_size) - 1
+        blocks = f", mask blocks of {masks}" if masks else ""
+        rows[f"adapted, verify, {shown} drafts{blocks}{' + redraft' if redraft else ''}"] = adapted(cfg)
     return rows
 
 
@@ -206,7 +215,11 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--gen-length", type=int, default=128)
     ap.add_argument("--block", type=int, default=4, help="block size of the default tiny checkpoint")
     ap.add_argument("--thresholds", default="0.9", help="comma-separated thresholds of threshold rows")
-    ap.add_argument("--drafts", default="d,dr", help="verify rows: draft lengths, r = redraft, d = default")
+    ap.add_argument(
+        "--drafts",
+        default="d,dr",
+        help="verify rows: draft lengths, mM = mask blocks of M, r = redraft, d = default",
+    )
     ap.add_argument("--ppl-windows", type=int, default=16, help="held-out windows for the AR stream's ppl")
     ap.add_argument("--threads", type=int, help="torch CPU threads")
     ap.add_argument("--repeats", type=int, default=1, help="runs of each batch; its fastest is kept")

@@ -107,7 +107,15 @@ def test_ar_is_stock_generate_on_the_same_weights_run_causally(causal: dict, arc
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize(
-    "extra", [{}, {"redraft": True}, {"draft_length": 1}, {"draft_length": 2, "redraft": True}]
+    "extra",
+    [
+        {},
+        {"redraft": True},
+        {"draft_length": 1},
+        {"draft_length": 2, "redraft": True},
+        {"mask_block": 2, "redraft": True},
+        {"mask_block": 3},
+    ],
 )
 def test_greedy_verify_equals_ar_token_for_token(causal: dict, arch: str, extra: dict) -> None:
     ar = decode(causal[arch], PROMPTS, strategy="ar", gen_length=21)
@@ -119,7 +127,7 @@ def test_greedy_verify_equals_ar_token_for_token(causal: dict, arch: str, extra:
 
 def test_trained_drafts_are_accepted_and_rows_accept_different_numbers(trained: Path) -> None:
     ar = decode(trained, PROMPTS, strategy="ar", gen_length=40)
-    for extra in ({}, {"redraft": True}, {"draft_length": 2}):
+    for extra in ({}, {"redraft": True}, {"draft_length": 2}, {"mask_block": 2, "redraft": True}):
         verify = decode(trained, PROMPTS, strategy="verify", gen_length=40, **extra)
         assert verify.sequences == ar.sequences
         assert verify.nfe < 0.6 * ar.nfe  # passes saved: several tokens committed per pass
@@ -256,6 +264,28 @@ def test_checkpoints_without_an_ar_stream_are_refused(converted, tmp_path, clean
         decode(path, PROMPTS[:1], strategy="verify")
 
 
+def test_a_mask_block_of_m_masks_is_what_each_pass_feeds(causal: dict) -> None:
+    """Pass widths, counted at the model: the fed token and its drafts (m - 1 of them), then one block of m
+    masks, or with redraft one per possible number of accepted drafts."""
+    model, tokenizer, settings = load_diffusion_model(causal["llama"], device="cpu")
+    widths: list[int] = []
+    hook = model.register_forward_pre_hook(
+        lambda _, args, kw: widths.append(kw["input_ids"].shape[1]), with_kwargs=True
+    )
+    try:
+        for masks, redraft, want in ((2, True, 1 + 1 + 2 * 2), (3, False, 1 + 2 + 3), (4, False, 1 + 3 + 4)):
+            widths.clear()
+            config = SamplingConfig(
+                gen_length=12, strategy="verify", mask_block=masks, redraft=redraft, stop_at_eos=False
+            )
+            out = generate(model, tokenizer, PROMPTS[:1], config, settings)
+            assert len(out.drafted) == masks - 1  # drafts per pass: the block's masks but the last
+            # after the prompt's pass, passes with drafts to check feed exactly `want` tokens
+            assert want in widths[1:] and max(widths[1:]) == want
+    finally:
+        hook.remove()
+
+
 def test_full_attention_and_bad_draft_lengths_are_refused(converted, causal) -> None:  # noqa: ANN001
     with pytest.raises(AdaptError, match="full attention"):
         decode(converted["llama"], PROMPTS[:1], strategy="ar")
@@ -265,6 +295,12 @@ def test_full_attention_and_bad_draft_lengths_are_refused(converted, causal) -> 
         decode(causal["llama"], PROMPTS[:1], strategy="verify", draft_length=4)
     with pytest.raises(AdaptError, match="exact KV cache"):
         decode(causal["llama"], PROMPTS[:1], strategy="verify", cache="none")
+    with pytest.raises(AdaptError, match="mask_block must be >= 2"):
+        SamplingConfig(strategy="verify", mask_block=1)
+    with pytest.raises(AdaptError, match="more than the checkpoint's block of 4"):
+        decode(causal["llama"], PROMPTS[:1], strategy="verify", mask_block=5)
+    with pytest.raises(AdaptError, match="block of 2 masks drafts: at most 1"):
+        decode(causal["llama"], PROMPTS[:1], strategy="verify", mask_block=2, draft_length=2)
 
 
 def test_a_checkpoint_trained_without_the_ar_term_decodes_with_a_warning(converted, tmp_path, caplog) -> None:  # noqa: ANN001

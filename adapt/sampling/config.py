@@ -49,7 +49,11 @@ class SamplingConfig:
     threshold: float = 0.9
     """Confidence threshold of `threshold` decoding (Fast-dLLM): unmask all >= it, at least one."""
     draft_length: int | None = None
-    """`verify`: diffusion drafts per pass, at most block size - 1 (default: block size - 1)."""
+    """`verify`: diffusion drafts per pass, at most mask_block - 1 (default: mask_block - 1)."""
+    mask_block: int | None = None
+    """`verify`: masks in each mask block, 2 to the block size (default: the block size). Mask k drafts
+    the token after the bonus + k, so a block of m masks drafts at most m - 1 tokens; fewer masks cost
+    fewer tokens per pass (what makes `redraft` cheap where each token of a pass costs time)."""
     redraft: bool = False
     """`verify`: one mask block per possible number of accepted drafts (TiDAR), so the pass after a
     rejection has drafts too; costs B tokens per draft in every pass."""
@@ -125,6 +129,11 @@ class SamplingConfig:
             raise AdaptError(f"entropy_bound must be >= 0, not {self.entropy_bound}")
         if self.draft_length is not None and self.draft_length < 1:
             raise AdaptError(f"draft_length must be >= 1, not {self.draft_length}")
+        if self.mask_block is not None and self.mask_block < 2:
+            raise AdaptError(
+                f"mask_block must be >= 2 (mask k drafts the token after the bonus + k), not "
+                f"{self.mask_block}"
+            )
         if self.cache_refresh < 0:
             raise AdaptError(f"cache_refresh must be >= 0, not {self.cache_refresh}")
         if self.eos_confidence_cap is not None:

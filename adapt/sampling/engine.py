@@ -118,7 +118,7 @@ def decode_ar_stream(
     on_step: Callable[[StepEvent], None] | None,
 ) -> GenerationOutput:
     """`ar` and `verify`: the checkpoint's AR stream, left to right or checking diffusion drafts."""
-    draft_length = check_checkpoint(config, settings)
+    draft_length, masks = check_checkpoint(config, settings)
     warn_untrained(config, settings)
     eos_ids = stop_token_ids(tokenizer, model)
     device = canvas.ids.device
@@ -128,7 +128,7 @@ def decode_ar_stream(
         model,
         config,
         settings.mask_token_id,
-        settings.block_size or 1,
+        masks,
         draft_length,
         vocab,
         eos_ids,

@@ -7,7 +7,8 @@ clean token predict the next one (trained with `diffusion.ar_loss_weight`). One 
 - `verify`: every pass feeds, clean and causal, the uncached committed tokens and the drafts, followed by a
   block of B masks that sees the cache and everything fed before it. The AR logits accept the longest draft
   prefix the AR model agrees with, plus one token of its own; the mask block's predictions (mask k predicts
-  the token after it) are the next drafts. Greedy output equals `ar` token for token. At temperature > 0 a
+  the token after it) are the next drafts. A mask block may be shorter than B (`mask_block`): fewer
+  tokens per pass, fewer drafts. Greedy output equals `ar` token for token. At temperature > 0 a
   draft x is accepted with probability min(1, p(x) / q(x)) and the first rejected one is replaced by a
   sample of norm(max(0, p - q)) (speculative sampling), so samples follow the AR distribution p.
   With `redraft`, a pass holds one mask block per possible number of accepted drafts (block i sees the
@@ -70,14 +71,14 @@ class SpeculativeDecoder:
         model: Any,
         config: SamplingConfig,
         mask_id: int,
-        block_size: int,
+        mask_block: int,
         draft_length: int,
         vocab: int,
         eos_ids: list[int],
         generator: torch.Generator,
     ) -> None:
         self.model, self.config = model, config
-        self.mask_id, self.block = mask_id, block_size
+        self.mask_id, self.block = mask_id, mask_block  # masks per mask block
         self.draft_length = draft_length if config.strategy == "verify" else 0
         self.redraft = config.redraft
         self.vocab, self.eos_ids, self.generator = vocab, eos_ids, generator
@@ -332,8 +333,9 @@ class Layout:
         return allowed[:, None].to(device)
 
 
-def check_checkpoint(config: SamplingConfig, settings: DiffusionSettings) -> int:
-    """Refuse `ar` / `verify` where the checkpoint has no AR stream; -> the draft length to use (0: ar)."""
+def check_checkpoint(config: SamplingConfig, settings: DiffusionSettings) -> tuple[int, int]:
+    """Refuse `ar` / `verify` where the checkpoint has no AR stream; -> (the draft length to use (0: ar),
+    the masks per mask block)."""
     block, name = settings.block_size, config.strategy
     if block is None or settings.clean_attention != "causal" or not settings.shift:
         what = (
@@ -353,19 +355,25 @@ def check_checkpoint(config: SamplingConfig, settings: DiffusionSettings) -> int
             f"--strategy {name} always decodes with the exact KV cache; drop --cache {config.cache}"
         )
     if name == "ar":
-        return 0
+        return 0, block
     if block < 2:
         raise AdaptError(
             "--strategy verify needs drafts: a block size of 1 drafts nothing; use --strategy ar"
         )
-    most = block - 1
+    masks = config.mask_block if config.mask_block is not None else block
+    if masks > block:
+        raise AdaptError(
+            f"--mask-block {masks} is more than the checkpoint's block of {block} (it trained mask blocks "
+            f"of at most {block})"
+        )
+    most = masks - 1
     length = config.draft_length if config.draft_length is not None else most
     if length > most:
         raise AdaptError(
-            f"--draft-length {length} is more than a block of {block} masks drafts: at most {most} (the "
+            f"--draft-length {length} is more than a block of {masks} masks drafts: at most {most} (the "
             "block's last mask would predict past it)"
         )
-    return length
+    return length, masks
 
 
 def warn_untrained(config: SamplingConfig, settings: DiffusionSettings) -> None:

@@ -79,6 +79,7 @@ class _Request(_Strict):
     confidence: Confidence | None = None
     entropy_bound: float | None = None
     draft_length: int | None = None
+    mask_block: int | None = None
     redraft: bool | None = None
     eos_penalty: float | None = None
     eos_confidence_cap: float | None = None
@@ -96,6 +97,7 @@ DIFFUSION_FIELDS = (
     "confidence",
     "entropy_bound",
     "draft_length",
+    "mask_block",
     "redraft",
     "eos_penalty",
     "eos_confidence_cap",
