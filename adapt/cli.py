@@ -400,6 +400,10 @@ def sample_cmd(
         int | None,
         typer.Option(help="verify: masks per mask block, 2 to block size (default); drafts < it."),
     ] = None,
+    candidates: Annotated[
+        int,
+        typer.Option(help="verify: alternatives for the next token's draft, all checked in one pass."),
+    ] = 1,
     redraft: Annotated[
         bool, typer.Option(help="verify: draft for every possible number of accepted drafts (TiDAR).")
     ] = False,
@@ -456,6 +460,7 @@ def sample_cmd(
         threshold=threshold,
         draft_length=draft_length,
         mask_block=mask_block,
+        candidates=candidates,
         redraft=redraft,
         entropy_bound=entropy_bound,
         temperature=temperature,

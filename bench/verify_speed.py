@@ -10,8 +10,8 @@ documents), the same number of new tokens, no EOS stopping:
 - the AR source's greedy `generate` with its KV cache (the baseline),
 - the adapted model's own AR stream (`--strategy ar`): the output `verify` must reproduce,
 - threshold decoding of its diffusion stream (`--thresholds`),
-- `--strategy verify` at each `--drafts` setting (draft length, `mM`: mask blocks of M masks, `r` suffix:
-  redraft; e.g. 3,3r,2,1m2r).
+- `--strategy verify` at each `--drafts` setting (draft length, `cK`: K candidates for the next token,
+  `mM`: mask blocks of M masks, `r`: redraft; e.g. 3,3r,1m2r,c3m2r).
 Reported per row: tokens/s and its ratio to the AR source, tokens committed per pass, the cost of one pass in
 AR steps, the acceptance rate by draft position, the judge perplexity of the outputs under the AR source
 (conditioned on the prompt, ± one standard error across prompts), and the share of tokens equal to the
@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -58,16 +59,32 @@ def build_default(root: Path, block: int) -> tuple[Path, Path]:
     return out, src
 
 
-def draft_settings(text: str) -> list[tuple[int | None, int | None, bool]]:
-    """'3,1m2r,d' -> [(3, None, False), (1, 2, True), (None, None, False)]: draft length (d: the default),
-    masks per mask block (`mM`; default the block size), redraft (`r`)."""
+def draft_settings(text: str) -> list[dict]:
+    """'3,1m2r,c3m2r,d' -> SamplingConfig fields of each verify row: a draft length (d or none: the
+    default), `mM` mask blocks of M masks, `cK` K candidates for the next token, `r` redraft."""
     out = []
     for item in (x.strip() for x in text.split(",") if x.strip()):
-        redraft = item.endswith("r")
-        item = item.removesuffix("r")
-        length, _, masks = item.partition("m")
-        out.append((None if length in ("", "d") else int(length), int(masks) if masks else None, redraft))
+        m = re.fullmatch(r"(d|\d+)?(?:c(\d+))?(?:m(\d+))?(r)?", item)
+        if m is None:
+            raise SystemExit(f"--drafts: cannot read {item!r} (e.g. 3, 1m2r, c3m2r, d)")
+        length, candidates, masks, redraft = m.groups()
+        out.append(
+            {
+                "draft_length": int(length) if length and length != "d" else None,
+                "candidates": int(candidates or 1),
+                "mask_block": int(masks) if masks else None,
+                "redraft": bool(redraft),
+            }
+        )
     return out
+
+
+def row_name(fields: dict, block: int) -> str:
+    k, masks = fields["candidates"], fields["mask_block"]
+    shown = fields["draft_length"] or (1 if k > 1 else (masks or block) - 1)
+    what = f"{k} candidates" if k > 1 else f"{shown} drafts"
+    blocks = f", mask blocks of {masks}" if masks else ""
+    return f"adapted, verify, {what}{blocks}{' + redraft' if fields['redraft'] else ''}"
 
 
 def rows_for(args, model, tokenizer, settings, source) -> dict[str, object]:  # noqa: ANN001
@@ -86,18 +103,9 @@ def rows_for(args, model, tokenizer, settings, source) -> dict[str, object]:  # 
     for tau in [float(t) for t in args.thresholds.split(",") if t]:
         cfg = SamplingConfig(gen_length=gen, strategy="threshold", threshold=tau, stop_at_eos=False)
         rows[f"adapted, threshold {tau}"] = adapted(cfg)
-    for length, masks, redraft in draft_settings(args.drafts):
-        cfg = SamplingConfig(
-            gen_length=gen,
-            strategy="verify",
-            draft_length=length,
-            mask_block=masks,
-            redraft=redraft,
-            stop_at_eos=False,
-        )
-        shown = length if length is not None else (masks or settings.block_size) - 1
-        blocks = f", mask blocks of {masks}" if masks else ""
-        rows[f"adapted, verify, {shown} drafts{blocks}{' + redraft' if redraft else ''}"] = adapted(cfg)
+    for fields in draft_settings(args.drafts):
+        cfg = SamplingConfig(gen_length=gen, strategy="verify", stop_at_eos=False, **fields)
+        rows[row_name(fields, settings.block_size)] = adapted(cfg)
     return rows
 
 
@@ -218,7 +226,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument(
         "--drafts",
         default="d,dr",
-        help="verify rows: draft lengths, mM = mask blocks of M, r = redraft, d = default",
+        help="verify rows: draft length, cK = K candidates, mM = mask blocks of M, r = redraft",
     )
     ap.add_argument("--ppl-windows", type=int, default=16, help="held-out windows for the AR stream's ppl")
     ap.add_argument("--threads", type=int, help="torch CPU threads")

@@ -115,6 +115,8 @@ def test_ar_is_stock_generate_on_the_same_weights_run_causally(causal: dict, arc
         {"draft_length": 2, "redraft": True},
         {"mask_block": 2, "redraft": True},
         {"mask_block": 3},
+        {"candidates": 3, "mask_block": 2, "redraft": True},
+        {"candidates": 2},
     ],
 )
 def test_greedy_verify_equals_ar_token_for_token(causal: dict, arch: str, extra: dict) -> None:
@@ -127,7 +129,13 @@ def test_greedy_verify_equals_ar_token_for_token(causal: dict, arch: str, extra:
 
 def test_trained_drafts_are_accepted_and_rows_accept_different_numbers(trained: Path) -> None:
     ar = decode(trained, PROMPTS, strategy="ar", gen_length=40)
-    for extra in ({}, {"redraft": True}, {"draft_length": 2}, {"mask_block": 2, "redraft": True}):
+    for extra in (
+        {},
+        {"redraft": True},
+        {"draft_length": 2},
+        {"mask_block": 2, "redraft": True},
+        {"candidates": 3, "mask_block": 2, "redraft": True},
+    ):
         verify = decode(trained, PROMPTS, strategy="verify", gen_length=40, **extra)
         assert verify.sequences == ar.sequences
         assert verify.nfe < 0.6 * ar.nfe  # passes saved: several tokens committed per pass
@@ -183,7 +191,20 @@ class AlwaysAccept(SpeculativeDecoder):
         return d, int(torch.multinomial(p[d], 1, generator=self.generator))
 
 
-def two_token_counts(path: Path, decoder: type, n: int, config: SamplingConfig) -> torch.Tensor:
+class NoResidual(SpeculativeDecoder):
+    """A subtly wrong candidates rule: a rejected candidate leaves p as it was (no norm(max(0, p - q)))."""
+
+    def accept_candidate(self, row: Row, p: torch.Tensor) -> tuple[int, int]:
+        for j, x in enumerate(row.drafts):
+            ratio = float(p[0, x]) / max(float(row.q[0, x]), 1e-30)  # type: ignore[index]
+            if float(torch.rand((), generator=self.generator)) < min(1.0, ratio):
+                return 1 + j, int(torch.multinomial(p[1 + j], 1, generator=self.generator))
+        return 0, int(torch.multinomial(p[0], 1, generator=self.generator))
+
+
+def two_token_counts(
+    path: Path, decoder: type, n: int, config: SamplingConfig, masks: int = 4
+) -> torch.Tensor:
     """Counts [V, V] of the first two sampled tokens over n rows of one prompt."""
     model, tokenizer, settings = load_diffusion_model(path, device="cpu")
     vocab = max(len(tokenizer), settings.mask_token_id + 1)
@@ -191,7 +212,7 @@ def two_token_counts(path: Path, decoder: type, n: int, config: SamplingConfig) 
         ["The river"] * n, tokenizer, settings, config.gen_length, False, None, torch.device("cpu"), "right"
     )
     generator = torch.Generator().manual_seed(config.seed)
-    dec = decoder(model, config, settings.mask_token_id, 4, 1, vocab, [], generator)
+    dec = decoder(model, config, settings.mask_token_id, masks, 1, vocab, [], generator)
     with torch.inference_mode():
         out = dec.decode(canvas, lambda region: False)
     assert sum(out.drafted) == n  # every row verified one draft (its second token)
@@ -251,6 +272,20 @@ def test_sampled_verify_follows_the_ar_distribution_and_a_wrong_rule_is_caught(c
     assert chi_square_p(wrong_in_support, expected) < 1e-6
 
 
+def test_sampled_candidates_follow_the_ar_distribution_and_wrong_rules_are_caught(causal: dict) -> None:
+    """Two candidates drawn from the drafter, SpecInfer's rule: the first two tokens follow the AR
+    distribution; always taking a candidate, or skipping the residual after a rejection, do not."""
+    path = causal["llama"]
+    config = SamplingConfig(
+        gen_length=3, strategy="verify", temperature=1.5, top_k=3, seed=11, stop_at_eos=False, candidates=2
+    )
+    expected = exact_two_token(path, config)
+    right = two_token_counts(path, SpeculativeDecoder, 3000, config, masks=2)
+    assert chi_square_p(right, expected) > 1e-3
+    for wrong in (AlwaysAccept, NoResidual):
+        assert chi_square_p(two_token_counts(path, wrong, 3000, config, masks=2), expected) < 1e-6, wrong
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -299,6 +334,10 @@ def test_full_attention_and_bad_draft_lengths_are_refused(converted, causal) -> 
         SamplingConfig(strategy="verify", mask_block=1)
     with pytest.raises(AdaptError, match="more than the checkpoint's block of 4"):
         decode(causal["llama"], PROMPTS[:1], strategy="verify", mask_block=5)
+    with pytest.raises(AdaptError, match="candidates must be >= 1"):
+        SamplingConfig(strategy="verify", candidates=0)
+    with pytest.raises(AdaptError, match="use --draft-length 1"):
+        decode(causal["llama"], PROMPTS[:1], strategy="verify", candidates=2, draft_length=2)
     with pytest.raises(AdaptError, match="block of 2 masks drafts: at most 1"):
         decode(causal["llama"], PROMPTS[:1], strategy="verify", mask_block=2, draft_length=2)
 

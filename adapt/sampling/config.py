@@ -54,6 +54,10 @@ class SamplingConfig:
     """`verify`: masks in each mask block, 2 to the block size (default: the block size). Mask k drafts
     the token after the bonus + k, so a block of m masks drafts at most m - 1 tokens; fewer masks cost
     fewer tokens per pass (what makes `redraft` cheap where each token of a pass costs time)."""
+    candidates: int = 1
+    """`verify`: candidates for the next token's draft, each checked by the AR head in the same pass (a
+    one-level draft tree: greedy takes the drafter's top k, sampling draws k from it). With more than one
+    the draft length is 1 and every candidate gets its own mask block for the next drafts."""
     redraft: bool = False
     """`verify`: one mask block per possible number of accepted drafts (TiDAR), so the pass after a
     rejection has drafts too; costs B tokens per draft in every pass."""
@@ -129,6 +133,8 @@ class SamplingConfig:
             raise AdaptError(f"entropy_bound must be >= 0, not {self.entropy_bound}")
         if self.draft_length is not None and self.draft_length < 1:
             raise AdaptError(f"draft_length must be >= 1, not {self.draft_length}")
+        if self.candidates < 1:
+            raise AdaptError(f"candidates must be >= 1, not {self.candidates}")
         if self.mask_block is not None and self.mask_block < 2:
             raise AdaptError(
                 f"mask_block must be >= 2 (mask k drafts the token after the bonus + k), not "

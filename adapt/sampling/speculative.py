@@ -14,6 +14,11 @@ clean token predict the next one (trained with `diffusion.ar_loss_weight`). One 
   With `redraft`, a pass holds one mask block per possible number of accepted drafts (block i sees the
   first i drafts), so the next pass has drafts whatever was rejected; without it, the pass after a rejection
   has no drafts and only drafts anew.
+  With `candidates` k > 1 the draft is a one-level tree: k alternatives for the next token sit at the same
+  position, each seeing the committed tokens and itself; the AR logits before them accept the one they
+  agree with (sampling: SpecInfer's rule for k draws from q, each rejection leaving norm(max(0, p - q))),
+  the accepted candidate's own AR logits give the token after it, and each candidate (and, with redraft,
+  the miss) has its own mask block.
 
 Cache columns are shared by the batch; `key_valid` [b, C] says which hold a row's accepted tokens (rows
 accept different numbers of drafts; rejected columns stay, hidden, and are cropped when no row needs them).
@@ -80,6 +85,7 @@ class SpeculativeDecoder:
         self.model, self.config = model, config
         self.mask_id, self.block = mask_id, mask_block  # masks per mask block
         self.draft_length = draft_length if config.strategy == "verify" else 0
+        self.candidates = config.candidates if self.draft_length else 1  # > 1: drafts are alternatives
         self.redraft = config.redraft
         self.vocab, self.eos_ids, self.generator = vocab, eos_ids, generator
         self._cache_kw, self._can_keep = forward_signature(model)
@@ -134,7 +140,7 @@ class SpeculativeDecoder:
     def forward(self, rows: list[Row], device: torch.device) -> tuple[Logits, Layout]:
         """One model pass over every row's fed tokens and mask blocks; the LM head runs only on the columns
         read (the AR predictions from each row's last committed token on, and the mask blocks)."""
-        layout = Layout.of(rows, self.block, self.draft_length > 0, self.redraft)
+        layout = Layout.of(rows, self.block, self.draft_length > 0, self.redraft, self.candidates > 1)
         ids, positions = layout.inputs(rows, self.mask_id, device)
         positions = positions.clamp(max=self.limit - 1) if self.limit else positions
         allowed = layout.allowed(rows, self.key_valid, device)  # [b, 1, n, C + n]
@@ -165,21 +171,25 @@ class SpeculativeDecoder:
                 committed.append([])
                 continue
             a, bonus = self.accept(row, ar[r])
-            d = len(row.drafts)
-            for i in range(d):
+            chain = row.drafts[:a] if not layout.branching else row.drafts[a - 1 : a]  # the accepted drafts
+            for i in range(min(len(row.drafts), len(out.drafted))):
                 out.drafted[i] += 1
-                out.accepted[i] += int(i < a)
-            kept[r, : len(row.fresh) + a] = True
-            committed.append([*row.drafts[:a], bonus])
+                out.accepted[i] += int(i < len(chain))
+            kept[r, : len(row.fresh)] = True
+            kept[r, layout.accepted_slots(row, a)] = True
+            committed.append([*chain, bonus])
             nxt = layout.block_for(row, a)
-            row.cached += len(row.fresh) + a
+            row.cached += len(row.fresh) + len(chain)
             row.fresh = [bonus]
-            row.drafts, row.q = self.next_drafts(logits, r, layout, nxt, row.generated + a + 1)
+            row.drafts, row.q = self.next_drafts(logits, r, layout, nxt, row.generated + len(chain) + 1)
         self.keep_columns(kept)
         return committed
 
     def accept(self, row: Row, p: torch.Tensor) -> tuple[int, int]:
-        """(drafts accepted, the token after them) from the row's AR distributions p [D+1, V]."""
+        """(drafts accepted, the token after them) from the row's AR distributions p [D+1, V]; with
+        candidates, (1 + the accepted candidate's index, or 0 for none, the token after it)."""
+        if self.candidates > 1:
+            return self.accept_candidate(row, p)
         d = len(row.drafts)
         if self.config.temperature == 0:
             target = p.argmax(-1).tolist()
@@ -197,6 +207,25 @@ class SpeculativeDecoder:
                 return i, int(torch.multinomial(dist, 1, generator=self.generator))
         return d, int(torch.multinomial(p[d], 1, generator=self.generator))
 
+    def accept_candidate(self, row: Row, p: torch.Tensor) -> tuple[int, int]:
+        """One-level tree: p[0] judges every candidate, p[1 + j] is the AR prediction after candidate j."""
+        if self.config.temperature == 0:
+            target = int(p[0].argmax())
+            if target in row.drafts:
+                j = row.drafts.index(target)
+                return 1 + j, int(p[1 + j].argmax())
+            return 0, target
+        assert row.q is not None or not row.drafts
+        left = p[0]
+        for j, x in enumerate(row.drafts):  # k draws from q: SpecInfer's multi-draft speculative sampling
+            q = row.q[0]  # type: ignore[index]
+            ratio = float(left[x]) / max(float(q[x]), 1e-30)
+            if float(torch.rand((), generator=self.generator, device=p.device)) < min(1.0, ratio):
+                return 1 + j, int(torch.multinomial(p[1 + j], 1, generator=self.generator))
+            residual = (left - q).clamp(min=0)
+            left = residual / residual.sum() if float(residual.sum()) > 0 else left
+        return 0, int(torch.multinomial(left, 1, generator=self.generator))
+
     def next_drafts(
         self, logits: Logits, r: int, layout: Layout, block: int | None, generated: int
     ) -> tuple[list[int], torch.Tensor | None]:
@@ -210,8 +239,11 @@ class SpeculativeDecoder:
         lo = layout.width + block * self.block  # mask k (k = 0..) predicts the token after the bonus + k
         columns = torch.arange(lo, lo + n, device=logits.values.device)
         q = self.scores(logits.at(columns[None], rows=[r]))[0]  # [n, V]
+        k = self.candidates  # > 1: n is 1 and the drafts are k alternatives for that token
         if self.config.temperature == 0:
-            return q.argmax(-1).tolist(), None
+            return (q[0].topk(k).indices.tolist() if k > 1 else q.argmax(-1).tolist()), None
+        if k > 1:
+            return torch.multinomial(q[0], k, replacement=True, generator=self.generator).tolist(), q
         return torch.multinomial(q, 1, generator=self.generator)[:, 0].tolist(), q
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
@@ -255,28 +287,70 @@ class Layout:
     block: int
     redraft: bool
     most: int  # the most drafts any row has
+    branching: bool = False  # the drafts are alternatives for one token (candidates), not a chain
 
     @classmethod
-    def of(cls, rows: list[Row], block: int, drafting: bool, redraft: bool) -> Layout:
+    def of(
+        cls, rows: list[Row], block: int, drafting: bool, redraft: bool, branching: bool = False
+    ) -> Layout:
         live = [r for r in rows if not r.done]
         most = max(len(r.drafts) for r in live)
         width = max(len(r.fresh) + len(r.drafts) for r in live)
-        blocks = (most + 1 if redraft else 1) if drafting else 0
-        return cls(width, blocks, block, redraft, most)
+        if not drafting:
+            blocks = 0
+        elif branching:  # one block per candidate (+ the miss's)
+            blocks = max(most, 1) + int(redraft)
+        else:
+            blocks = most + 1 if redraft else 1
+        return cls(width, blocks, block, redraft, most, branching)
 
     def block_for(self, row: Row, accepted: int) -> int | None:
         """The mask block whose drafts follow `accepted` accepted drafts of `row` (None: none does; one
-        block drafts only past all of the row's drafts)."""
+        block drafts only past all of the row's drafts). Branching: `accepted` is 1 + the candidate's
+        index, 0 for none."""
         if not self.blocks:
             return None
+        if self.branching:
+            if self.redraft:
+                return accepted
+            return accepted - 1 if accepted else (0 if not row.drafts else None)
         if self.redraft:
             return accepted
         return 0 if accepted == len(row.drafts) else None
 
+    def block_sees(self, row: Row, i: int) -> list[int]:
+        """The fed slots mask block i sees beside itself: the committed tokens and the drafts it follows."""
+        fresh = list(range(len(row.fresh)))
+        if self.branching:
+            j = i - int(self.redraft)  # the candidate it follows (-1: the miss's block)
+            return fresh + ([len(row.fresh) + j] if 0 <= j < len(row.drafts) else [])
+        follows = i if self.redraft else len(row.drafts)
+        return list(range(len(row.fresh) + follows))
+
     def base(self, row: Row, i: int) -> int:
         """Position of mask block i's first mask: the bonus token's position when i drafts are accepted
-        (redraft), or when all are (one block)."""
-        return row.cached + len(row.fresh) + (i if self.redraft else len(row.drafts))
+        (redraft), or when all are (one block); branching: after its candidate, if it follows one."""
+        return row.cached + len(self.block_sees(row, i))
+
+    def accepted_slots(self, row: Row, accepted: int) -> list[int]:
+        """The fed slots of the drafts `accept` took (beside the committed tokens)."""
+        u = len(row.fresh)
+        if self.branching:
+            return [u + accepted - 1] if accepted else []
+        return list(range(u, u + accepted))
+
+    def slot_position(self, row: Row) -> torch.Tensor:
+        """Position of each fed slot [width]: consecutive, or every candidate at the next token's."""
+        offsets = torch.arange(self.width)
+        if self.branching:
+            offsets = offsets.clamp(max=len(row.fresh))
+        return row.cached + offsets
+
+    def block_used(self, row: Row, i: int) -> bool:
+        """Whether mask block i drafts for `row` (a row with fewer drafts leaves the last blocks unused)."""
+        if self.branching:
+            return i - int(self.redraft) < max(len(row.drafts), 1)
+        return not (self.redraft and i > len(row.drafts))
 
     def ar_columns(self, rows: list[Row]) -> torch.Tensor:
         """[b, most + 1]: each row's fed slots u - 1 + i, whose AR logits check draft i (i = d: the token
@@ -301,7 +375,7 @@ class Layout:
         for r, row in enumerate(rows):
             fed = row.fresh + row.drafts if not row.done else []
             ids[r, : len(fed)] = torch.tensor(fed, dtype=torch.long)
-            pos[r, : self.width] = row.cached + torch.arange(self.width)
+            pos[r, : self.width] = self.slot_position(row)
             for i in range(self.blocks):
                 lo = self.width + i * self.block
                 pos[r, lo : lo + self.block] = self.base(row, i) + torch.arange(self.block)
@@ -318,16 +392,16 @@ class Layout:
             fed = 0 if row.done else len(row.fresh) + len(row.drafts)
             valid_cache = key_valid[r].cpu()
             allowed[r, :fed, :cached] = valid_cache
-            allowed[r, :fed, cached : cached + self.width] = (slot[None, :] <= slot[:, None])[:fed] & (
-                slot[None, :] < fed
-            )
+            causal = slot[None, :] <= slot[:, None]
+            if self.branching:  # a candidate sees the committed tokens and itself, never its rivals
+                causal &= (slot[None, :] < len(row.fresh)) | (slot[None, :] == slot[:, None])
+            allowed[r, :fed, cached : cached + self.width] = causal[:fed] & (slot[None, :] < fed)
             for i in range(self.blocks):
-                if row.done or (self.redraft and i > len(row.drafts)):
+                if row.done or not self.block_used(row, i):
                     continue
                 lo = self.width + i * self.block
-                sees = len(row.fresh) + (i if self.redraft else len(row.drafts))
                 allowed[r, lo : lo + self.block, :cached] = valid_cache
-                allowed[r, lo : lo + self.block, cached : cached + sees] = True
+                allowed[r, lo : lo + self.block, [cached + s for s in self.block_sees(row, i)]] = True
                 allowed[r, lo : lo + self.block, cached + lo : cached + lo + self.block] = True
         allowed[:, torch.arange(n), cached + torch.arange(n)] = True  # every query sees itself
         return allowed[:, None].to(device)
@@ -367,6 +441,14 @@ def check_checkpoint(config: SamplingConfig, settings: DiffusionSettings) -> tup
             f"of at most {block})"
         )
     most = masks - 1
+    if config.candidates > 1:  # a one-level tree: k alternatives for one token
+        if config.draft_length not in (None, 1):
+            raise AdaptError(
+                f"--candidates {config.candidates} drafts alternatives for one token: --draft-length "
+                f"{config.draft_length} would chain drafts after them; use --draft-length 1 (the default "
+                "with candidates)"
+            )
+        return 1, masks
     length = config.draft_length if config.draft_length is not None else most
     if length > most:
         raise AdaptError(

@@ -80,6 +80,7 @@ class _Request(_Strict):
     entropy_bound: float | None = None
     draft_length: int | None = None
     mask_block: int | None = None
+    candidates: int | None = None
     redraft: bool | None = None
     eos_penalty: float | None = None
     eos_confidence_cap: float | None = None
@@ -98,6 +99,7 @@ DIFFUSION_FIELDS = (
     "entropy_bound",
     "draft_length",
     "mask_block",
+    "candidates",
     "redraft",
     "eos_penalty",
     "eos_confidence_cap",
