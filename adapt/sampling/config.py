@@ -49,18 +49,20 @@ class SamplingConfig:
     threshold: float = 0.9
     """Confidence threshold of `threshold` decoding (Fast-dLLM): unmask all >= it, at least one."""
     draft_length: int | None = None
-    """`verify`: diffusion drafts per pass, at most mask_block - 1 (default: mask_block - 1)."""
+    """`verify`: diffusion drafts per pass, at most mask_block - 1 (default: mask_block - 1 when that is
+    given, else 1, the fastest on the CPUs measured; docs/results/verify.md)."""
     mask_block: int | None = None
-    """`verify`: masks in each mask block, 2 to the block size (default: the block size). Mask k drafts
+    """`verify`: masks in each mask block, 2 to the block size (default: draft_length + 1). Mask k drafts
     the token after the bonus + k, so a block of m masks drafts at most m - 1 tokens; fewer masks cost
     fewer tokens per pass (what makes `redraft` cheap where each token of a pass costs time)."""
     candidates: int = 1
     """`verify`: candidates for the next token's draft, each checked by the AR head in the same pass (a
     one-level draft tree: greedy takes the drafter's top k, sampling draws k from it). With more than one
     the draft length is 1 and every candidate gets its own mask block for the next drafts."""
-    redraft: bool = False
+    redraft: bool = True
     """`verify`: one mask block per possible number of accepted drafts (TiDAR), so the pass after a
-    rejection has drafts too; costs B tokens per draft in every pass."""
+    rejection has drafts too; costs a mask block per draft in every pass. False: the pass after a
+    rejection only drafts anew."""
     entropy_bound: float = 1.0
     """Entropy budget (nats) per step of `entropy_bounded` decoding (EB-sampler)."""
     temperature: float = 0.0

@@ -434,22 +434,21 @@ def check_checkpoint(config: SamplingConfig, settings: DiffusionSettings) -> tup
         raise AdaptError(
             "--strategy verify needs drafts: a block size of 1 drafts nothing; use --strategy ar"
         )
-    masks = config.mask_block if config.mask_block is not None else block
+    if config.candidates > 1 and config.draft_length not in (None, 1):  # a one-level tree
+        raise AdaptError(
+            f"--candidates {config.candidates} drafts alternatives for one token: --draft-length "
+            f"{config.draft_length} would chain drafts after them; use --draft-length 1 (the default)"
+        )
+    length, masks = config.draft_length, config.mask_block
+    if length is None:
+        length = 1 if masks is None or config.candidates > 1 else masks - 1
+    masks = masks if masks is not None else min(length + 1, block)
     if masks > block:
         raise AdaptError(
             f"--mask-block {masks} is more than the checkpoint's block of {block} (it trained mask blocks "
             f"of at most {block})"
         )
     most = masks - 1
-    if config.candidates > 1:  # a one-level tree: k alternatives for one token
-        if config.draft_length not in (None, 1):
-            raise AdaptError(
-                f"--candidates {config.candidates} drafts alternatives for one token: --draft-length "
-                f"{config.draft_length} would chain drafts after them; use --draft-length 1 (the default "
-                "with candidates)"
-            )
-        return 1, masks
-    length = config.draft_length if config.draft_length is not None else most
     if length > most:
         raise AdaptError(
             f"--draft-length {length} is more than a block of {masks} masks drafts: at most {most} (the "
