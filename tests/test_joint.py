@@ -247,7 +247,7 @@ def hand_kl(source_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.
     return (p * (p.log() - logq[:, : p.shape[-1]])).sum(-1)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma", "gpt2"])
 def test_the_teacher_term_is_the_kl_to_the_source_s_next_token_distribution(
     converted, tiny_models, arch
 ) -> None:  # noqa: ANN001

@@ -275,7 +275,7 @@ class Logits:
         """Logits [r, c, V] of `columns` [r, c] (pass columns, all kept) of `rows` (default: all)."""
         values = self.values if rows is None else self.values[rows]
         index = torch.searchsorted(self.keep, columns)  # [r, c]
-        return values.gather(1, index[..., None].expand(-1, -1, values.shape[-1]))
+        return values[torch.arange(values.shape[0], device=index.device)[:, None], index]
 
 
 @dataclass

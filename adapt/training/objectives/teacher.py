@@ -41,11 +41,14 @@ class Teacher:
         """Next-token probabilities read at clean columns (rows, cols) of the batch [b, l]: the teacher's
         prediction of the token after each, zero on the student's rows the teacher lacks. -> [n, width]"""
         ids, am = batch["input_ids"], batch["attention_mask"]
-        mask = causal_pattern(am, batch.get("segment_ids"))
-        hidden = self.model.get_decoder()(
-            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False
-        ).last_hidden_state
-        probs = head_logits(self.model, hidden[rows, cols]).float().softmax(-1)  # [n, V_teacher]
+        kwargs = {"attention_mask": causal_pattern(am, batch.get("segment_ids")), "position_ids": positions}
+        decoder = self.model.get_decoder()
+        if decoder is self.model:  # no separate decoder: the whole model, its logits read at (rows, cols)
+            logits = self.model(input_ids=ids, use_cache=False, **kwargs).logits[rows, cols]
+        else:
+            hidden = decoder(input_ids=ids, use_cache=False, **kwargs).last_hidden_state
+            logits = head_logits(self.model, hidden[rows, cols])
+        probs = logits.float().softmax(-1)  # [n, V_teacher]
         return torch.nn.functional.pad(probs, (0, self.width - probs.shape[-1]))
 
 
