@@ -393,23 +393,11 @@ def sample_cmd(
             "drafts checked by it)."
         ),
     ] = "low_confidence",
-    draft_length: Annotated[
-        int | None, typer.Option(help="verify: drafts per pass, at most block size - 1 (default 1).")
-    ] = None,
-    mask_block: Annotated[
-        int | None,
-        typer.Option(help="verify: masks per mask block, 2 to block size (default: drafts + 1)."),
-    ] = None,
-    candidates: Annotated[
-        int,
-        typer.Option(help="verify: alternatives for the next token's draft, all checked in one pass."),
-    ] = 1,
+    draft_length: Annotated[int | None, typer.Option(help="verify: drafts per pass (default 1).")] = None,
+    mask_block: Annotated[int | None, typer.Option(help="verify: masks per block (drafts + 1).")] = None,
+    candidates: Annotated[int, typer.Option(help="verify: alternatives drafted for the next token.")] = 1,
     redraft: Annotated[
-        bool,
-        typer.Option(
-            "--redraft/--no-redraft",
-            help="verify: draft for every possible number of accepted drafts (TiDAR).",
-        ),
+        bool, typer.Option("--redraft/--no-redraft", help="verify: a mask block per draft outcome (TiDAR).")
     ] = True,
     step_schedule: Annotated[
         str, typer.Option(help="Tokens per step: uniform (LLaDA) or dream (Dream's s/t ratio).")
