@@ -40,8 +40,11 @@ class Teacher:
     ) -> torch.Tensor:
         """Next-token probabilities read at clean columns (rows, cols) of the batch [b, l]: the teacher's
         prediction of the token after each, zero on the student's rows the teacher lacks. -> [n, width]"""
-        ids, am = batch["input_ids"], batch["attention_mask"]
-        kwargs = {"attention_mask": causal_pattern(am, batch.get("segment_ids")), "position_ids": positions}
+        ids, am, segments = batch["input_ids"], batch["attention_mask"], batch.get("segment_ids")
+        # packed documents need their own [l, l] pattern; otherwise the model's causal mask over the
+        # padding mask is the source's attention (sdpa then needs no dense mask at all when unpadded)
+        mask = am if segments is None else causal_pattern(am, segments)
+        kwargs = {"attention_mask": mask, "position_ids": positions}
         decoder = self.model.get_decoder()
         if decoder is self.model:  # no separate decoder: the whole model, its logits read at (rows, cols)
             logits = self.model(input_ids=ids, use_cache=False, **kwargs).logits[rows, cols]
