@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
+from adapt.conversion.verify import ordinary_token_ids
 from adapt.core.checkpoint import check_settings
 from adapt.core.errors import AdaptError
 from adapt.loading.model import load_diffusion_model
@@ -48,6 +49,12 @@ def loss(model, inputs: dict) -> torch.Tensor:  # noqa: ANN001
     return TokenLoss(model)(**inputs)[0]
 
 
+def logits_of(model, entries: dict) -> torch.Tensor:  # noqa: ANN001
+    """The model's logits at the entries' (rows, cols), through the loss's own reading of them."""
+    keys = ("input_ids", "attention_mask", "position_ids", "rows", "cols")
+    return TokenLoss(model).logits_at(*(entries[k] for k in keys), entries.get("pair"))
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma", "gpt2"])
 def test_ar_term_is_the_source_s_own_causal_lm_loss(converted, tiny_models, arch: str) -> None:  # noqa: ANN001
     model, tokenizer, settings = load_diffusion_model(converted[arch], device="cpu")
@@ -64,13 +71,7 @@ def test_ar_term_is_the_source_s_own_causal_lm_loss(converted, tiny_models, arch
     source = AutoModelForCausalLM.from_pretrained(tiny_models[arch]).eval()
     entries = ar_part(inputs)
     with torch.no_grad():
-        logits = TokenLoss(model).logits_at(
-            entries["input_ids"],
-            entries["attention_mask"],
-            entries["position_ids"],
-            entries["rows"],
-            entries["cols"],
-        )
+        logits = logits_of(model, entries)
         ar = source(**batch).logits[entries["rows"], entries["cols"] - batch["input_ids"].shape[1]]
     keep = torch.arange(ar.shape[-1]) != settings.mask_token_id  # (a reused spare row has new weights)
     torch.testing.assert_close(logits[:, : ar.shape[-1]][:, keep], ar[:, keep], rtol=1e-4, atol=1e-4)
@@ -235,8 +236,9 @@ def teacher_objective(converted, tiny_models, arch: str, block: int = 4):  # noq
     from adapt.training.objectives.teacher import load_teacher
 
     model, tokenizer, settings = load_diffusion_model(converted[arch], device="cpu")
-    objective = joint(settings, 1.0, block)
-    objective.teacher = load_teacher(str(tiny_models[arch]), tokenizer, model, "cpu", torch.float32)
+    probe = ordinary_token_ids(model, tokenizer)
+    teacher = load_teacher(str(tiny_models[arch]), tokenizer, model, "cpu", torch.float32, probe)
+    objective = BlockDiffusion(joint(settings, 1.0, block).config, settings, teacher=teacher)
     return model, tokenizer, objective
 
 
@@ -287,14 +289,7 @@ def test_the_teacher_term_moves_the_model_towards_the_teacher(converted, tiny_mo
     entries = ar_part(inputs)
 
     def kl_by_hand() -> torch.Tensor:
-        logits = TokenLoss(model).logits_at(
-            entries["input_ids"],
-            entries["attention_mask"],
-            entries["position_ids"],
-            entries["rows"],
-            entries["cols"],
-            entries.get("pair"),
-        )
+        logits = logits_of(model, entries)
         logq = logits.float().log_softmax(-1)
         p = entries["soft_targets"]
         return (torch.xlogy(p, p) - p * logq).sum(-1).mean()
@@ -373,12 +368,12 @@ def test_a_teacher_with_other_tokens_or_a_wider_vocabulary_is_refused(
     source.save_pretrained(tmp_path / "other")
     theirs.save_pretrained(tmp_path / "other")
     with pytest.raises(AdaptError, match="another tokenizer .*'<not-the-mask>'"):
-        load_teacher(str(tmp_path / "other"), tokenizer, model, "cpu", torch.float32)
+        load_teacher(str(tmp_path / "other"), tokenizer, model, "cpu", torch.float32, [10])
     source.resize_token_embeddings(len(tokenizer) + 64)
     source.save_pretrained(tmp_path / "wide")
     AutoTokenizer.from_pretrained(tiny_models["llama"]).save_pretrained(tmp_path / "wide")
     with pytest.raises(AdaptError, match="predicts .* tokens, more than the model's"):
-        load_teacher(str(tmp_path / "wide"), tokenizer, model, "cpu", torch.float32)
+        load_teacher(str(tmp_path / "wide"), tokenizer, model, "cpu", torch.float32, [10])
 
 
 def test_a_run_with_a_teacher_starts_near_zero_and_keeps_eval_as_cross_entropy(

@@ -83,6 +83,14 @@ def causal_mask_4d(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Te
     return to_additive(_keep_diagonal(allowed), dtype)
 
 
+def causal_documents_allowed(attention_mask: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
+    """The AR pattern over packed documents: causal, real keys, own document. -> bool [b, 1, l, l]"""
+    length = attention_mask.shape[-1]
+    same = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+    allowed = causal_allowed(length, attention_mask.device) & key_padding_allowed(attention_mask) & same
+    return _keep_diagonal(allowed)
+
+
 def _keep_diagonal(allowed: torch.Tensor) -> torch.Tensor:
     # A padding query with every key blocked would give NaN under sdpa; letting every query see
     # itself keeps rows finite and changes nothing for real tokens.

@@ -298,8 +298,8 @@ class Layout:
         width = max(len(r.fresh) + len(r.drafts) for r in live)
         if not drafting:
             blocks = 0
-        elif branching:  # one block per candidate (+ the miss's)
-            blocks = max(most, 1) + int(redraft)
+        elif branching:  # one block per candidate (+ the miss's; without candidates, the miss's alone)
+            blocks = most + 1 if redraft else max(most, 1)
         else:
             blocks = most + 1 if redraft else 1
         return cls(width, blocks, block, redraft, most, branching)
@@ -348,9 +348,9 @@ class Layout:
 
     def block_used(self, row: Row, i: int) -> bool:
         """Whether mask block i drafts for `row` (a row with fewer drafts leaves the last blocks unused)."""
-        if self.branching:
-            return i - int(self.redraft) < max(len(row.drafts), 1)
-        return not (self.redraft and i > len(row.drafts))
+        if self.redraft:  # block i follows i accepted drafts, or the (i - 1)-th candidate
+            return i <= len(row.drafts)
+        return not self.branching or i < max(len(row.drafts), 1)
 
     def ar_columns(self, rows: list[Row]) -> torch.Tensor:
         """[b, most + 1]: each row's fed slots u - 1 + i, whose AR logits check draft i (i = d: the token

@@ -92,16 +92,19 @@ def _setup(recipe: Recipe) -> Session:
             )
         placement.match_rank0(load, model, accelerator.device)
         fast = placement.fast_path_before(load, model, probe_ids, accelerator.is_main_process)
-    objective = make_objective(recipe.diffusion, settings)
+    teacher = None
     if recipe.diffusion.ar_teacher is not None:
         with placement.whole_weights():  # the frozen teacher is whole on every rank
-            objective.teacher = load_teacher(  # type: ignore[attr-defined]
+            dtype = teacher_dtype(accelerator.mixed_precision, model)
+            teacher = load_teacher(
                 recipe.diffusion.ar_teacher,
                 tokenizer,
                 causal_lm_of(model),
                 accelerator.device,
-                teacher_dtype(accelerator.mixed_precision, model),
+                dtype,
+                probe_ids,
             )
+    objective = make_objective(recipe.diffusion, settings, teacher)
     choose_kernel(model, recipe)
     warn_objective_change(settings, recipe)
     loss_module = TokenLoss(model, fast=fast).train()

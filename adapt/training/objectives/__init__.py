@@ -42,11 +42,11 @@ class Objective(Protocol):
         ...
 
 
-def make_objective(config: DiffusionConfig, settings: DiffusionSettings) -> Objective:
-    """The objective a recipe's `diffusion` section asks for."""
+def make_objective(config: DiffusionConfig, settings: DiffusionSettings, teacher: Any = None) -> Objective:
+    """The objective a recipe's `diffusion` section asks for (`teacher`: its AR term's, if it has one)."""
     from adapt.training.objectives.block import BlockDiffusion
     from adapt.training.objectives.masked import MaskedDiffusion
 
     if config.block_size is not None:
-        return BlockDiffusion(config, settings)
+        return BlockDiffusion(config, settings, teacher=teacher)
     return MaskedDiffusion(config, settings)

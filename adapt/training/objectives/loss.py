@@ -56,10 +56,10 @@ class TokenLoss(nn.Module):
         distributions for the last m entries, scored by KL(teacher || model) instead of their targets)
         -> (loss [], nll [n], correct [n])."""
         logits = self.logits_at(input_ids, attention_mask, position_ids, rows, cols, pair)  # [n, V]
-        nll = F.cross_entropy(logits.float(), targets, reduction="none")  # [n]
-        if soft_targets is not None and len(soft_targets):
-            m = len(soft_targets)
-            nll = torch.cat([nll[:-m], kl_divergence(soft_targets, logits[-m:])])
+        hard = len(targets) - (len(soft_targets) if soft_targets is not None else 0)
+        nll = F.cross_entropy(logits[:hard].float(), targets[:hard], reduction="none")  # [hard]
+        if soft_targets is not None:
+            nll = torch.cat([nll, kl_divergence(soft_targets, logits[hard:])])  # [n]
         return (nll * weights).sum(), nll.detach(), (logits.detach().argmax(-1) == targets)
 
     def logits_at(

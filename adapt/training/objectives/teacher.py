@@ -18,16 +18,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from adapt.core.attention import causal_documents_allowed
 from adapt.core.checkpoint import read_settings
 from adapt.core.errors import AdaptError
-from adapt.training.objectives.loss import head_logits
+from adapt.training.objectives.loss import TokenLoss, check_fast_path
 
 
 @dataclass
 class Teacher:
-    """A frozen AR model and the width of the student's logits (its vocabulary plus the mask row)."""
+    """A frozen AR model (wrapped for its logits at chosen positions) and the width of the student's
+    logits (its vocabulary plus the mask row)."""
 
-    model: nn.Module
+    scorer: TokenLoss
     width: int
 
     @torch.no_grad()
@@ -40,33 +42,18 @@ class Teacher:
     ) -> torch.Tensor:
         """Next-token probabilities read at clean columns (rows, cols) of the batch [b, l]: the teacher's
         prediction of the token after each, zero on the student's rows the teacher lacks. -> [n, width]"""
-        ids, am, segments = batch["input_ids"], batch["attention_mask"], batch.get("segment_ids")
+        am, segments = batch["attention_mask"], batch.get("segment_ids")
         # packed documents need their own [l, l] pattern; otherwise the model's causal mask over the
         # padding mask is the source's attention (sdpa then needs no dense mask at all when unpadded)
-        mask = am if segments is None else causal_pattern(am, segments)
-        kwargs = {"attention_mask": mask, "position_ids": positions}
-        decoder = self.model.get_decoder()
-        if decoder is self.model:  # no separate decoder: the whole model, its logits read at (rows, cols)
-            logits = self.model(input_ids=ids, use_cache=False, **kwargs).logits[rows, cols]
-        else:
-            hidden = decoder(input_ids=ids, use_cache=False, **kwargs).last_hidden_state
-            logits = head_logits(self.model, hidden[rows, cols])
+        mask = am if segments is None else causal_documents_allowed(am, segments)
+        logits = self.scorer.logits_at(batch["input_ids"], mask, positions, rows, cols)
         probs = logits.float().softmax(-1)  # [n, V_teacher]
         return torch.nn.functional.pad(probs, (0, self.width - probs.shape[-1]))
 
 
-def causal_pattern(attention_mask: torch.Tensor, segments: torch.Tensor | None) -> torch.Tensor:
-    """The AR source's attention over a batch: causal, real keys, own document. -> bool [b, 1, l, l]"""
-    length = attention_mask.shape[-1]
-    keys = attention_mask.bool()[:, None, :]
-    allowed = torch.ones(length, length, dtype=torch.bool, device=keys.device).tril()[None] & keys
-    if segments is not None:
-        allowed = allowed & (segments[:, :, None] == segments[:, None, :])
-    eye = torch.eye(length, dtype=torch.bool, device=keys.device)  # padding queries stay finite
-    return (allowed | eye)[:, None]
-
-
-def load_teacher(path: str, tokenizer: Any, student: nn.Module, device: Any, dtype: torch.dtype) -> Teacher:
+def load_teacher(
+    path: str, tokenizer: Any, student: nn.Module, device: Any, dtype: torch.dtype, probe_ids: list[int]
+) -> Teacher:
     """The frozen teacher in `dtype` on `device`, refused in one line unless it is an AR causal LM whose
     tokens are the student's (same ids) and whose vocabulary fits in the student's logits."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -97,7 +84,8 @@ def load_teacher(path: str, tokenizer: Any, student: nn.Module, device: Any, dty
             f"model's {width}"
         )
     model.requires_grad_(False)
-    return Teacher(model.to(device).eval(), width)
+    model = model.to(device).eval()
+    return Teacher(TokenLoss(model, fast=check_fast_path(model, probe_ids)), width)
 
 
 def teacher_dtype(mixed_precision: str, student: nn.Module) -> torch.dtype:
