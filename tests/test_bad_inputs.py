@@ -282,6 +282,8 @@ CASES = [
          finetune("model.attn_implementation=flash"), "model.attn_implementation"),
     Case("finetune: an AR teacher without the AR term", finetune("diffusion.ar_teacher={w}/src"),
          "ar_loss_weight is 0"),
+    Case("finetune: a full mask without the AR term", finetune("diffusion.full_mask=true"),
+         "needs the AR term"),
     Case("finetune: an AR teacher that is not there", finetune(*JOINT, "diffusion.ar_teacher={w}/nothing"),
          "no AR model at"),
     Case("finetune: a diffusion checkpoint as the AR teacher",

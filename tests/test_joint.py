@@ -189,6 +189,80 @@ def test_bad_ar_loss_weights_are_refused(diffusion: dict, message: str) -> None:
         recipe_from_dict(recipe)
 
 
+def full_mask_objective(settings, **diffusion) -> BlockDiffusion:  # noqa: ANN001
+    config = DiffusionConfig(block_size=4, clean_attention="causal", ar_loss_weight=1.0, **diffusion)
+    return BlockDiffusion(config, settings)
+
+
+def test_the_full_mask_masks_every_maskable_token_at_weight_one(converted) -> None:  # noqa: ANN001
+    """TiDAR's drafter objective: the noisy copy is all masks (padding and the prompt stay as they are)."""
+    _, tokenizer, settings = load_diffusion_model(converted["llama"], device="cpu")
+    ids = random_batch(tokenizer, rows=2, length=12, seed=11)["input_ids"]
+    am = torch.ones_like(ids)
+    ids[1, :3], am[1, :3] = tokenizer.pad_token_id, 0
+    prompt = torch.zeros_like(ids, dtype=torch.bool)
+    prompt[:, :5] = True
+    batch = {"input_ids": ids, "attention_mask": am, "prompt_mask": prompt}
+    inputs = full_mask_objective(settings, full_mask=True).inputs(
+        batch, 0, torch.Generator().manual_seed(1), torch.float32
+    )
+    noisy = inputs["input_ids"][:, :12]
+    response = ~prompt & am.bool()
+    assert (noisy[response] == settings.mask_token_id).all()
+    assert torch.equal(noisy[~response], ids[~response])
+    diffusion = ~inputs["ar"]
+    per_row = [int((inputs["rows"][diffusion] == r).sum()) for r in range(2)]
+    assert per_row == [7, 7]  # every response token is a target (shift: the first is read from the prompt)
+    weights = inputs["weights"][diffusion]
+    torch.testing.assert_close(weights, torch.full_like(weights, 1 / 14))  # 1/t = 1 / (response x rows)
+
+
+def test_the_full_mask_loss_is_the_objective_at_t_one(converted) -> None:  # noqa: ANN001
+    """The same loss as the ordinary objective whose t is pinned next to 1 (eps = 1 - 1e-7)."""
+    model, tokenizer, settings = load_diffusion_model(converted["qwen2"], device="cpu")
+    batch = random_batch(tokenizer, rows=2, length=16, seed=12)
+    full = full_mask_objective(settings, full_mask=True)
+    pinned = full_mask_objective(settings, eps=1 - 1e-7)
+    usual = joint(settings, 1.0)
+    with torch.no_grad():
+        got, want, other = (
+            loss(model, o.inputs(batch, 0, torch.Generator().manual_seed(2), torch.float32))
+            for o in (full, pinned, usual)
+        )
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert abs(float(got - other)) > 1e-3  # t ~ U(eps, 1) is another loss
+
+
+def test_the_export_records_the_full_mask_and_its_card_says_so(converted) -> None:  # noqa: ANN001
+    from adapt.publishing.hub import block_rows
+
+    _, _, settings = load_diffusion_model(converted["llama"], device="cpu")
+    recorded = full_mask_objective(settings, full_mask=True).record(settings)
+    assert recorded.full_mask and not joint(settings, 1.0).record(settings).full_mask
+    assert any(name == "full mask" for name, _ in block_rows(recorded))
+    assert not any(name == "full mask" for name, _ in block_rows(joint(settings, 1.0).record(settings)))
+    with pytest.raises(AdaptError, match="full_mask must be true or false"):
+        check_settings(dataclasses.replace(recorded, full_mask="yes"), None, "ckpt")
+
+
+@pytest.mark.parametrize(
+    ("diffusion", "message"),
+    [
+        ({"block_size": 4, "clean_attention": "causal", "full_mask": True}, "full_mask .*needs the AR term"),
+        ({"full_mask": True}, "needs the AR term"),
+        (
+            {"block_size": 4, "clean_attention": "causal", "ar_loss_weight": 1.0, "full_mask": True,
+             "complementary_masking": True},
+            "would mask none",
+        ),
+    ],
+)  # fmt: skip
+def test_a_full_mask_without_a_drafter_to_train_is_refused(diffusion: dict, message: str) -> None:
+    recipe = {"model": {"path": "m"}, "data": {"path": "d", "max_length": 16}, "diffusion": diffusion}
+    with pytest.raises(AdaptError, match=message):
+        recipe_from_dict(recipe)
+
+
 def test_a_checkpoint_without_shift_is_refused(converted) -> None:  # noqa: ANN001
     _, _, settings = load_diffusion_model(converted["llama"], device="cpu")
     with pytest.raises(AdaptError, match="needs a checkpoint with shift"):

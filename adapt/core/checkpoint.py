@@ -51,6 +51,9 @@ class DiffusionSettings:
     ar_loss_weight: float = 0.0
     """Weight of the next-token loss the clean half was trained with (0: none). > 0: the checkpoint is an
     AR model too, and its AR head verifies diffusion drafts (`--strategy ar` / `verify`)."""
+    full_mask: bool = False
+    """Trained with every token of the noisy copy masked (TiDAR, `diffusion.full_mask`): its mask blocks
+    draft in one step for `--strategy verify`; multi-step unmasking is outside what it was trained on."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -193,6 +196,8 @@ def check_settings(
     a = settings.ar_loss_weight
     if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a) or a < 0:
         raise AdaptError(f"{where}: diffusion.ar_loss_weight must be a finite number >= 0, got {a!r}")
+    if not isinstance(settings.full_mask, bool):
+        raise AdaptError(f"{where}: diffusion.full_mask must be true or false, got {settings.full_mask!r}")
 
 
 def adapter_export(name: str, revision: str | None = None) -> Path | None:

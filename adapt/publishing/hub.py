@@ -388,14 +388,11 @@ def block_rows(settings: DiffusionSettings) -> list[tuple[str, str]]:
     if settings.clean_attention == "causal":
         rows.append(("clean attention", "causal (committed tokens attend to the tokens before them only)"))
     if settings.ar_loss_weight:
-        rows.append(
-            (
-                "AR loss weight",
-                f"{settings.ar_loss_weight:g} (joint objective: the clean stream is also trained as an AR "
-                "model; `--strategy ar` decodes it, `--strategy verify` drafts by diffusion and verifies "
-                "with it)",
-            )
-        )
+        joint = "joint objective: the clean stream is also trained as an AR model; `--strategy ar` decodes "
+        joint += "it, `--strategy verify` drafts by diffusion and verifies with it"
+        rows.append(("AR loss weight", f"{settings.ar_loss_weight:g} ({joint})"))
+    if settings.full_mask:
+        rows.append(("full mask", "True (blocks trained wholly masked, TiDAR: one-step drafts for verify)"))
     return rows
 
 

@@ -77,11 +77,18 @@ class DiffusionConfig:
     entropy. Keeps the AR stream at the teacher's quality when the corpus is the teacher's own greedy text
     (whose hard targets sharpen it). Training only: held-out `eval_ar_loss` stays the tokens' cross-
     entropy. null: cross-entropy on the tokens."""
+    full_mask: bool = False
+    """TiDAR's drafter training: every token of the noisy copy is a mask (t = 1 in every block) instead of
+    t ~ U(eps, 1). The mask blocks then train on exactly what `--strategy verify` asks of them (a whole
+    block of masks after the committed tokens, drafted in one step) and every token enters the loss. Needs
+    the AR term: such a checkpoint drafts for verify (threshold decoding needs partly unmasked blocks,
+    which it never sees)."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.eps < 1.0:
             raise AdaptError(f"diffusion.eps must be in (0, 1), got {self.eps}")
         self.check_ar_loss_weight()
+        self.check_full_mask()
         if self.anneal_steps < 0:
             raise AdaptError(f"diffusion.anneal_steps must be >= 0, got {self.anneal_steps}")
         if self.block_size is None:
@@ -124,6 +131,20 @@ class DiffusionConfig:
                 f"diffusion.ar_loss_weight={a} trains the clean half as an AR model, which needs block "
                 f"diffusion with clean_attention: causal (this recipe has {where}); set "
                 "diffusion.block_size and diffusion.clean_attention=causal, or ar_loss_weight=0"
+            )
+
+    def check_full_mask(self) -> None:
+        """The full mask is a drafter's objective: for the joint model, never with its own complement."""
+        if self.full_mask and not self.ar_loss_weight:
+            raise AdaptError(
+                "diffusion.full_mask trains a one-step drafter for --strategy verify, which needs the AR "
+                "term; set diffusion.ar_loss_weight > 0 (with block_size and clean_attention: causal) or "
+                "full_mask=false"
+            )
+        if self.full_mask and self.complementary_masking:
+            raise AdaptError(
+                "diffusion.full_mask masks every token, so complementary_masking's second view would mask "
+                "none; set one of them false"
             )
 
     def block_sizes(self) -> list[int]:

@@ -83,8 +83,11 @@ class BlockDiffusion:
         segments = batch.get("segment_ids")
         size = self.block_size_at(step)
         maskable = maskable_positions(am, self.settings.shift, batch.get("prompt_mask"), d.train_on_padding)
-        t = block_noise_levels(positions, segments, size, d.eps, d.low_discrepancy, generator)  # [b, l]
-        masked = (torch.rand(ids.shape, generator=generator, device=ids.device) < t) & maskable
+        if d.full_mask:  # TiDAR: every block wholly masked (t = 1), as the verify sampler's mask blocks
+            t, masked = torch.ones(ids.shape, device=ids.device), maskable.clone()
+        else:
+            t = block_noise_levels(positions, segments, size, d.eps, d.low_discrepancy, generator)  # [b, l]
+            masked = (torch.rand(ids.shape, generator=generator, device=ids.device) < t) & maskable
         sft = batch.get("prompt_mask") is not None
         views = [(masked, t)]
         if d.complementary_masking:
@@ -115,10 +118,11 @@ class BlockDiffusion:
         return {"block_size": float(self.block_size_at(step))}
 
     def record(self, settings: DiffusionSettings) -> DiffusionSettings:
-        """The export records the target block size, how clean tokens attend and the AR term's weight;
-        samplers decode with them."""
-        recorded = settings.with_block_size(self.config.block_size, self.config.clean_attention)
-        return replace(recorded, ar_loss_weight=self.config.ar_loss_weight)
+        """The export records the target block size, how clean tokens attend, the AR term's weight and
+        whether blocks were wholly masked; samplers decode with them."""
+        d = self.config
+        recorded = settings.with_block_size(d.block_size, d.clean_attention)
+        return replace(recorded, ar_loss_weight=d.ar_loss_weight, full_mask=d.full_mask)
 
 
 def token_positions(batch: dict[str, torch.Tensor]) -> torch.Tensor:
