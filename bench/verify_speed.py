@@ -43,8 +43,8 @@ from sample_speed import judge_nlls, prompts_from, read_documents  # noqa: E402
 from adapt.evaluation.evaluate import summarize  # noqa: E402
 from adapt.loading.model import load_diffusion_model  # noqa: E402
 from adapt.sampling import SamplingConfig, generate  # noqa: E402
+from adapt.sampling.ar_stream import check_checkpoint  # noqa: E402
 from adapt.sampling.config import acceptance, add_counts  # noqa: E402
-from adapt.sampling.speculative import check_checkpoint  # noqa: E402
 
 SPEED_TARGET, QUALITY_TARGET = 1.5, 1.1
 BASE = "AR source, greedy generate + KV cache"

@@ -351,6 +351,19 @@ def test_a_checkpoint_trained_without_the_ar_term_decodes_with_a_warning(convert
     assert "untrained AR head" in caplog.text
 
 
+def test_a_full_mask_checkpoint_warns_multi_step_decoders_only(converted, tmp_path, caplog) -> None:  # noqa: ANN001
+    path = recorded(converted, tmp_path)["llama"]
+    config = json.loads((path / "config.json").read_text())
+    config["diffusion"]["full_mask"] = True
+    (path / "config.json").write_text(json.dumps(config))
+    for strategy, warned in (("threshold", True), ("low_confidence", True), ("verify", False), ("ar", False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            out = decode(path, PROMPTS[:1], strategy=strategy, gen_length=8)
+        assert len(out.sequences[0]) == 8
+        assert ("wholly masked blocks" in caplog.text) == warned, strategy
+
+
 def test_the_cli_refuses_in_one_line_and_writes_nothing(causal, tmp_path) -> None:  # noqa: ANN001
     from typer.testing import CliRunner
 

@@ -20,10 +20,11 @@ import torch
 from adapt.core.bounds import context_length
 from adapt.core.checkpoint import DiffusionSettings, read_settings
 from adapt.core.errors import AdaptError
+from adapt.sampling.ar_stream import check_checkpoint, warn_one_step, warn_untrained
 from adapt.sampling.cache import BlockDenoiser, Denoiser
 from adapt.sampling.canvas import Canvas, build_canvas, encode
 from adapt.sampling.config import SPECULATIVE, GenerationOutput, SamplingConfig
-from adapt.sampling.speculative import SpeculativeDecoder, check_checkpoint, warn_untrained
+from adapt.sampling.speculative import SpeculativeDecoder
 from adapt.sampling.strategies import SCHEDULES, Strategy, make_strategy, propose, skip_empty_steps
 
 T = TypeVar("T")
@@ -60,6 +61,7 @@ def generate(
             "the model is not a diffusion checkpoint (no diffusion settings); run `adapt convert`"
         )
     config = resolve_cache(config, settings)
+    warn_one_step(config, settings)
     device = next(model.parameters()).device
     side = "right" if settings.block_size else "left"
     canvas = build_canvas(

@@ -26,7 +26,6 @@ accept different numbers of drafts; rejected columns stay, hidden, and are cropp
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,14 +34,10 @@ import torch
 
 from adapt.core.attention import to_additive
 from adapt.core.bounds import context_length
-from adapt.core.checkpoint import DiffusionSettings
-from adapt.core.errors import AdaptError
 from adapt.sampling.cache import forward_signature
 from adapt.sampling.canvas import Canvas
 from adapt.sampling.config import SamplingConfig
 from adapt.sampling.strategies import model_logits, sampling_logits
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -405,64 +400,3 @@ class Layout:
                 allowed[r, lo : lo + self.block, cached + lo : cached + lo + self.block] = True
         allowed[:, torch.arange(n), cached + torch.arange(n)] = True  # every query sees itself
         return allowed[:, None].to(device)
-
-
-def check_checkpoint(config: SamplingConfig, settings: DiffusionSettings) -> tuple[int, int]:
-    """Refuse `ar` / `verify` where the checkpoint has no AR stream; -> (the draft length to use (0: ar),
-    the masks per mask block)."""
-    block, name = settings.block_size, config.strategy
-    if block is None or settings.clean_attention != "causal" or not settings.shift:
-        what = (
-            "full attention"
-            if block is None
-            else "clean_attention: block"
-            if settings.clean_attention != "causal"
-            else "no shift"
-        )
-        raise AdaptError(
-            f"--strategy {name} decodes the AR stream of a block checkpoint trained with causal clean "
-            f"attention and shift (diffusion.clean_attention: causal); this checkpoint has {what}: use "
-            "--strategy threshold or low_confidence"
-        )
-    if config.cache in ("none", "dual"):
-        raise AdaptError(
-            f"--strategy {name} always decodes with the exact KV cache; drop --cache {config.cache}"
-        )
-    if name == "ar":
-        return 0, block
-    if block < 2:
-        raise AdaptError(
-            "--strategy verify needs drafts: a block size of 1 drafts nothing; use --strategy ar"
-        )
-    if config.candidates > 1 and config.draft_length not in (None, 1):  # a one-level tree
-        raise AdaptError(
-            f"--candidates {config.candidates} drafts alternatives for one token: --draft-length "
-            f"{config.draft_length} would chain drafts after them; use --draft-length 1 (the default)"
-        )
-    length, masks = config.draft_length, config.mask_block
-    if length is None:
-        length = 1 if masks is None or config.candidates > 1 else masks - 1
-    masks = masks if masks is not None else min(length + 1, block)
-    if masks > block:
-        raise AdaptError(
-            f"--mask-block {masks} is more than the checkpoint's block of {block} (it trained mask blocks "
-            f"of at most {block})"
-        )
-    most = masks - 1
-    if length > most:
-        raise AdaptError(
-            f"--draft-length {length} is more than a block of {masks} masks drafts: at most {most} (the "
-            "block's last mask would predict past it)"
-        )
-    return length, masks
-
-
-def warn_untrained(config: SamplingConfig, settings: DiffusionSettings) -> None:
-    """Allowed, but said: a checkpoint trained without the AR term has an untrained AR head."""
-    if not settings.ar_loss_weight:
-        log.warning(
-            "this checkpoint was trained without the AR term (diffusion.ar_loss_weight 0): its clean stream "
-            "predicts the next token only as a side effect of block diffusion,"
-            " so %s with an untrained AR head",
-            "verify checks drafts" if config.strategy == "verify" else "ar decodes",
-        )
