@@ -23,8 +23,9 @@ from adapt.training.objectives.loss import TokenLoss
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def joint(settings, weight: float, block: int = 4) -> BlockDiffusion:  # noqa: ANN001
-    config = DiffusionConfig(block_size=block, clean_attention="causal", ar_loss_weight=weight)
+def joint(settings, weight: float, block: int = 4, **diffusion) -> BlockDiffusion:  # noqa: ANN001, ANN003
+    """The joint objective (block diffusion, causal clean, AR term of `weight`), with other diffusion keys."""
+    config = DiffusionConfig(block_size=block, clean_attention="causal", ar_loss_weight=weight, **diffusion)
     return BlockDiffusion(config, settings)
 
 
@@ -181,17 +182,19 @@ def test_the_export_records_the_weight_and_a_bad_recorded_weight_is_refused(conv
         ({"block_size": 4, "clean_attention": "causal", "ar_loss_weight": -0.1}, "finite number >= 0"),
         ({"block_size": 4, "clean_attention": "causal", "ar_loss_weight": float("nan")}, "finite number"),
         ({"block_size": 4, "clean_attention": "causal", "ar_loss_weight": "x"}, "ar_loss_weight"),
+        ({"block_size": 4, "clean_attention": "causal", "full_mask": True}, "full_mask .*needs the AR term"),
+        ({"full_mask": True}, "needs the AR term"),
+        (
+            {"block_size": 4, "clean_attention": "causal", "ar_loss_weight": 1.0, "full_mask": True,
+             "complementary_masking": True},
+            "would mask none",
+        ),
     ],
-)
-def test_bad_ar_loss_weights_are_refused(diffusion: dict, message: str) -> None:
+)  # fmt: skip
+def test_bad_ar_loss_weights_and_full_masks_are_refused(diffusion: dict, message: str) -> None:
     recipe = {"model": {"path": "m"}, "data": {"path": "d", "max_length": 16}, "diffusion": diffusion}
     with pytest.raises(AdaptError, match=message):
         recipe_from_dict(recipe)
-
-
-def full_mask_objective(settings, **diffusion) -> BlockDiffusion:  # noqa: ANN001
-    config = DiffusionConfig(block_size=4, clean_attention="causal", ar_loss_weight=1.0, **diffusion)
-    return BlockDiffusion(config, settings)
 
 
 def test_the_full_mask_masks_every_maskable_token_at_weight_one(converted) -> None:  # noqa: ANN001
@@ -203,7 +206,7 @@ def test_the_full_mask_masks_every_maskable_token_at_weight_one(converted) -> No
     prompt = torch.zeros_like(ids, dtype=torch.bool)
     prompt[:, :5] = True
     batch = {"input_ids": ids, "attention_mask": am, "prompt_mask": prompt}
-    inputs = full_mask_objective(settings, full_mask=True).inputs(
+    inputs = joint(settings, 1.0, full_mask=True).inputs(
         batch, 0, torch.Generator().manual_seed(1), torch.float32
     )
     noisy = inputs["input_ids"][:, :12]
@@ -221,8 +224,8 @@ def test_the_full_mask_loss_is_the_objective_at_t_one(converted) -> None:  # noq
     """The same loss as the ordinary objective whose t is pinned next to 1 (eps = 1 - 1e-7)."""
     model, tokenizer, settings = load_diffusion_model(converted["qwen2"], device="cpu")
     batch = random_batch(tokenizer, rows=2, length=16, seed=12)
-    full = full_mask_objective(settings, full_mask=True)
-    pinned = full_mask_objective(settings, eps=1 - 1e-7)
+    full = joint(settings, 1.0, full_mask=True)
+    pinned = joint(settings, 1.0, eps=1 - 1e-7)
     usual = joint(settings, 1.0)
     with torch.no_grad():
         got, want, other = (
@@ -237,30 +240,12 @@ def test_the_export_records_the_full_mask_and_its_card_says_so(converted) -> Non
     from adapt.publishing.hub import block_rows
 
     _, _, settings = load_diffusion_model(converted["llama"], device="cpu")
-    recorded = full_mask_objective(settings, full_mask=True).record(settings)
+    recorded = joint(settings, 1.0, full_mask=True).record(settings)
     assert recorded.full_mask and not joint(settings, 1.0).record(settings).full_mask
     assert any(name == "full mask" for name, _ in block_rows(recorded))
     assert not any(name == "full mask" for name, _ in block_rows(joint(settings, 1.0).record(settings)))
     with pytest.raises(AdaptError, match="full_mask must be true or false"):
         check_settings(dataclasses.replace(recorded, full_mask="yes"), None, "ckpt")
-
-
-@pytest.mark.parametrize(
-    ("diffusion", "message"),
-    [
-        ({"block_size": 4, "clean_attention": "causal", "full_mask": True}, "full_mask .*needs the AR term"),
-        ({"full_mask": True}, "needs the AR term"),
-        (
-            {"block_size": 4, "clean_attention": "causal", "ar_loss_weight": 1.0, "full_mask": True,
-             "complementary_masking": True},
-            "would mask none",
-        ),
-    ],
-)  # fmt: skip
-def test_a_full_mask_without_a_drafter_to_train_is_refused(diffusion: dict, message: str) -> None:
-    recipe = {"model": {"path": "m"}, "data": {"path": "d", "max_length": 16}, "diffusion": diffusion}
-    with pytest.raises(AdaptError, match=message):
-        recipe_from_dict(recipe)
 
 
 def test_a_checkpoint_without_shift_is_refused(converted) -> None:  # noqa: ANN001
