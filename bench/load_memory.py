@@ -1,7 +1,7 @@
 """Peak host memory per rank while the weights load: whole on every rank against sharded, under DDP, FSDP2
 and DeepSpeed ZeRO-3, 2 processes on CPU (gloo).
 
-python bench/load_memory.py [--model DIR] [--out DIR] [--engines ddp fsdp zero3]
+python bench/load_memory.py [--model DIR] [--out DIR] [--engines ddp fsdp zero3] [--teacher]
 
 Builds (unless --model names a converted checkpoint) a random llama of about 220M parameters (hidden
 1024, 12 layers, vocab 32000, untied head: 0.88 GB in float32), converts it with `adapt convert`, and runs
@@ -13,6 +13,12 @@ the engine holds the weights (before the first step) are read from OUTPUT_DIR/en
 (`load.ranks`). The table gives the peak before loading, what loading added to it, and what it had grown
 by once the engine was set up (partitioning, DeepSpeed's fp32 and gradient partitions, FSDP's broadcast
 into the shards), in GB and as a multiple of W.
+
+--teacher trains the joint objective against an AR teacher of the same size (the model's source, read
+from disk: `diffusion.ar_teacher`) under each engine's sharded loading and prints, per rank, the host
+memory resident before the teacher is read, what reading it added, what sharding it (after the model's
+engine is set up) changed, and their sum: what the teacher costs the rank (engine.json's
+`teacher.ranks`; resident memory at each point rather than the peak).
 """
 
 from __future__ import annotations
@@ -83,7 +89,7 @@ def weight_bytes(model: Path) -> int:
     return read_weights(model).stored_bytes
 
 
-def launch(config: str, options: list[str], model: Path, out: Path) -> dict:
+def launch(config: str, options: list[str], model: Path, out: Path, extra: tuple[str, ...] = ()) -> dict:
     """One training step under `config`; engine.json's load facts."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
@@ -103,6 +109,7 @@ def launch(config: str, options: list[str], model: Path, out: Path) -> dict:
         f"model.path={model}",
         f"training.output_dir={out}",
         *RECIPE,
+        *extra,
     ]
     shutil.rmtree(out, ignore_errors=True)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -125,6 +132,36 @@ def rows(facts: dict, engine: str, loading: str, weights: int) -> list[str]:
     return out
 
 
+def teacher_rows(facts: dict, teacher_bytes: int) -> list[str]:
+    """Per rank: resident memory before the teacher was read, what reading it added, what sharding it
+    changed, and the sum (T: the teacher's weights)."""
+    t = facts["teacher"]
+    out = []
+    for rank, r in enumerate(t["ranks"]):
+        read, held = r["loaded"], r["held"]
+        steps = (read["rss_bytes"] - read["rss_before_bytes"], held["rss_bytes"] - held["rss_before_bytes"])
+        cells = [f"{held['local'] / held['full']:.2f}", f"{read['rss_before_bytes'] / GB:.2f} GB"]
+        cells += [f"{b / GB:+.2f} GB ({b / teacher_bytes:+.2f} T)" for b in (*steps, sum(steps))]
+        out.append(f"| {facts['engine']} | {t['how']} | {rank} | " + " | ".join(cells) + " |")
+    return out
+
+
+def run_teacher(args: argparse.Namespace, model: Path) -> None:
+    """The joint objective against the model's AR source as teacher, each engine's default loading."""
+    source = json.loads((model / "config.json").read_text())["diffusion"]["source_model"]
+    teacher = Path(source)
+    extra = ("diffusion.block_size=4", "diffusion.anneal_steps=0", "diffusion.clean_attention=causal")
+    extra += ("diffusion.ar_loss_weight=1", f"diffusion.ar_teacher={teacher}")
+    t_bytes = weight_bytes(teacher)
+    print(f"teacher {teacher}: T = {t_bytes / GB:.2f} GB of weights\n")
+    print("| engine | teacher read | rank | share | resident before | reading | sharding | teacher in all |")
+    print("|---|---|---|---|---|---|---|---|")
+    for engine in args.engines:
+        config, options, _ = RUNS[engine][-1]
+        facts = launch(config, options, model, args.out / f"{engine}-teacher", extra)
+        print("\n".join(teacher_rows(facts, t_bytes)), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, help="a converted checkpoint (default: build the 220M llama)")
@@ -136,12 +173,16 @@ def main() -> None:
         help="MALLOC_MMAP_THRESHOLD_ for the ranks (glibc then "
         "returns each freed block above it at once; by default it keeps many in its heap)",
     )
+    ap.add_argument("--teacher", action="store_true", help="the joint objective's AR teacher, per engine")
     args = ap.parse_args()
     if args.mmap_threshold:
         os.environ["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
     model = args.model or build_model(args.out)
     weights = weight_bytes(model)
     print(f"model {model}: W = {weights / GB:.2f} GB of weights; 2 processes on CPU (gloo)\n")
+    if args.teacher:
+        run_teacher(args, model)
+        return
     print("| engine | load | rank | peak RSS before loading | loaded | engine set up |")
     print("|---|---|---|---|---|---|")
     for engine in args.engines:

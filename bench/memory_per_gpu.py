@@ -17,7 +17,8 @@ Host memory per rank while the weights load (adapt/training/placement.py), W = 4
     ZeRO-3 (zero.Init)                     rank 0: W (the files it reads) + W/N; ranks > 0: W/N
 
 Sharded loading needs a converted checkpoint (`adapt convert` first); an AR model converted in memory
-loads whole. Activations (which grow with batch x length, and double for the block objective's
+loads whole. The joint objective's frozen AR teacher (`diffusion.ar_teacher`) adds its weights in the
+step's precision (2 B/param in bf16): whole under DDP and ZeRO-2, 1/N under FSDP2 and ZeRO-3. Activations (which grow with batch x length, and double for the block objective's
 [x_t ; x_0] pass) and the CUDA context (~0.5-1 GiB) come on top. Parameter counts are computed from
 each model's published dimensions (embeddings tied or not); LoRA adapts every linear layer of the
 decoder blocks.
@@ -94,6 +95,16 @@ def host_bytes_loading(total: int, engine: str, gpus: int, rank0: bool) -> float
     raise ValueError(engine)
 
 
+def teacher_bytes_per_gpu(total: int, engine: str, gpus: int) -> float:
+    """A frozen AR teacher of `total` parameters in bf16 (the joint objective's `diffusion.ar_teacher`
+    under bf16 mixed precision): whole on every GPU, or its 1/N where the engine shards the model."""
+    if engine in ("DDP", "ZeRO-2"):
+        return 2 * total
+    if engine in ("FSDP2", "ZeRO-3"):
+        return 2 * total / gpus
+    raise ValueError(engine)
+
+
 def table(gpus: int, r: int) -> str:
     engines = ["DDP", "ZeRO-2", "FSDP2", "ZeRO-3"]
     head = "| model | params | fine-tuning | " + " | ".join(f"{e} ({gpus} GPUs)" for e in engines) + " |"
@@ -112,6 +123,11 @@ def table(gpus: int, r: int) -> str:
         rows.append(
             f"| {d.name} | rank 0 / others | {whole:.2f} / {whole:.2f} GiB | {first:.2f} / {other:.2f} GiB |"
         )
+    rows += ["", f"| model | + an AR teacher of its size, bf16 ({gpus} GPUs) | DDP, ZeRO-2 | FSDP2, ZeRO-3 |",
+             "|---|---|---|---|"]  # fmt: skip
+    for d in MODELS:
+        whole, shard = (teacher_bytes_per_gpu(parameters(d), e, gpus) / GIB for e in ("DDP", "FSDP2"))
+        rows.append(f"| {d.name} | per GPU | {whole:.2f} GiB | {shard:.2f} GiB |")
     return "\n".join(rows)
 
 

@@ -110,6 +110,10 @@ def test_memory_table_counts_the_parameters_a_model_really_has(llama_src: Path) 
     assert host_bytes_loading(n, "DDP", 8, rank0=False) == host_bytes_loading(n, "ZeRO-2", 8, True) == 4 * n
     assert host_bytes_loading(n, "FSDP2", 8, False) == host_bytes_loading(n, "ZeRO-3", 8, False) == n / 2
     assert host_bytes_loading(n, "ZeRO-3", 8, rank0=True) == 4 * n + n / 2
+    from memory_per_gpu import teacher_bytes_per_gpu
+
+    assert teacher_bytes_per_gpu(n, "DDP", 8) == teacher_bytes_per_gpu(n, "ZeRO-2", 8) == 2 * n
+    assert teacher_bytes_per_gpu(n, "FSDP2", 8) == teacher_bytes_per_gpu(n, "ZeRO-3", 8) == n / 4
 
 
 @pytest.mark.slow
@@ -125,6 +129,10 @@ def test_load_memory_bench_reports_each_rank_of_each_loading(llama_diffusion: Pa
         ["whole (whole)", "0"], ["whole (whole)", "1"],
         ["sharded (rank 0 + broadcast)", "0"], ["sharded (rank 0 + broadcast)", "1"],
     ]  # fmt: skip
+    proc = subprocess.run([*cmd, "--teacher"], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split(" | ")[1:4] for line in proc.stdout.splitlines() if line.startswith("| FSDP2")]
+    assert rows == [["rank 0 + broadcast", "0", "0.50"], ["rank 0 + broadcast", "1", "0.50"]]
 
 
 def test_pass_cost_bench_times_every_pass_size_against_generate(tmp_path: Path) -> None:

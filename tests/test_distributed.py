@@ -415,16 +415,62 @@ def test_a_one_process_checkpoint_resumes_on_two_processes(llama_diffusion: Path
     assert sorted(losses(out))[-1] == 4
 
 
-def test_a_block_recipe_trains_through_the_tiled_kernel_under_ddp_and_fsdp_alike(
-    llama_diffusion: Path, tmp_path: Path
-) -> None:
+def check_teacher(run: Path, how: str, loaded: list[float], held: list[float]) -> None:
+    """engine.json's `teacher`: how the frozen teacher was read, the share of it each rank held right after
+    reading (rank 0 + broadcast: rank 0 all, rank 1 nothing) and holds while training (half under FSDP2
+    and ZeRO-3), and that its fast-path probe ran where its weights were."""
+    facts = json.loads((run / "engine.json").read_text())["teacher"]
+    assert facts["how"] == how and facts["fast_path"] is True, facts
+    for when, expected in (("loaded", loaded), ("held", held)):
+        shares = [r[when]["local"] / r[when]["full"] for r in facts["ranks"]]
+        assert shares == pytest.approx(expected, abs=0.02), (when, facts)
+
+
+def teacher_recipe(teacher: Path) -> list[str]:
+    """A block recipe with the joint objective's KL term against `teacher`, through the tiled pair kernel
+    with gradient checkpointing."""
     block = ["diffusion.block_size=4", "diffusion.clean_attention=causal", "diffusion.anneal_steps=0"]
-    block += ["training.max_steps=3", "training.gradient_checkpointing=true", "training.eval_every=0"]
-    runs = {c: trained(c, tmp_path / c, llama_diffusion, *block) for c in ("ddp", "fsdp")}
+    block += ["diffusion.ar_loss_weight=1", f"diffusion.ar_teacher={teacher}"]
+    return [*block, "training.max_steps=3", "training.gradient_checkpointing=true", "training.eval_every=0"]
+
+
+def check_like_ddp(runs: dict[str, Path]) -> None:
+    """Every run trained through the tiled kernel, its AR term a KL (near 0 at the start, where the
+    tokens' cross-entropy is about ln V), with DDP's losses."""
     for run in runs.values():
         assert json.loads((run / "engine.json").read_text())["attention"] == "adapt_pair_sdpa"
-    ddp, fsdp = losses(runs["ddp"]), losses(runs["fsdp"])
-    assert sorted(ddp) == [1, 2, 3] and ddp == pytest.approx(fsdp, abs=LOSS_TOL)
+        records = loss_records(run)
+        assert all(0 <= m["ar_loss"] < 0.5 for m in records), records
+    ddp = losses(runs["ddp"])
+    assert sorted(ddp) == [1, 2, 3]
+    for config, run in runs.items():
+        assert ddp == pytest.approx(losses(run), abs=LOSS_TOL), config
+
+
+def test_a_block_recipe_with_a_teacher_trains_alike_under_ddp_fsdp_and_zero3_each_holding_half_a_teacher(
+    llama_diffusion: Path, llama_src: Path, tmp_path: Path
+) -> None:
+    """The joint objective's KL term against its AR teacher under each engine: DDP's losses, with the
+    teacher read and held as the model is (FSDP2: rank 0 reads it; ZeRO-3: zero.Init)."""
+    recipe = teacher_recipe(llama_src)
+    runs = {c: trained(c, tmp_path / c, llama_diffusion, *recipe) for c in ("ddp", "fsdp", "zero3")}
+    check_like_ddp(runs)
+    check_teacher(runs["ddp"], "whole", [1, 1], [1, 1])
+    check_teacher(runs["fsdp"], "rank 0 + broadcast", [1, 0], [0.5, 0.5])
+    check_teacher(runs["zero3"], "zero.Init", [0.5, 0.5], [0.5, 0.5])
+
+
+@pytest.mark.slow
+def test_with_sharded_loading_turned_off_the_teacher_is_read_whole_then_sharded(
+    llama_diffusion: Path, llama_src: Path, tmp_path: Path
+) -> None:
+    recipe = teacher_recipe(llama_src)
+    off = {"fsdp": ("--fsdp_cpu_ram_efficient_loading", "false"), "zero3": ("--zero3_init_flag", "false")}
+    runs = {c: trained(c, tmp_path / c, llama_diffusion, *recipe, flags=(*NO_MP, *o)) for c, o in off.items()}
+    runs["ddp"] = trained("ddp", tmp_path / "ddp", llama_diffusion, *recipe)
+    check_like_ddp(runs)
+    for config in off:
+        check_teacher(runs[config], "whole", [1, 1], [0.5, 0.5])
 
 
 @pytest.mark.parametrize(("batches", "saved", "now", "expected"), [(6, 2, 1, 12), (6, 1, 2, 3), (4, 2, 2, 4)])

@@ -464,3 +464,51 @@ def test_a_run_with_a_teacher_starts_near_zero_and_keeps_eval_as_cross_entropy(
     assert ev_kl["eval_ar_loss"] > 1.0 and ev_ce["eval_ar_loss"] > 1.0  # both the tokens' cross-entropy
     recipe = (tmp_path / "kl" / "final" / "recipe.yaml").read_text()
     assert f"ar_teacher: {llama_src}" in recipe  # the export's recipe (and model card) name the teacher
+
+
+@pytest.mark.parametrize(
+    ("diffusion", "copies"),
+    [
+        ([], 1),  # logits and gradients at the masked half
+        (["diffusion.ar_loss_weight=1"], 3),  # + both at every clean token
+        (["diffusion.ar_loss_weight=1", "diffusion.full_mask=true"], 4),  # every response token masked
+        (["diffusion.ar_loss_weight=1", "diffusion.ar_teacher=SRC"], 4),  # + the teacher's probabilities
+        (["diffusion.ar_loss_weight=1", "diffusion.full_mask=true", "diffusion.ar_teacher=SRC"], 5),
+    ],
+)
+def test_the_memory_check_counts_the_logits_the_objective_reads_and_the_teachers_share(
+    llama_diffusion,
+    llama_src,
+    monkeypatch: pytest.MonkeyPatch,
+    diffusion: list[str],
+    copies: int,  # noqa: ANN001
+) -> None:
+    """check_batch's logits term is b x L x V x 4 bytes per copy of the logits the loss reads (hand-counted
+    copies); an AR teacher's weights count at this rank's share, at 2 bytes a parameter."""
+    from adapt.core.bounds import MEMORY_LIMIT_ENV, read_weights
+    from adapt.training.config import load_recipe
+    from adapt.training.model import check_batch, step_logits
+
+    block = ["diffusion.block_size=4", "diffusion.clean_attention=causal", "diffusion.anneal_steps=0"]
+    keys = [k.replace("SRC", str(llama_src)) for k in diffusion]
+    sizes = ["data.max_length=32", "training.batch_size=2"]
+    overrides = [f"model.path={llama_diffusion}", *sizes, *block, *keys]
+    recipe = load_recipe("recipes/multi_process.yaml", overrides)
+    vocab = AutoModelForCausalLM.from_pretrained(llama_diffusion).config.vocab_size
+    one = 2 * 32 * vocab * 4
+    term = step_logits(recipe, vocab)
+    assert term.bytes == copies * one, term
+    assert ("full_mask" in term.what) == ("diffusion.full_mask=true" in keys)
+    weights = read_weights(llama_diffusion).bytes_in(torch.float32)
+    teacher = read_weights(llama_src).params * 2 if recipe.diffusion.ar_teacher else 0
+    need = weights + copies * one + teacher
+    monkeypatch.setenv(MEMORY_LIMIT_ENV, str(need))
+    check_batch(recipe, "cpu")  # exactly what it counts ...
+    monkeypatch.setenv(MEMORY_LIMIT_ENV, str(need - 1))
+    with pytest.raises(AdaptError, match="logits and their gradients"):
+        check_batch(recipe, "cpu")  # ... and not a byte less
+    if teacher:
+        monkeypatch.setenv(MEMORY_LIMIT_ENV, str(need - teacher // 2))
+        check_batch(recipe, "cpu", teacher_share=0.5)
+        with pytest.raises(AdaptError, match="teacher's weights"):
+            check_batch(recipe, "cpu", teacher_share=1.0)

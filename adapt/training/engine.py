@@ -376,17 +376,16 @@ def configure_wrapping(plugin: Any, loss_module: Any, main: bool) -> None:
 
 def decoder_layer_classes(loss_module: Any) -> list[str]:
     """Class names of the blocks in the decoder's `layers`/`h`/`blocks` list."""
-    from adapt.training.objectives.loss import causal_lm_of
+    from adapt.training.objectives.loss import causal_lm_of, decoder_blocks
 
-    decoder = causal_lm_of(loss_module.model).get_decoder()
-    for attr in ("layers", "h", "blocks"):
-        blocks = getattr(decoder, attr, None)
-        if blocks is not None and len(blocks):
-            return sorted({type(b).__name__ for b in blocks})
-    raise AdaptError(
-        f"{type(decoder).__name__} has no _no_split_modules and no list of decoder layers to shard; name "
-        "the layer class with fsdp_transformer_layer_cls_to_wrap in the Accelerate config"
-    )
+    lm = causal_lm_of(loss_module.model)
+    blocks = decoder_blocks(lm)
+    if not blocks:
+        raise AdaptError(
+            f"{type(lm.get_decoder()).__name__} has no _no_split_modules and no list of decoder layers to "
+            "shard; name the layer class with fsdp_transformer_layer_cls_to_wrap in the Accelerate config"
+        )
+    return sorted({type(b).__name__ for b in blocks})
 
 
 def describe(accelerator: Any, loss_module: Any, precision_why: str) -> dict[str, Any]:

@@ -5,6 +5,7 @@ the data fits its context, and whether a micro-batch fits in memory.
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from adapt.core.bounds import check_config_matches, check_fits, logits_term, read_weights, vocab_size
@@ -107,27 +108,57 @@ def check_attention(recipe: Recipe, device: Any) -> None:
     check_flex_architecture(load_config(recipe.model.path, recipe.model.revision))
 
 
-def check_batch(recipe: Recipe, device: Any, host_share: float = 1.0) -> None:
+def check_batch(recipe: Recipe, device: Any, host_share: float = 1.0, teacher_share: float = 1.0) -> None:
     """Before the model loads: a micro-batch's logits fit the training device, and this rank's share of
     the weights read through the host (`host_share`: 1 for a whole load, 1/N on ranks > 0 of a sharded
-    one; `adapt.training.placement`) fits the host. Lower bounds: the loss reads the logits (and their
-    gradients) at the masked tokens, about half of them; activations and optimizer states add more."""
-    from pathlib import Path
-
+    one; `adapt.training.placement`) fits the host, with its share of an AR teacher's (`teacher_share`).
+    Lower bounds: the loss reads the logits (and their gradients) where the objective reads them
+    (`step_logits`); activations and optimizer states add more."""
     from adapt.conversion.convert import load_config
 
     config = load_config(recipe.model.path, recipe.model.revision)
     t, length = recipe.training, recipe.data.max_length
-    what = "the logits and their gradients at the masked half of a micro-batch"
-    terms = [logits_term(t.batch_size, length, vocab_size(config), what)]
+    terms = [step_logits(recipe, vocab_size(config))]
     if Path(recipe.model.path).is_dir():  # a Hub id's weights are not on disk yet
         dtype = resolve_dtype(recipe.model.dtype)
         weights = read_weights(recipe.model.path)  # headers only; the share this rank holds is checked below
         if weights is not None:
             check_config_matches(config, weights, recipe.model.path)
         terms += [host_weights(weights.term(dtype), host_share)] if weights is not None else []
+    terms += teacher_weights(recipe, teacher_share)
     fix = "lower training.batch_size (raise training.grad_accumulation to keep the batch) or data.max_length"
     check_fits(f"training.batch_size={t.batch_size} x data.max_length={length}", terms, device, fix)
+
+
+def teacher_weights(recipe: Recipe, share: float) -> list[Any]:
+    """The AR teacher's weights as this rank holds them, at 2 bytes a parameter or fewer (it computes in
+    the step's precision, bf16 under mixed precision)."""
+    import torch
+
+    path = recipe.diffusion.ar_teacher
+    weights = read_weights(Path(path).expanduser()) if path and recipe.diffusion.ar_loss_weight else None
+    if weights is None:
+        return []
+    dtype = resolve_dtype(recipe.model.dtype)
+    low = dtype if getattr(dtype, "itemsize", 4) < 2 else torch.bfloat16
+    term = host_weights(weights.term(low), share)
+    return [replace(term, what=term.what.replace("the weights", "the teacher's weights"))]
+
+
+def step_logits(recipe: Recipe, vocab: int) -> Any:
+    """The float32 logits a micro-batch's loss reads, with their gradients: at the masked tokens (about
+    half of them; all of them under diffusion.full_mask) and, with the joint objective's AR term, at every
+    clean token too, where an AR teacher adds its probabilities."""
+    d, t, length = recipe.diffusion, recipe.training, recipe.data.max_length
+    masked, ar = (1.0 if d.full_mask else 0.5), (1.0 if d.ar_loss_weight else 0.0)
+    copies = 2 * (masked + ar) + (ar if d.ar_teacher else 0.0)
+    where = "every masked token (full_mask)" if d.full_mask else "the masked half"
+    where += " and every clean token (the AR term)" if ar else ""
+    what = f"the logits and their gradients at {where} of a micro-batch"
+    what += ", and the teacher's probabilities" if d.ar_teacher and ar else ""
+    term = logits_term(t.batch_size, length, vocab, what)
+    formula = term.formula if copies == 1 else f"{term.formula} x {copies:g}"
+    return replace(term, bytes=int(term.bytes * copies), formula=formula)
 
 
 def host_weights(term: Any, share: float) -> Any:

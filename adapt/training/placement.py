@@ -28,6 +28,7 @@ import resource
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from adapt.core.errors import AdaptError
@@ -63,19 +64,23 @@ class Load:
 def choose(accelerator: Any, cfg: ModelConfig, engine: str) -> Load:
     """Sharded where the engine (`engine.engine_name`) shards and the checkpoint is already converted,
     else whole."""
+    load = engine_load(accelerator, engine)
+    return load if not load.sharded or converted(cfg) else Load("whole", CONVERT_FIRST)
+
+
+def engine_load(accelerator: Any, engine: str) -> Load:
+    """Sharded where the engine shards and its launch lets it load so, whatever the checkpoint."""
     kind = accelerator.distributed_type.name
     if kind == "DEEPSPEED" and accelerator.state.deepspeed_plugin.zero_stage == 3:
         if not accelerator.state.deepspeed_plugin.zero3_init_flag:
             return Load("whole", "zero3_init_flag is off")
-        how: How = "zero.Init"
-    elif kind == "FSDP":
+        return Load("zero.Init")
+    if kind == "FSDP":
         if not accelerator.state.fsdp_plugin.cpu_ram_efficient_loading:
             return Load("whole", "fsdp_cpu_ram_efficient_loading is off")
-        how = "rank 0 + broadcast"
-    else:
-        several = accelerator.num_processes > 1
-        return Load("whole", f"{engine} keeps every weight on every rank" if several else engine)
-    return Load(how) if converted(cfg) else Load("whole", CONVERT_FIRST)
+        return Load("rank 0 + broadcast")
+    several = accelerator.num_processes > 1
+    return Load("whole", f"{engine} keeps every weight on every rank" if several else engine)
 
 
 def converted(cfg: ModelConfig) -> bool:
@@ -236,19 +241,34 @@ def peak_rss() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
+def rss_now() -> int:
+    """This process's resident memory now, in bytes (0 where /proc is not)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except OSError:
+        return 0
+    return pages * resource.getpagesize()
+
+
 def held(model: Any, rss_before: int) -> dict[str, int]:
-    """Elements of the model's parameters this rank holds right after loading (its zero.Init partition,
-    none on the meta device) against their full count, and its peak resident memory before and after."""
+    """Elements of the model's parameters this rank holds right after loading (`elements`), and its peak
+    resident memory before and after."""
+    return {**elements(model), "peak_rss_before_load_bytes": rss_before, "peak_rss_loaded_bytes": peak_rss()}
+
+
+def elements(model: Any) -> dict[str, int]:
+    """Elements of the model's parameters this rank holds (its zero.Init partition, its FSDP2 shard, none
+    on the meta device) against their full count."""
     local = full = 0
     for p in model.parameters():
-        local += p.ds_tensor.numel() if hasattr(p, "ds_tensor") else 0 if p.is_meta else p.numel()
+        if hasattr(p, "ds_tensor"):
+            local += p.ds_tensor.numel()
+        elif hasattr(p, "to_local"):
+            local += p.to_local().numel()
+        elif not p.is_meta:
+            local += p.numel()
         full += getattr(p, "ds_numel", p.numel())
-    return {
-        "local": local,
-        "full": full,
-        "peak_rss_before_load_bytes": rss_before,
-        "peak_rss_loaded_bytes": peak_rss(),
-    }
+    return {"local": local, "full": full}
 
 
 def facts(load: Load, loaded: dict[str, int]) -> dict[str, Any]:
@@ -258,3 +278,110 @@ def facts(load: Load, loaded: dict[str, int]) -> dict[str, Any]:
 
     ranks = gather_object([{**loaded, "peak_rss_bytes": peak_rss()}])
     return {"how": load.how, "why": load.why, "ranks": ranks}
+
+
+# ----------------------------------------------------------------------------- the joint objective's teacher
+# The frozen teacher (`diffusion.ar_teacher`) is read and held as the engine holds the model's weights: under
+# FSDP2 each decoder layer is its own unit (rank 0 reads it, the others start on the meta device, as the
+# model), under ZeRO-3 it is built partitioned and run by an inference-only DeepSpeed engine; 1/N of it per
+# rank at rest, a layer at a time gathered while it runs. DDP and ZeRO-0/1/2 keep it whole on every rank.
+
+DEEPSPEED_PARAMETER_KEYS = (
+    "offload_param",
+    "stage3_param_persistence_threshold",
+    "stage3_max_live_parameters",
+    "stage3_max_reuse_distance",
+    "stage3_prefetch_bucket_size",
+)
+
+
+def teacher_load(accelerator: Any, engine: str) -> Load:
+    """How the teacher is read: as the engine would read a converted model (FSDP1: whole)."""
+    load = engine_load(accelerator, engine)
+    return Load("whole", engine) if engine == "FSDP1" and load.sharded else load
+
+
+def read_teacher(
+    accelerator: Any, engine: str, path: str, tokenizer: Any, student: Any, dtype: Any, probe_ids: list[int]
+) -> tuple[Any, Load, dict[str, int]]:
+    """The teacher as this rank reads it (whole, its zero.Init partition, or rank 0's whole and the others'
+    on the meta device), how, and what this rank holds of it (`elements`, and its resident memory before and
+    after). Its fast-path probe runs where it is whole (rank 0's answer is sent)."""
+    from accelerate.utils import broadcast_object_list
+
+    from adapt.training.objectives.teacher import load_teacher
+
+    before = rss_now()
+    load = teacher_load(accelerator, engine)
+    on_rank0 = load.how == "rank 0 + broadcast"
+    device = "cpu" if on_rank0 else accelerator.device  # rank 0's copy stays in host memory until sharded
+    with reading(load):
+        empty = on_rank0 and not accelerator.is_main_process
+        teacher = load_teacher(path, tokenizer, student, device, dtype, probe_ids, empty=empty)
+    loaded = {**elements(teacher.scorer), "rss_before_bytes": before, "rss_bytes": rss_now()}
+    if on_rank0:
+        teacher.scorer.fast = bool(broadcast_object_list([teacher.scorer.fast], from_process=0)[0])
+    return teacher, load, loaded
+
+
+def shard_teacher(
+    accelerator: Any, engine: str, read: tuple[Any, Load, dict[str, int]], probe_ids: list[int]
+) -> dict[str, Any]:
+    """Shard the teacher `read_teacher` read as `engine` shards the model (after the model is prepared),
+    and engine.json's `teacher`: how it was read, and what each rank held of it then and holds now, with
+    its resident memory before and after each (every process must call this: gathered)."""
+    teacher, load, loaded = read
+    from accelerate.utils import gather_object
+
+    from adapt.training.objectives.loss import check_fast_path
+
+    before = rss_now()
+    if engine == "FSDP2":
+        shard_teacher_fsdp2(accelerator, teacher.scorer, broadcast=load.how == "rank 0 + broadcast")
+    elif engine == "DeepSpeed ZeRO-3":
+        teacher.engine = teacher_zero3_engine(accelerator, teacher.scorer)
+        with zero3_forward(teacher.scorer):
+            teacher.scorer.fast = check_fast_path(teacher.scorer.model, probe_ids)
+    held = {**elements(teacher.scorer), "rss_before_bytes": before, "rss_bytes": rss_now()}
+    ranks = gather_object([{"loaded": loaded, "held": held}])
+    return {"how": load.how, "why": load.why, "fast_path": teacher.scorer.fast, "ranks": ranks}
+
+
+def shard_teacher_fsdp2(accelerator: Any, scorer: Any, broadcast: bool) -> None:
+    """One FSDP2 unit per decoder layer and one for the rest (embeddings, final norm, head); under
+    `broadcast` rank 0's weights are sent into every rank's shards (the others' model is on meta)."""
+    from accelerate.utils.fsdp_utils import fsdp2_load_full_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    from adapt.training.objectives.loss import causal_lm_of, decoder_blocks
+
+    keep_ties(scorer)
+    full = scorer.state_dict()  # rank 0's weights (the other ranks' are meta tensors, never read)
+    for block in decoder_blocks(causal_lm_of(scorer.model)):
+        fully_shard(block)
+    fully_shard(scorer)
+    if broadcast:
+        fsdp2_load_full_state_dict(accelerator, scorer, full)
+        scorer.tie_weights()
+    del full
+
+
+def teacher_zero3_engine(accelerator: Any, scorer: Any) -> Any:
+    """An inference-only ZeRO-3 engine over the teacher (no optimizer): it partitions what is not
+    partitioned yet and gathers each module's weights around its forward. The launch's parameter settings
+    (offload, persistence threshold, prefetch) apply to it too."""
+    import deepspeed
+    import torch
+
+    zero = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+    kept = {k: v for k, v in zero.items() if k in DEEPSPEED_PARAMETER_KEYS and v != "auto"}
+    dtype = next(scorer.parameters()).dtype
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {**kept, "stage": 3},
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "fp16": {"enabled": dtype == torch.float16},
+    }
+    engine, *_ = deepspeed.initialize(model=scorer, config=config)
+    return engine

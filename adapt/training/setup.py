@@ -22,7 +22,7 @@ from adapt.training.metrics import flat_config
 from adapt.training.model import check_attention, check_batch, check_context, choose_kernel
 from adapt.training.objectives import make_objective
 from adapt.training.objectives.loss import TokenLoss, causal_lm_of
-from adapt.training.objectives.teacher import load_teacher, teacher_dtype
+from adapt.training.objectives.teacher import teacher_dtype
 from adapt.training.optim import build_optimizer, build_scheduler
 from adapt.training.outdir import ENGINE_FILE, claim_output
 from adapt.training.session import Session
@@ -70,12 +70,15 @@ def _setup(recipe: Recipe) -> Session:
     if accelerator.distributed_type.name == "DEEPSPEED":
         engine.prepare_deepspeed(accelerator, t.max_grad_norm)
     check_attention(recipe, accelerator.device)
-    load = placement.choose(accelerator, recipe.model, engine.engine_name(accelerator))
+    engine_label = engine.engine_name(accelerator)
+    load = placement.choose(accelerator, recipe.model, engine_label)
     if accelerator.is_main_process:
         log.info(load.line())
-    share = load.host_share(accelerator.process_index, accelerator.num_processes)
+    rank, ranks = accelerator.process_index, accelerator.num_processes
+    share = load.host_share(rank, ranks)
+    teacher_share = placement.teacher_load(accelerator, engine_label).host_share(rank, ranks)
     with placement.whole_weights():  # a meta-device model under zero.Init would run its collectives
-        check_batch(recipe, accelerator.device, share)  # before the weights are read and the seed is set
+        check_batch(recipe, accelerator.device, share, teacher_share)  # before any weights are read
     set_seed(t.seed)
     rss_before = placement.peak_rss()
     with placement.reading(load):  # whole: until Accelerate prepares it; the engine then shards it
@@ -92,18 +95,12 @@ def _setup(recipe: Recipe) -> Session:
             )
         placement.match_rank0(load, model, accelerator.device)
         fast = placement.fast_path_before(load, model, probe_ids, accelerator.is_main_process)
-    teacher = None
+    teacher = read = None
     if recipe.diffusion.ar_teacher is not None:
-        with placement.whole_weights():  # the frozen teacher is whole on every rank
-            dtype = teacher_dtype(accelerator.mixed_precision, model)
-            teacher = load_teacher(
-                recipe.diffusion.ar_teacher,
-                tokenizer,
-                causal_lm_of(model),
-                accelerator.device,
-                dtype,
-                probe_ids,
-            )
+        dtype = teacher_dtype(accelerator.mixed_precision, model)
+        path, student = recipe.diffusion.ar_teacher, causal_lm_of(model)
+        read = placement.read_teacher(accelerator, engine_label, path, tokenizer, student, dtype, probe_ids)
+        teacher = read[0]
     objective = make_objective(recipe.diffusion, settings, teacher)
     choose_kernel(model, recipe)
     warn_objective_change(settings, recipe)
@@ -122,6 +119,8 @@ def _setup(recipe: Recipe) -> Session:
         eval_loader = accelerator.prepare(eval_loader)
     placement.fast_path_after(load, accelerator, loss_module, probe_ids)
     facts = {**engine.describe(accelerator, loss_module, why), "load": placement.facts(load, loaded)}
+    if read is not None:
+        facts["teacher"] = placement.shard_teacher(accelerator, engine_label, read, probe_ids)
     facts["fast_path"] = accelerator.unwrap_model(loss_module).fast
     facts["attention"] = causal_lm_of(model).config._attn_implementation  # adapt_pair_sdpa: the tiled kernel
     session = Session(

@@ -96,6 +96,16 @@ def causal_lm_of(model: nn.Module) -> Any:
     return get_base() if callable(get_base) else model
 
 
+def decoder_blocks(lm: Any) -> list[Any]:
+    """The blocks of a causal LM's decoder: its `layers`/`h`/`blocks` list (empty if it has none)."""
+    decoder = lm.get_decoder()
+    for attr in ("layers", "h", "blocks"):
+        blocks = getattr(decoder, attr, None)
+        if blocks is not None and len(blocks):
+            return list(blocks)
+    return []
+
+
 def head_logits(lm: Any, hidden: torch.Tensor) -> torch.Tensor:
     """The LM head applied to selected hidden states [n, h] -> [n, V], with the config's logit transforms."""
     logits = lm.get_output_embeddings()(hidden)

@@ -24,13 +24,22 @@ from adapt.core.errors import AdaptError
 from adapt.training.objectives.loss import TokenLoss, check_fast_path
 
 
+class LogitsAt(TokenLoss):
+    """A frozen model whose forward is its logits at chosen positions (`TokenLoss.logits_at`): an engine
+    that shards it (FSDP2, ZeRO-3) gathers its weights around each call through its forward hooks."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
+        return self.logits_at(*args, **kwargs)
+
+
 @dataclass
 class Teacher:
-    """A frozen AR model (wrapped for its logits at chosen positions) and the width of the student's
-    logits (its vocabulary plus the mask row)."""
+    """A frozen AR model (wrapped for its logits at chosen positions), the width of the student's logits
+    (its vocabulary plus the mask row), and the engine that shards it, if one does (kept alive with it)."""
 
-    scorer: TokenLoss
+    scorer: LogitsAt
     width: int
+    engine: Any = None
 
     @torch.no_grad()
     def probabilities(
@@ -46,17 +55,53 @@ class Teacher:
         # packed documents need their own [l, l] pattern; otherwise the model's causal mask over the
         # padding mask is the source's attention (sdpa then needs no dense mask at all when unpadded)
         mask = am if segments is None else causal_documents_allowed(am, segments)
-        logits = self.scorer.logits_at(batch["input_ids"], mask, positions, rows, cols)
+        logits = self.scorer(batch["input_ids"], mask, positions, rows, cols)
         probs = logits.float().softmax(-1)  # [n, V_teacher]
         return torch.nn.functional.pad(probs, (0, self.width - probs.shape[-1]))
 
 
 def load_teacher(
-    path: str, tokenizer: Any, student: nn.Module, device: Any, dtype: torch.dtype, probe_ids: list[int]
+    path: str,
+    tokenizer: Any,
+    student: nn.Module,
+    device: Any,
+    dtype: torch.dtype,
+    probe_ids: list[int],
+    empty: bool = False,
 ) -> Teacher:
     """The frozen teacher in `dtype` on `device`, refused in one line unless it is an AR causal LM whose
-    tokens are the student's (same ids) and whose vocabulary fits in the student's logits."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    tokens are the student's (same ids) and whose vocabulary fits in the student's logits. `empty`: its
+    parameters on the meta device (nothing read; an engine fills them), and no fast-path probe. Under an
+    active zero.Init it is built partitioned, and the probe waits for its engine too."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    where = check_teacher(path, tokenizer)
+    if empty:
+        with init_empty_weights():  # buffers (rotary frequencies) are computed as usual
+            config = AutoConfig.from_pretrained(where)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+        model.tie_weights()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, attn_implementation="sdpa")
+    head = student.get_output_embeddings().weight
+    width = getattr(head, "ds_shape", head.shape)[0]  # ZeRO-3 partitions keep their whole shape here
+    if model.config.vocab_size > width:
+        raise AdaptError(
+            f"diffusion.ar_teacher: {where} predicts {model.config.vocab_size} tokens, more than the "
+            f"model's {width}"
+        )
+    model.requires_grad_(False)
+    whole = not empty and not is_deepspeed_zero3_enabled()
+    model = (model.to(device) if whole else model).eval()
+    return Teacher(LogitsAt(model, fast=whole and check_fast_path(model, probe_ids)), width)
+
+
+def check_teacher(path: str, tokenizer: Any) -> Path:
+    """`diffusion.ar_teacher`'s folder, refused in one line unless it holds an AR causal LM whose tokens
+    are the student's (same ids)."""
+    from transformers import AutoConfig, AutoTokenizer
 
     where = Path(path).expanduser()
     if not (where / "config.json").is_file():
@@ -75,17 +120,7 @@ def load_teacher(
             f"diffusion.ar_teacher: {where} has another tokenizer ({len(differ)} tokens differ, e.g. "
             f"{differ[0]!r}); the teacher must share the model's token ids"
         )
-    model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, attn_implementation="sdpa")
-    head = student.get_output_embeddings().weight
-    width = getattr(head, "ds_shape", head.shape)[0]  # ZeRO-3 partitions keep their whole shape here
-    if model.config.vocab_size > width:
-        raise AdaptError(
-            f"diffusion.ar_teacher: {where} predicts {model.config.vocab_size} tokens, more than the "
-            f"model's {width}"
-        )
-    model.requires_grad_(False)
-    model = model.to(device).eval()
-    return Teacher(TokenLoss(model, fast=check_fast_path(model, probe_ids)), width)
+    return where
 
 
 def teacher_dtype(mixed_precision: str, student: nn.Module) -> torch.dtype:
