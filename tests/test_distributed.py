@@ -417,8 +417,9 @@ def test_a_one_process_checkpoint_resumes_on_two_processes(llama_diffusion: Path
 
 def check_teacher(run: Path, how: str, loaded: list[float], held: list[float]) -> None:
     """engine.json's `teacher`: how the frozen teacher was read, the share of it each rank held right after
-    reading (rank 0 + broadcast: rank 0 all, rank 1 nothing) and holds while training (half under FSDP2
-    and ZeRO-3), and that its fast-path probe ran where its weights were."""
+    reading (rank 0 + broadcast: rank 0 all, rank 1 nothing) and holds after a forward (half under FSDP2
+    and ZeRO-3: every unit, the root too, resharded), and that its fast-path probe ran where its weights
+    were."""
     facts = json.loads((run / "engine.json").read_text())["teacher"]
     assert facts["how"] == how and facts["fast_path"] is True, facts
     for when, expected in (("loaded", loaded), ("held", held)):

@@ -330,11 +330,11 @@ def shard_teacher(
     """Shard the teacher `read_teacher` read as `engine` shards the model (after the model is prepared),
     and engine.json's `teacher`: how it was read, and what each rank held of it then and holds now, with
     its resident memory before and after each (every process must call this: gathered)."""
-    teacher, load, loaded = read
     from accelerate.utils import gather_object
 
     from adapt.training.objectives.loss import check_fast_path
 
+    teacher, load, loaded = read
     before = rss_now()
     if engine == "FSDP2":
         shard_teacher_fsdp2(accelerator, teacher.scorer, broadcast=load.how == "rank 0 + broadcast")
@@ -342,9 +342,21 @@ def shard_teacher(
         teacher.engine = teacher_zero3_engine(accelerator, teacher.scorer)
         with zero3_forward(teacher.scorer):
             teacher.scorer.fast = check_fast_path(teacher.scorer.model, probe_ids)
+    if engine == "FSDP2":
+        run_once(teacher.scorer, probe_ids, accelerator.device)  # what it holds is what a forward leaves
     held = {**elements(teacher.scorer), "rss_before_bytes": before, "rss_bytes": rss_now()}
     ranks = gather_object([{"loaded": loaded, "held": held}])
     return {"how": load.how, "why": load.why, "fast_path": teacher.scorer.fast, "ranks": ranks}
+
+
+def run_once(scorer: Any, probe_ids: list[int], device: Any) -> None:
+    """One forward of the teacher on a probe (every rank: its engine gathers and reshards)."""
+    import torch
+
+    ids = torch.tensor([probe_ids[:8]], device=device)
+    at = torch.zeros(1, dtype=torch.long, device=device)
+    with torch.no_grad():
+        scorer(ids, torch.ones_like(ids), None, at, at)
 
 
 def shard_teacher_fsdp2(accelerator: Any, scorer: Any, broadcast: bool) -> None:
@@ -357,9 +369,11 @@ def shard_teacher_fsdp2(accelerator: Any, scorer: Any, broadcast: bool) -> None:
 
     keep_ties(scorer)
     full = scorer.state_dict()  # rank 0's weights (the other ranks' are meta tensors, never read)
+    # resharded after every forward, the root too (its default keeps it gathered for a backward that a
+    # frozen teacher never runs)
     for block in decoder_blocks(causal_lm_of(scorer.model)):
-        fully_shard(block)
-    fully_shard(scorer)
+        fully_shard(block, reshard_after_forward=True)
+    fully_shard(scorer, reshard_after_forward=True)
     if broadcast:
         fsdp2_load_full_state_dict(accelerator, scorer, full)
         scorer.tie_weights()
