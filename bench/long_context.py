@@ -44,15 +44,24 @@ def build_tiny(out: Path) -> Path:
     return out
 
 
-def load(model_path: str, objective: str, attn: str, checkpointing: bool, device: str) -> tuple[Any, Any]:
-    """The model to train (converted in memory for the diffusion objectives) and its objective (None: AR)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load(
+    model_path: str, objective: str, attn: str, checkpointing: bool, device: str, random: bool = False
+) -> tuple[Any, Any]:
+    """The model to train (converted in memory for the diffusion objectives) and its objective (None: AR).
+    `random`: built from the directory's config with random weights (same shapes, memory and time)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from adapt.conversion.convert import ConvertOptions, convert_model
     from adapt.training.config import DiffusionConfig
     from adapt.training.objectives import make_objective
 
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, attn_implementation=attn)
+    if random:
+        config = AutoConfig.from_pretrained(model_path)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=torch.float32, attn_implementation=attn
+        )
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     # every row is loaded the same way (converted), so that their memory differs by the step alone
     settings, _, _ = convert_model(model, tokenizer, ConvertOptions(attn_implementation=attn))
@@ -71,8 +80,8 @@ def load(model_path: str, objective: str, attn: str, checkpointing: bool, device
     return model.to(device).train(), objective_obj
 
 
-def step_fn(model: Any, objective: Any, ids: torch.Tensor) -> Any:
-    """One optimizer step of the objective on `ids` [b, l]."""
+def step_fn(model: Any, objective: Any, ids: torch.Tensor, autocast: str = "no") -> Any:
+    """One optimizer step of the objective on `ids` [b, l] (fp32 weights; under bf16 autocast if asked)."""
     from adapt.core.attention import MaskStyle
     from adapt.training.objectives.loss import TokenLoss
 
@@ -82,11 +91,12 @@ def step_fn(model: Any, objective: Any, ids: torch.Tensor) -> Any:
     style = MaskStyle.for_model(model, torch.float32)
 
     def step(i: int) -> float:
-        if objective is None:
-            loss = model(input_ids=ids, labels=ids).loss
-        else:
-            gen = torch.Generator(device=ids.device).manual_seed(i)
-            loss = loss_module(**objective.inputs(batch, i, gen, style))[0]
+        with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=autocast == "bf16"):
+            if objective is None:
+                loss = model(input_ids=ids, labels=ids).loss
+            else:
+                gen = torch.Generator(device=ids.device).manual_seed(i)
+                loss = loss_module(**objective.inputs(batch, i, gen, style))[0]
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -119,11 +129,18 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     device = spec["device"]
-    model, objective = load(spec["model"], spec["objective"], spec["attn"], spec["checkpointing"], device)
+    model, objective = load(
+        spec["model"],
+        spec["objective"],
+        spec["attn"],
+        spec["checkpointing"],
+        device,
+        spec.get("random", False),
+    )
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(3, vocab - 2, (spec["batch"], spec["length"]), generator=gen).to(device)
-    step = step_fn(model, objective, ids)
+    step = step_fn(model, objective, ids, spec.get("autocast", "no"))
     base = settled_bytes(device)
     before = peak_bytes(device)
     times, losses = [], []
@@ -184,10 +201,12 @@ def time_group(group: list[dict[str, Any]], steps: int, device: str) -> list[dic
     """One warm-up step each, then `steps` rounds of one step of each objective; medians."""
     runs = []
     for spec in group:
-        model, objective = load(spec["model"], spec["objective"], spec["attn"], spec["checkpointing"], device)
+        model, objective = load(
+            spec["model"], spec["objective"], spec["attn"], spec["checkpointing"], device, spec["random"]
+        )
         gen = torch.Generator().manual_seed(0)
         ids = torch.randint(3, model.config.vocab_size - 2, (spec["batch"], spec["length"]), generator=gen)
-        runs.append((spec, step_fn(model, objective, ids.to(device)), []))
+        runs.append((spec, step_fn(model, objective, ids.to(device), spec["autocast"]), []))
     for i in range(steps + 1):
         for _, step, times in runs:
             t0 = time.perf_counter()
@@ -246,6 +265,8 @@ def plan(args: argparse.Namespace, device: str) -> list[dict[str, Any]]:
                                 "steps": args.steps,
                                 "threads": args.threads,
                                 "device": device,
+                                "random": args.random_weights,
+                                "autocast": args.autocast,
                             }
                         )
     return specs
@@ -310,6 +331,12 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=2, help="timed steps after the first")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    parser.add_argument(
+        "--random-weights", action="store_true", help="build --model from its config with random weights"
+    )
+    parser.add_argument(
+        "--autocast", choices=["no", "bf16"], default="no", help="bf16 autocast (fp32 weights)"
+    )
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per configuration")
     parser.add_argument("--json", type=Path, default=None, help="write the rows here")
     parser.add_argument(
@@ -351,7 +378,10 @@ def main() -> None:
 
 
 def write(args: argparse.Namespace, device: str, rows: list[dict[str, Any]]) -> None:
-    print(f"\n{args.model}; {machine(device)}; torch {torch.__version__}; fp32 weights, AdamW; block B = 16")
+    weights = "random weights" if args.random_weights else "its weights"
+    precision = "fp32 weights under bf16 autocast" if args.autocast == "bf16" else "fp32"
+    where = f"{machine(device)}; torch {torch.__version__}"
+    print(f"\n{args.model} ({weights}); {where}; {precision}, AdamW; block B = 16")
     print(table(rows))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

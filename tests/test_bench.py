@@ -212,6 +212,27 @@ def test_long_context_bench_runs_every_objective_in_its_own_process(tmp_path: Pa
     assert proc.stdout.count("| 32 | 1 | on |") == 6
 
 
+@pytest.mark.slow
+def test_long_context_bench_builds_random_weights_and_trains_under_bf16_autocast(tmp_path: Path) -> None:
+    """--random-weights keeps the model's shapes but not its weights, --autocast bf16 changes the numbers:
+    the step-1 losses differ from the plain run's on the same tokens."""
+    cmd = [sys.executable, str(ROOT / "bench" / "long_context.py"), "--lengths", "32", "--steps", "0"]
+    cmd += ["--threads", "1", "--checkpointing", "off", "--attn", "sdpa", "--objectives", "ar,block"]
+    losses = {}
+    for name, extra in (("plain", []), ("random", ["--random-weights"]), ("bf16", ["--autocast", "bf16"])):
+        out = tmp_path / f"{name}.json"
+        run = [*cmd, *extra, "--json", str(out)]
+        proc = subprocess.run(run, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        rows = json.loads(out.read_text())["rows"]
+        assert [r["objective"] for r in rows] == ["ar", "block"] and all("failed" not in r for r in rows)
+        losses[name] = [r["losses"][0] for r in rows]
+    assert all(math.isfinite(x) for row in losses.values() for x in row)
+    for name in ("random", "bf16"):
+        assert all(abs(a - b) > 1e-6 for a, b in zip(losses[name], losses["plain"], strict=True)), losses
+    assert all(abs(a - b) < 0.1 for a, b in zip(losses["bf16"], losses["plain"], strict=True)), losses
+
+
 def test_long_context_bench_interleaves_the_objectives_for_step_times(tmp_path: Path) -> None:
     out = tmp_path / "time.json"
     cmd = [sys.executable, str(ROOT / "bench" / "long_context.py"), "--lengths", "32", "--steps", "2"]
