@@ -474,6 +474,23 @@ def test_with_sharded_loading_turned_off_the_teacher_is_read_whole_then_sharded(
         check_teacher(runs[config], "whole", [1, 1], [0.5, 0.5])
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["fsdp", "zero3"])
+def test_a_run_with_a_sharded_teacher_resumes_to_the_uninterrupted_numbers(
+    llama_diffusion: Path, llama_src: Path, tmp_path: Path, config: str
+) -> None:
+    """The teacher is not in the checkpoint: a resumed run reads and shards it again, and continues with
+    the uninterrupted run's losses."""
+    recipe = [r for r in teacher_recipe(llama_src) if not r.startswith("training.max_steps")] + FULL
+    whole = trained(config, tmp_path / "whole", llama_diffusion, *recipe)
+    step2, out = "checkpoints/step-00000002", tmp_path / "resumed"
+    shutil.copytree(whole / step2, out / step2)
+    trained(config, out, llama_diffusion, *recipe)
+    reference, again = losses(whole), losses(out)
+    assert sorted(again) == [3, 4]
+    assert all(again[s] == pytest.approx(reference[s], abs=1e-6) for s in again), (reference, again)
+
+
 @pytest.mark.parametrize(("batches", "saved", "now", "expected"), [(6, 2, 1, 12), (6, 1, 2, 3), (4, 2, 2, 4)])
 def test_the_data_position_converts_between_process_counts(
     batches: int, saved: int, now: int, expected: int
