@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-OBJECTIVES = ("ar", "full", "block")
+OBJECTIVES = ("ar", "full", "block")  # and "joint": block + the AR term against a teacher, full mask
 
 
 def build_tiny(out: Path) -> Path:
@@ -69,15 +69,43 @@ def load(
     if objective == "ar":
         model.config.is_causal = True  # the AR source again: causal attention, its own loss
     else:
-        block = {"block_size": 16, "clean_attention": "causal"} if objective == "block" else {}
-        objective_obj = make_objective(DiffusionConfig(**block), settings)
-    if objective == "block" and attn == "sdpa":  # what `adapt finetune` runs for the block objective
+        block = {"block_size": 16, "clean_attention": "causal"} if objective in ("block", "joint") else {}
+        teacher = None
+        if objective == "joint":  # the draft-and-verify objective, against the source as its teacher
+            block |= {"ar_loss_weight": 1.0, "full_mask": True, "ar_teacher": model_path}
+            teacher = bench_teacher(model_path, tokenizer, model, random, device)
+        objective_obj = make_objective(DiffusionConfig(**block), settings, teacher)
+    if objective in ("block", "joint") and attn == "sdpa":  # what `adapt finetune` runs for block objectives
         from adapt.core.pair_attention import use_pair_sdpa
 
         use_pair_sdpa(model)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.to(device).train(), objective_obj
+
+
+def bench_teacher(model_path: str, tokenizer: Any, student: Any, random: bool, device: str) -> Any:
+    """The joint objective's frozen teacher: the source model (random weights of its shapes under
+    --random-weights), fp32 like the student's weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from adapt.conversion.verify import ordinary_token_ids
+    from adapt.training.objectives.teacher import ProbabilitiesAt, Teacher, load_teacher
+
+    if not random:
+        probe = ordinary_token_ids(student, tokenizer)
+        return load_teacher(model_path, tokenizer, student, device, torch.float32, probe)
+    config = AutoConfig.from_pretrained(model_path)
+    lm = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+    width = student.get_output_embeddings().weight.shape[0]
+    return Teacher(ProbabilitiesAt(lm.requires_grad_(False).to(device).eval(), fast=True), width)
+
+
+def id_limit(model: Any, objective: Any) -> int:
+    """Random token ids stay below this: the model's vocabulary, or its teacher's (the source's, without
+    the mask row)."""
+    teacher = getattr(objective, "teacher", None)
+    return (teacher.scorer.model if teacher is not None else model).config.vocab_size - 2
 
 
 def step_fn(model: Any, objective: Any, ids: torch.Tensor, autocast: str = "no") -> Any:
@@ -137,9 +165,9 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         device,
         spec.get("random", False),
     )
-    vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, vocab - 2, (spec["batch"], spec["length"]), generator=gen).to(device)
+    shape = (spec["batch"], spec["length"])
+    ids = torch.randint(3, id_limit(model, objective), shape, generator=gen).to(device)
     step = step_fn(model, objective, ids, spec.get("autocast", "no"))
     base = settled_bytes(device)
     before = peak_bytes(device)
@@ -205,7 +233,7 @@ def time_group(group: list[dict[str, Any]], steps: int, device: str) -> list[dic
             spec["model"], spec["objective"], spec["attn"], spec["checkpointing"], device, spec["random"]
         )
         gen = torch.Generator().manual_seed(0)
-        ids = torch.randint(3, model.config.vocab_size - 2, (spec["batch"], spec["length"]), generator=gen)
+        ids = torch.randint(3, id_limit(model, objective), (spec["batch"], spec["length"]), generator=gen)
         runs.append((spec, step_fn(model, objective, ids.to(device), spec["autocast"]), []))
     for i in range(steps + 1):
         for _, step, times in runs:
@@ -325,7 +353,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--model", default="", help="AR model directory (default: a tiny random llama)")
     parser.add_argument("--lengths", default="64,128", help="sequence lengths L")
     parser.add_argument("--batches", default="1", help="batch sizes")
-    parser.add_argument("--objectives", default=",".join(OBJECTIVES), help="ar, full, block")
+    parser.add_argument("--objectives", default=",".join(OBJECTIVES), help="ar, full, block, joint")
     parser.add_argument("--attn", default="sdpa,flex_attention", help="attention kernels")
     parser.add_argument("--checkpointing", default="off,on", help="gradient checkpointing: off, on")
     parser.add_argument("--steps", type=int, default=2, help="timed steps after the first")

@@ -18,8 +18,9 @@ Host memory per rank while the weights load (adapt/training/placement.py), W = 4
 
 Sharded loading needs a converted checkpoint (`adapt convert` first); an AR model converted in memory
 loads whole. The joint objective's frozen AR teacher (`diffusion.ar_teacher`) adds its weights in the
-step's precision (2 B/param in bf16): whole under DDP and ZeRO-2, 1/N under FSDP2 and ZeRO-3. Activations (which grow with batch x length, and double for the block objective's
-[x_t ; x_0] pass) and the CUDA context (~0.5-1 GiB) come on top. Parameter counts are computed from
+step's precision (2 B/param in bf16): whole under DDP and ZeRO-2, 1/N under FSDP2 and ZeRO-3.
+Activations (which grow with batch x length, and double for the block objective's [x_t ; x_0] pass) and
+the CUDA context (~0.5-1 GiB) come on top. Parameter counts are computed from
 each model's published dimensions (embeddings tied or not); LoRA adapts every linear layer of the
 decoder blocks.
 """

@@ -121,11 +121,13 @@ ROWS = [
         "64 prompt(s) x --gen-length 200 needs about", env=limit("10MB")),
     # recipes: batch x length
     Row("finetune: huge training.batch_size", finetune(f"training.batch_size={10**7}"),
-        "training.batch_size=10000000 x data.max_length=128 needs about 2.0 TB"),
+        "needs about 328.2 GB: 327.7 GB for the decoder's last hidden states"),
     Row("finetune: a micro-batch over ADAPT_MEMORY_LIMIT", finetune(), "ADAPT_MEMORY_LIMIT allows",
         env=limit("2MB")),
     Row("sample: ADAPT_MEMORY_LIMIT is not a size", SAMPLE, "ADAPT_MEMORY_LIMIT='lots' is not a size",
         env=limit("lots")),
+    Row("finetune: ADAPT_LOGITS_CHUNK is not a positive number", finetune(),
+        "ADAPT_LOGITS_CHUNK='0' is not a positive whole number", env=(("ADAPT_LOGITS_CHUNK", "0"),)),
 ]  # fmt: skip
 
 

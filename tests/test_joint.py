@@ -466,49 +466,115 @@ def test_a_run_with_a_teacher_starts_near_zero_and_keeps_eval_as_cross_entropy(
     assert f"ar_teacher: {llama_src}" in recipe  # the export's recipe (and model card) name the teacher
 
 
+@pytest.mark.parametrize("chunked", [False, True])
 @pytest.mark.parametrize(
-    ("diffusion", "copies"),
+    ("diffusion", "copies", "teacher_copies"),
     [
-        ([], 1),  # logits and gradients at the masked half
-        (["diffusion.ar_loss_weight=1"], 3),  # + both at every clean token
-        (["diffusion.ar_loss_weight=1", "diffusion.full_mask=true"], 4),  # every response token masked
-        (["diffusion.ar_loss_weight=1", "diffusion.ar_teacher=SRC"], 4),  # + the teacher's probabilities
-        (["diffusion.ar_loss_weight=1", "diffusion.full_mask=true", "diffusion.ar_teacher=SRC"], 5),
+        ([], 1, 0),  # logits and gradients at the masked half
+        (["diffusion.ar_loss_weight=1"], 3, 0),  # + both at every clean token
+        (["diffusion.ar_loss_weight=1", "diffusion.full_mask=true"], 4, 0),  # every response token masked
+        (["diffusion.ar_loss_weight=1", "diffusion.ar_teacher=SRC"], 3, 1),  # + the teacher's probabilities
+        (["diffusion.ar_loss_weight=1", "diffusion.full_mask=true", "diffusion.ar_teacher=SRC"], 4, 1),
     ],
 )
 def test_the_memory_check_counts_the_logits_the_objective_reads_and_the_teachers_share(
-    llama_diffusion,
-    llama_src,
+    llama_diffusion,  # noqa: ANN001
+    llama_src,  # noqa: ANN001
     monkeypatch: pytest.MonkeyPatch,
     diffusion: list[str],
-    copies: int,  # noqa: ANN001
+    copies: int,
+    teacher_copies: int,
+    chunked: bool,
 ) -> None:
     """check_batch's logits term is b x L x V x 4 bytes per copy of the logits the loss reads (hand-counted
-    copies); an AR teacher's weights count at this rank's share, at 2 bytes a parameter."""
+    copies), or one chunk's logits and gradient and the decoder's last hidden states where the loss
+    chunks them; a teacher's probabilities are
+    one more copy, whole; its weights count at this rank's share, at 2 bytes a parameter."""
     from adapt.core.bounds import MEMORY_LIMIT_ENV, read_weights
     from adapt.training.config import load_recipe
     from adapt.training.model import check_batch, step_logits
+    from adapt.training.objectives import loss
 
     block = ["diffusion.block_size=4", "diffusion.clean_attention=causal", "diffusion.anneal_steps=0"]
     keys = [k.replace("SRC", str(llama_src)) for k in diffusion]
     sizes = ["data.max_length=32", "training.batch_size=2"]
     overrides = [f"model.path={llama_diffusion}", *sizes, *block, *keys]
     recipe = load_recipe("recipes/multi_process.yaml", overrides)
-    vocab = AutoModelForCausalLM.from_pretrained(llama_diffusion).config.vocab_size
+    config = AutoModelForCausalLM.from_pretrained(llama_diffusion).config
+    vocab, hidden = config.vocab_size, config.hidden_size
+    if chunked:  # 10 rows of logits at a time: the smallest objective reads 32
+        monkeypatch.setenv(loss.CHUNK_ENV, str(10 * vocab))
     one = 2 * 32 * vocab * 4
-    term = step_logits(recipe, vocab)
-    assert term.bytes == copies * one, term
-    assert ("full_mask" in term.what) == ("diffusion.full_mask=true" in keys)
+    model_part = [8 * 10 * vocab, 2 * 32 * hidden * 4] if chunked else [copies * one]
+    terms = step_logits(recipe, vocab, hidden)
+    assert [t.bytes for t in terms] == model_part + [one] * teacher_copies, terms
+    assert ("chunk" in terms[0].what) == chunked
+    assert chunked or ("full_mask" in terms[0].what) == ("diffusion.full_mask=true" in keys)
     weights = read_weights(llama_diffusion).bytes_in(torch.float32)
     teacher = read_weights(llama_src).params * 2 if recipe.diffusion.ar_teacher else 0
-    need = weights + copies * one + teacher
+    need = weights + sum(model_part) + teacher_copies * one + teacher
     monkeypatch.setenv(MEMORY_LIMIT_ENV, str(need))
     check_batch(recipe, "cpu")  # exactly what it counts ...
     monkeypatch.setenv(MEMORY_LIMIT_ENV, str(need - 1))
-    with pytest.raises(AdaptError, match="logits and their gradients"):
+    with pytest.raises(AdaptError, match="chunk of the logits" if chunked else "logits and their gradients"):
         check_batch(recipe, "cpu")  # ... and not a byte less
     if teacher:
         monkeypatch.setenv(MEMORY_LIMIT_ENV, str(need - teacher // 2))
         check_batch(recipe, "cpu", teacher_share=0.5)
         with pytest.raises(AdaptError, match="teacher's weights"):
             check_batch(recipe, "cpu", teacher_share=1.0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma"])
+def test_big_logits_are_computed_a_chunk_at_a_time_with_the_same_loss_and_gradients(
+    converted,
+    tiny_models,
+    arch: str,
+    monkeypatch: pytest.MonkeyPatch,  # noqa: ANN001
+) -> None:
+    """Over twice ADAPT_LOGITS_CHUNK logits, the loss reads the head a chunk of rows at a time and
+    recomputes each chunk in the backward pass: the joint objective's loss (cross-entropy and the
+    teacher's KL), its per-entry nll, accuracy and gradients equal the whole-logits computation; the
+    teacher's probabilities too. The head's calls are counted: one per chunk forward, again in the
+    backward."""
+    from adapt.training.objectives import loss as loss_module
+
+    model, tokenizer, objective = teacher_objective(converted, tiny_models, arch)
+    batch = random_batch(tokenizer, rows=2, length=12, seed=5)
+    inputs = objective.inputs(batch, 0, torch.Generator().manual_seed(3), torch.float32)
+    width = model.get_output_embeddings().weight.shape[0]
+    runs, calls, teacher_calls = {}, [], []  # one entry per call of the model's and the teacher's head
+    head = model.get_output_embeddings().register_forward_hook(lambda *_: calls.append(1))
+    teacher_lm = objective.teacher.scorer.model
+    on_call = lambda *_: teacher_calls.append(0)  # noqa: E731
+    teacher_head = teacher_lm.get_output_embeddings().register_forward_hook(on_call)
+    for name, rows in (("whole", 10**6), ("chunked", 5)):
+        monkeypatch.setenv(loss_module.CHUNK_ENV, str(rows * width))
+        model.zero_grad()
+        calls.clear()
+        teacher_calls.clear()
+        loss, nll, correct = TokenLoss(model)(**inputs)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        clean_positions = inputs["position_ids"][:, batch["input_ids"].shape[1] :]  # [x_t ; x_0]: x_0's
+        probs = objective.teacher.probabilities(batch, clean_positions, *ar_rows(inputs, batch))
+        runs[name] = (loss.detach(), nll, correct, grads, probs, len(calls), len(teacher_calls))
+        chunk = loss_module.chunk_rows(teacher_lm)
+    head.remove()
+    teacher_head.remove()
+    n, m = len(inputs["targets"]), len(probs)
+    assert n > 10 and runs["whole"][5] == 1 and runs["chunked"][5] == 2 * math.ceil(n / 5)
+    assert runs["whole"][6] == 1 and runs["chunked"][6] == math.ceil(m / chunk) > 1
+    (a, b) = runs["whole"], runs["chunked"]
+    torch.testing.assert_close(b[0], a[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(b[1], a[1], rtol=1e-5, atol=1e-6)
+    assert torch.equal(b[2], a[2]) and a[3].keys() == b[3].keys()
+    for name in a[3]:
+        torch.testing.assert_close(b[3][name], a[3][name], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(b[4], a[4], rtol=1e-5, atol=1e-7)
+
+
+def ar_rows(inputs: dict, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
+    """The AR term's (rows, clean columns): where the teacher is read."""
+    entries = ar_part(inputs)
+    return entries["rows"], entries["cols"] - batch["input_ids"].shape[1]

@@ -8,7 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from adapt.core.bounds import check_config_matches, check_fits, logits_term, read_weights, vocab_size
+from adapt.core.bounds import Term, check_config_matches, check_fits, logits_term, read_weights, vocab_size
 from adapt.core.checkpoint import DiffusionSettings, checked_settings, resolve_dtype
 from adapt.core.errors import AdaptError
 from adapt.training.config import ModelConfig, Recipe
@@ -118,7 +118,8 @@ def check_batch(recipe: Recipe, device: Any, host_share: float = 1.0, teacher_sh
 
     config = load_config(recipe.model.path, recipe.model.revision)
     t, length = recipe.training, recipe.data.max_length
-    terms = [step_logits(recipe, vocab_size(config))]
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    terms = step_logits(recipe, vocab_size(config), int(getattr(text, "hidden_size", 0) or 0))
     if Path(recipe.model.path).is_dir():  # a Hub id's weights are not on disk yet
         dtype = resolve_dtype(recipe.model.dtype)
         weights = read_weights(recipe.model.path)  # headers only; the share this rank holds is checked below
@@ -145,20 +146,37 @@ def teacher_weights(recipe: Recipe, share: float) -> list[Any]:
     return [replace(term, what=term.what.replace("the weights", "the teacher's weights"))]
 
 
-def step_logits(recipe: Recipe, vocab: int) -> Any:
+def step_logits(recipe: Recipe, vocab: int, hidden: int) -> list[Any]:
     """The float32 logits a micro-batch's loss reads, with their gradients: at the masked tokens (about
     half of them; all of them under diffusion.full_mask) and, with the joint objective's AR term, at every
-    clean token too, where an AR teacher adds its probabilities."""
+    clean token too; over twice `loss.chunk_elements()` of them the loss holds one chunk at a time
+    (`objectives.loss.chunked_scores`), and the decoder's last hidden states [b, L, hidden] are the bound
+    that grows with the batch. An AR teacher's probabilities at the clean tokens are whole."""
+    from adapt.training.objectives import loss
+
     d, t, length = recipe.diffusion, recipe.training, recipe.data.max_length
     masked, ar = (1.0 if d.full_mask else 0.5), (1.0 if d.ar_loss_weight else 0.0)
-    copies = 2 * (masked + ar) + (ar if d.ar_teacher else 0.0)
     where = "every masked token (full_mask)" if d.full_mask else "the masked half"
     where += " and every clean token (the AR term)" if ar else ""
     what = f"the logits and their gradients at {where} of a micro-batch"
-    what += ", and the teacher's probabilities" if d.ar_teacher and ar else ""
-    term = logits_term(t.batch_size, length, vocab, what)
-    formula = term.formula if copies == 1 else f"{term.formula} x {copies:g}"
-    return replace(term, bytes=int(term.bytes * copies), formula=formula)
+    rows = (masked + ar) * t.batch_size * length
+    chunk = loss.chunk_elements()
+    if rows * vocab > 2 * chunk:
+        what = "a chunk of the logits and its gradient"
+        terms = [Term(what, 8 * chunk, f"{chunk:,} logits x 4 bytes x 2 ({loss.CHUNK_ENV})")]
+        states = "the decoder's last hidden states"
+        rows_h = t.batch_size * length * hidden * 4
+        terms.append(Term(states, rows_h, "batch x length x hidden size x 4 bytes"))
+    else:
+        term = logits_term(t.batch_size, length, vocab, what)
+        copies = 2 * (masked + ar)
+        formula = term.formula if copies == 1 else f"{term.formula} x {copies:g}"
+        terms = [replace(term, bytes=int(term.bytes * copies), formula=formula)]
+    if d.ar_teacher and ar:
+        terms.append(
+            logits_term(t.batch_size, length, vocab, "the teacher's probabilities at the clean tokens")
+        )
+    return terms
 
 
 def host_weights(term: Any, share: float) -> Any:

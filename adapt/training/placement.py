@@ -343,20 +343,20 @@ def shard_teacher(
         with zero3_forward(teacher.scorer):
             teacher.scorer.fast = check_fast_path(teacher.scorer.model, probe_ids)
     if engine == "FSDP2":
-        run_once(teacher.scorer, probe_ids, accelerator.device)  # what it holds is what a forward leaves
+        run_once(teacher, probe_ids, accelerator.device)  # what it holds is what a forward leaves
     held = {**elements(teacher.scorer), "rss_before_bytes": before, "rss_bytes": rss_now()}
     ranks = gather_object([{"loaded": loaded, "held": held}])
     return {"how": load.how, "why": load.why, "fast_path": teacher.scorer.fast, "ranks": ranks}
 
 
-def run_once(scorer: Any, probe_ids: list[int], device: Any) -> None:
+def run_once(teacher: Any, probe_ids: list[int], device: Any) -> None:
     """One forward of the teacher on a probe (every rank: its engine gathers and reshards)."""
     import torch
 
     ids = torch.tensor([probe_ids[:8]], device=device)
     at = torch.zeros(1, dtype=torch.long, device=device)
     with torch.no_grad():
-        scorer(ids, torch.ones_like(ids), None, at, at)
+        teacher.scorer(ids, torch.ones_like(ids), None, at, at, teacher.width)
 
 
 def shard_teacher_fsdp2(accelerator: Any, scorer: Any, broadcast: bool) -> None:

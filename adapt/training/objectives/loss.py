@@ -12,12 +12,14 @@ reproduce its own logits falls back to the full forward (checked once in `check_
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adapt.core.errors import AdaptError
 from adapt.core.pair_attention import NAME as PAIR_KERNEL
 from adapt.core.pair_attention import PairLayout
 
@@ -55,12 +57,15 @@ class TokenLoss(nn.Module):
         its [x_t ; x_0] input (read by the tiled pair kernel only), soft_targets [m, V] (a teacher's
         distributions for the last m entries, scored by KL(teacher || model) instead of their targets)
         -> (loss [], nll [n], correct [n])."""
-        logits = self.logits_at(input_ids, attention_mask, position_ids, rows, cols, pair)  # [n, V]
-        hard = len(targets) - (len(soft_targets) if soft_targets is not None else 0)
-        nll = F.cross_entropy(logits[:hard].float(), targets[:hard], reduction="none")  # [hard]
-        if soft_targets is not None:
-            nll = torch.cat([nll, kl_divergence(soft_targets, logits[hard:])])  # [n]
-        return (nll * weights).sum(), nll.detach(), (logits.detach().argmax(-1) == targets)
+        lm = causal_lm_of(self.model)
+        most = most_rows(len(rows), rows.device) if self.fast else 0
+        if most * head_rows(lm) > 2 * chunk_elements():
+            hidden = self.hidden_at(input_ids, attention_mask, position_ids, rows, cols, pair)  # [n, h]
+            nll, correct = chunked_scores(lm, hidden, targets, soft_targets, chunks(most, lm))
+        else:
+            logits = self.logits_at(input_ids, attention_mask, position_ids, rows, cols, pair)  # [n, V]
+            nll, correct = scores(logits, targets, soft_targets)
+        return (nll * weights).sum(), nll.detach(), correct
 
     def logits_at(
         self,
@@ -72,16 +77,129 @@ class TokenLoss(nn.Module):
         pair: PairLayout | None = None,
     ) -> torch.Tensor:
         """Logits at (rows, cols) only. -> [n, V]"""
+        if not self.fast:
+            kwargs = self.model_kwargs(attention_mask, position_ids, pair)
+            return self.model(input_ids=input_ids, **kwargs).logits[rows, cols]
+        hidden = self.hidden_at(input_ids, attention_mask, position_ids, rows, cols, pair)
+        return head_logits(causal_lm_of(self.model), hidden)  # [n, V]
+
+    def hidden_at(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor | None,
+        rows: torch.Tensor,
+        cols: torch.Tensor,
+        pair: PairLayout | None = None,
+    ) -> torch.Tensor:
+        """The decoder's last hidden states at (rows, cols) (the fast path's). -> [n, h]"""
+        kwargs = self.model_kwargs(attention_mask, position_ids, pair)
+        lm = causal_lm_of(self.model)
+        return lm.get_decoder()(input_ids=input_ids, **kwargs).last_hidden_state[rows, cols]
+
+    def model_kwargs(
+        self, attention_mask: torch.Tensor, position_ids: torch.Tensor | None, pair: PairLayout | None
+    ) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"attention_mask": attention_mask, "use_cache": False}
         if position_ids is not None:
             kwargs["position_ids"] = position_ids
         if pair is not None and causal_lm_of(self.model).config._attn_implementation == PAIR_KERNEL:
             kwargs["adapt_pair"] = pair
-        if not self.fast:
-            return self.model(input_ids=input_ids, **kwargs).logits[rows, cols]
-        lm = causal_lm_of(self.model)
-        hidden = lm.get_decoder()(input_ids=input_ids, **kwargs).last_hidden_state  # [b, l, h]
-        return head_logits(lm, hidden[rows, cols])  # [n, V]
+        return kwargs
+
+
+CHUNK_ENV = "ADAPT_LOGITS_CHUNK"
+CHUNK_ELEMENTS = 1 << 26
+"""Logits computed at once when a step's would be over twice this (float32: 256 MiB a chunk); the
+environment's ADAPT_LOGITS_CHUNK sets another."""
+
+
+def chunk_elements() -> int:
+    """Logits computed at once: ADAPT_LOGITS_CHUNK, else CHUNK_ELEMENTS; refused in one line unless a
+    positive whole number."""
+    raw = os.environ.get(CHUNK_ENV)
+    if raw is None:
+        return CHUNK_ELEMENTS
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise AdaptError(
+            f"{CHUNK_ENV}={raw!r} is not a positive whole number of logits (the default is {CHUNK_ELEMENTS})"
+        )
+    return value
+
+
+def scores(
+    logits: torch.Tensor, targets: torch.Tensor, soft: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: the cross-entropy to its target, or, for the last len(soft) rows, the KL from the soft
+    targets (a teacher's distributions); and whether the argmax is the target. -> (nll [n], correct [n])"""
+    hard = len(targets) - (len(soft) if soft is not None else 0)
+    nll = F.cross_entropy(logits[:hard].float(), targets[:hard], reduction="none")  # [hard]
+    if soft is not None and len(soft):
+        nll = torch.cat([nll, kl_divergence(soft, logits[hard:])])  # [n]
+    return nll, logits.detach().argmax(-1) == targets
+
+
+def chunked_scores(
+    lm: Any, hidden: torch.Tensor, targets: torch.Tensor, soft: torch.Tensor | None, count: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`scores` of head_logits(lm, hidden) in `count` chunks of `chunk_rows` rows (the last ones empty
+    where this rank has fewer rows), each chunk's logits recomputed in the backward pass (activation
+    checkpointing) instead of kept: the [n, V] logits, their float32 copy and their gradient never exist
+    at once (the joint objective at 4k tokens reads them at 2L rows)."""
+    from torch.utils.checkpoint import checkpoint
+
+    n, chunk = len(targets), chunk_rows(lm)
+    hard = n - (len(soft) if soft is not None else 0)
+
+    def part(h: torch.Tensor, t: torch.Tensor, s: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        return scores(head_logits(lm, h), t, s)
+
+    nll, correct = [], []
+    for a in range(0, count * chunk, chunk):
+        a, b = min(a, n), min(a + chunk, n)
+        s = soft[max(a - hard, 0) : max(b - hard, 0)] if soft is not None else None
+        args = (hidden[a:b], targets[a:b], s)
+        if torch.is_grad_enabled():
+            out = checkpoint(part, *args, use_reentrant=False, preserve_rng_state=False)
+        else:
+            out = part(*args)
+        nll.append(out[0])
+        correct.append(out[1])
+    return torch.cat(nll), torch.cat(correct)
+
+
+def most_rows(n: int, device: torch.device) -> int:
+    """The most rows of logits any process reads in this forward (n alone without several processes).
+    Every rank then chunks alike and calls the head equally often: ZeRO-3 gathers its weight at each
+    call, a collective every rank must join."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return n
+    most = torch.tensor([n], device=device)
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    return int(most.item())
+
+
+def chunks(rows: int, lm: Any) -> int:
+    """Chunks of `chunk_rows` rows that `rows` rows take."""
+    return -(-rows // chunk_rows(lm))
+
+
+def chunk_rows(lm: Any) -> int:
+    """Rows of logits computed at once: `chunk_elements` over the head's width."""
+    return max(1, chunk_elements() // head_rows(lm))
+
+
+def head_rows(lm: Any) -> int:
+    """Rows of the LM head's weight: the width of its logits (ZeRO-3 partitions keep their whole shape in
+    ds_shape)."""
+    weight = lm.get_output_embeddings().weight
+    return getattr(weight, "ds_shape", weight.shape)[0]
 
 
 def kl_divergence(p: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

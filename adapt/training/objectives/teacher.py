@@ -21,15 +21,47 @@ from torch import nn
 from adapt.core.attention import causal_documents_allowed
 from adapt.core.checkpoint import read_settings
 from adapt.core.errors import AdaptError
-from adapt.training.objectives.loss import TokenLoss, check_fast_path
+from adapt.training.objectives.loss import (
+    TokenLoss,
+    causal_lm_of,
+    check_fast_path,
+    chunk_rows,
+    chunks,
+    head_logits,
+    most_rows,
+)
 
 
-class LogitsAt(TokenLoss):
-    """A frozen model whose forward is its logits at chosen positions (`TokenLoss.logits_at`): an engine
-    that shards it (FSDP2, ZeRO-3) gathers its weights around each call through its forward hooks."""
+class ProbabilitiesAt(TokenLoss):
+    """A frozen model whose forward is its next-token probabilities at chosen positions, padded with zeros
+    to `width` columns: an engine that shards it (FSDP2, ZeRO-3) gathers its weights around each call
+    through its forward hooks. The logits are computed a chunk of rows at a time (`chunk_rows`), so only
+    the probabilities are whole."""
 
-    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
-        return self.logits_at(*args, **kwargs)
+    def forward(  # type: ignore[override]
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor | None,
+        rows: torch.Tensor,
+        cols: torch.Tensor,
+        width: int,
+    ) -> torch.Tensor:
+        if not self.fast:
+            return padded_softmax(self.logits_at(input_ids, attention_mask, position_ids, rows, cols), width)
+        lm = causal_lm_of(self.model)
+        hidden = self.hidden_at(input_ids, attention_mask, position_ids, rows, cols)  # [n, h]
+        out = hidden.new_zeros(len(hidden), width, dtype=torch.float32)
+        chunk = chunk_rows(lm)  # every rank calls the head as often (ZeRO-3 gathers it at each call)
+        for a in range(0, chunks(most_rows(len(hidden), hidden.device), lm) * chunk, chunk):
+            logits = head_logits(lm, hidden[a : a + chunk]).float()
+            out[a : a + chunk, : logits.shape[-1]] = logits.softmax(-1)
+        return out
+
+
+def padded_softmax(logits: torch.Tensor, width: int) -> torch.Tensor:
+    probs = logits.float().softmax(-1)  # [n, V_teacher]
+    return torch.nn.functional.pad(probs, (0, width - probs.shape[-1]))
 
 
 @dataclass
@@ -37,7 +69,7 @@ class Teacher:
     """A frozen AR model (wrapped for its logits at chosen positions), the width of the student's logits
     (its vocabulary plus the mask row), and the engine that shards it, if one does (kept alive with it)."""
 
-    scorer: LogitsAt
+    scorer: ProbabilitiesAt
     width: int
     engine: Any = None
 
@@ -55,9 +87,7 @@ class Teacher:
         # packed documents need their own [l, l] pattern; otherwise the model's causal mask over the
         # padding mask is the source's attention (sdpa then needs no dense mask at all when unpadded)
         mask = am if segments is None else causal_documents_allowed(am, segments)
-        logits = self.scorer(batch["input_ids"], mask, positions, rows, cols)
-        probs = logits.float().softmax(-1)  # [n, V_teacher]
-        return torch.nn.functional.pad(probs, (0, self.width - probs.shape[-1]))
+        return self.scorer(batch["input_ids"], mask, positions, rows, cols, self.width)
 
 
 def load_teacher(
@@ -95,7 +125,7 @@ def load_teacher(
     model.requires_grad_(False)
     whole = not empty and not is_deepspeed_zero3_enabled()
     model = (model.to(device) if whole else model).eval()
-    return Teacher(LogitsAt(model, fast=whole and check_fast_path(model, probe_ids)), width)
+    return Teacher(ProbabilitiesAt(model, fast=whole and check_fast_path(model, probe_ids)), width)
 
 
 def check_teacher(path: str, tokenizer: Any) -> Path:
