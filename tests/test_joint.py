@@ -510,6 +510,10 @@ def test_the_memory_check_counts_the_logits_the_objective_reads_and_the_teachers
     assert [t.bytes for t in terms] == model_part + [one] * teacher_copies, terms
     assert ("chunk" in terms[0].what) == chunked
     assert chunked or ("full_mask" in terms[0].what) == ("diffusion.full_mask=true" in keys)
+    if not diffusion and not chunked:  # 32 rows read, over one chunk of 20 but under two: not chunked,
+        monkeypatch.setenv(loss.CHUNK_ENV, str(20 * vocab))  # yet counted at most as a chunked loss holds
+        assert step_logits(recipe, vocab, hidden)[0].bytes == 8 * 20 * vocab < copies * one
+        monkeypatch.delenv(loss.CHUNK_ENV)
     weights = read_weights(llama_diffusion).bytes_in(torch.float32)
     teacher = read_weights(llama_src).params * 2 if recipe.diffusion.ar_teacher else 0
     need = weights + sum(model_part) + teacher_copies * one + teacher

@@ -171,7 +171,8 @@ def step_logits(recipe: Recipe, vocab: int, hidden: int) -> list[Any]:
         term = logits_term(t.batch_size, length, vocab, what)
         copies = 2 * (masked + ar)
         formula = term.formula if copies == 1 else f"{term.formula} x {copies:g}"
-        terms = [replace(term, bytes=int(term.bytes * copies), formula=formula)]
+        # (at most what a chunked loss would hold: the masked count is an estimate, the loss counts)
+        terms = [replace(term, bytes=min(int(term.bytes * copies), 8 * chunk), formula=formula)]
     if d.ar_teacher and ar:
         terms.append(
             logits_term(t.batch_size, length, vocab, "the teacher's probabilities at the clean tokens")
