@@ -327,8 +327,9 @@ def table(rows: list[dict[str, Any]]) -> str:
             continue
         memory = ["", "", "", ""]
         if "peak_gib" in r:
-            memory = [f"{r['peak_gib']:.2f}", f"{r['memory_vs_ar']:.2f}", f"{r['step_gib']:.2f}"]
-            memory.append(f"{r['step_memory_vs_ar']:.2f}")
+            nan = float("nan")  # no AR row to compare with
+            memory = [f"{r['peak_gib']:.2f}", f"{r.get('memory_vs_ar', nan):.2f}", f"{r['step_gib']:.2f}"]
+            memory.append(f"{r.get('step_memory_vs_ar', nan):.2f}")
         cells += [*memory, f"{r['step_s']:.2f}"]
         cells += [
             f"{r.get('step_vs_ar', float('nan')):.2f}",

@@ -28,6 +28,7 @@ from adapt.training.objectives.loss import (
     chunk_rows,
     chunks,
     head_logits,
+    head_rows,
     most_rows,
 )
 
@@ -115,8 +116,7 @@ def load_teacher(
         model.tie_weights()
     else:
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, attn_implementation="sdpa")
-    head = student.get_output_embeddings().weight
-    width = getattr(head, "ds_shape", head.shape)[0]  # ZeRO-3 partitions keep their whole shape here
+    width = head_rows(student)
     if model.config.vocab_size > width:
         raise AdaptError(
             f"diffusion.ar_teacher: {where} predicts {model.config.vocab_size} tokens, more than the "
