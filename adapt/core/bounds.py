@@ -191,8 +191,17 @@ def kv_cache_term(config: Any, rows: int, length: int, dtype_bytes: int) -> Term
 
 
 def vocab_size(config: Any) -> int:
+    return text_size(config, "vocab_size")
+
+
+def hidden_size(config: Any) -> int:
+    return text_size(config, "hidden_size")
+
+
+def text_size(config: Any, name: str) -> int:
+    """A size of the text model's config (a multimodal config's text part), 0 when it names none."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return int(getattr(text, "vocab_size", 0) or 0)
+    return int(getattr(text, name, 0) or 0)
 
 
 def context_length(config: Any) -> int | None:

@@ -8,7 +8,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from adapt.core.bounds import Term, check_config_matches, check_fits, logits_term, read_weights, vocab_size
+from adapt.core.bounds import (
+    Term,
+    check_config_matches,
+    check_fits,
+    hidden_size,
+    logits_term,
+    read_weights,
+    vocab_size,
+)
 from adapt.core.checkpoint import DiffusionSettings, checked_settings, resolve_dtype
 from adapt.core.errors import AdaptError
 from adapt.training.config import ModelConfig, Recipe
@@ -118,8 +126,7 @@ def check_batch(recipe: Recipe, device: Any, host_share: float = 1.0, teacher_sh
 
     config = load_config(recipe.model.path, recipe.model.revision)
     t, length = recipe.training, recipe.data.max_length
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    terms = step_logits(recipe, vocab_size(config), int(getattr(text, "hidden_size", 0) or 0))
+    terms = step_logits(recipe, vocab_size(config), hidden_size(config))
     if Path(recipe.model.path).is_dir():  # a Hub id's weights are not on disk yet
         dtype = resolve_dtype(recipe.model.dtype)
         weights = read_weights(recipe.model.path)  # headers only; the share this rank holds is checked below

@@ -58,10 +58,10 @@ class TokenLoss(nn.Module):
         distributions for the last m entries, scored by KL(teacher || model) instead of their targets)
         -> (loss [], nll [n], correct [n])."""
         lm = causal_lm_of(self.model)
-        most = most_rows(len(rows), rows.device) if self.fast else 0
+        most = agreed_rows(len(rows), lm, rows.device) if self.fast else 0
         if most * head_rows(lm) > 2 * chunk_elements():
             hidden = self.hidden_at(input_ids, attention_mask, position_ids, rows, cols, pair)  # [n, h]
-            nll, correct = chunked_scores(lm, hidden, targets, soft_targets, chunks(most, lm))
+            nll, correct = chunked_scores(lm, hidden, targets, soft_targets, most)
         else:
             logits = self.logits_at(input_ids, attention_mask, position_ids, rows, cols, pair)  # [n, V]
             nll, correct = scores(logits, targets, soft_targets)
@@ -144,23 +144,21 @@ def scores(
 
 
 def chunked_scores(
-    lm: Any, hidden: torch.Tensor, targets: torch.Tensor, soft: torch.Tensor | None, count: int
+    lm: Any, hidden: torch.Tensor, targets: torch.Tensor, soft: torch.Tensor | None, most: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`scores` of head_logits(lm, hidden) in `count` chunks of `chunk_rows` rows (the last ones empty
-    where this rank has fewer rows), each chunk's logits recomputed in the backward pass (activation
-    checkpointing) instead of kept: the [n, V] logits, their float32 copy and their gradient never exist
-    at once (the joint objective at 4k tokens reads them at 2L rows)."""
+    """`scores` of head_logits(lm, hidden) over `chunk_spans`, each chunk's logits recomputed in the
+    backward pass (activation checkpointing) instead of kept: the [n, V] logits, their float32 copy and
+    their gradient never exist at once (the joint objective at 4k tokens reads them at 2L rows)."""
     from torch.utils.checkpoint import checkpoint
 
-    n, chunk = len(targets), chunk_rows(lm)
+    n = len(targets)
     hard = n - (len(soft) if soft is not None else 0)
 
     def part(h: torch.Tensor, t: torch.Tensor, s: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         return scores(head_logits(lm, h), t, s)
 
     nll, correct = [], []
-    for a in range(0, count * chunk, chunk):
-        a, b = min(a, n), min(a + chunk, n)
+    for a, b in chunk_spans(n, most, lm):
         s = soft[max(a - hard, 0) : max(b - hard, 0)] if soft is not None else None
         args = (hidden[a:b], targets[a:b], s)
         if torch.is_grad_enabled():
@@ -172,22 +170,25 @@ def chunked_scores(
     return torch.cat(nll), torch.cat(correct)
 
 
-def most_rows(n: int, device: torch.device) -> int:
-    """The most rows of logits any process reads in this forward (n alone without several processes).
-    Every rank then chunks alike and calls the head equally often: ZeRO-3 gathers its weight at each
-    call, a collective every rank must join."""
+def agreed_rows(n: int, lm: Any, device: torch.device) -> int:
+    """The rows of logits to plan chunks for: under ZeRO-3 (a partitioned head) the most any process reads
+    in this forward, so that every rank calls the head equally often (ZeRO-3 gathers its weight at each
+    call, a collective every rank must join); elsewhere this process's own n (no collective)."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    partitioned = hasattr(lm.get_output_embeddings().weight, "ds_id")
+    if not (partitioned and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return n
     most = torch.tensor([n], device=device)
     dist.all_reduce(most, op=dist.ReduceOp.MAX)
     return int(most.item())
 
 
-def chunks(rows: int, lm: Any) -> int:
-    """Chunks of `chunk_rows` rows that `rows` rows take."""
-    return -(-rows // chunk_rows(lm))
+def chunk_spans(n: int, most: int, lm: Any) -> list[tuple[int, int]]:
+    """Row spans [a, b) of `chunk_rows` rows covering `most` rows, clipped to this process's n (the last
+    ones empty where it has fewer)."""
+    chunk = chunk_rows(lm)
+    return [(min(a, n), min(a + chunk, n)) for a in range(0, most, chunk)]
 
 
 def chunk_rows(lm: Any) -> int:

@@ -23,20 +23,19 @@ from adapt.core.checkpoint import read_settings
 from adapt.core.errors import AdaptError
 from adapt.training.objectives.loss import (
     TokenLoss,
+    agreed_rows,
     causal_lm_of,
     check_fast_path,
-    chunk_rows,
-    chunks,
+    chunk_spans,
     head_logits,
     head_rows,
-    most_rows,
 )
 
 
 class ProbabilitiesAt(TokenLoss):
     """A frozen model whose forward is its next-token probabilities at chosen positions, padded with zeros
     to `width` columns: an engine that shards it (FSDP2, ZeRO-3) gathers its weights around each call
-    through its forward hooks. The logits are computed a chunk of rows at a time (`chunk_rows`), so only
+    through its forward hooks. The logits are computed a chunk of rows at a time (`chunk_spans`), so only
     the probabilities are whole."""
 
     def forward(  # type: ignore[override]
@@ -52,11 +51,11 @@ class ProbabilitiesAt(TokenLoss):
             return padded_softmax(self.logits_at(input_ids, attention_mask, position_ids, rows, cols), width)
         lm = causal_lm_of(self.model)
         hidden = self.hidden_at(input_ids, attention_mask, position_ids, rows, cols)  # [n, h]
-        out = hidden.new_zeros(len(hidden), width, dtype=torch.float32)
-        chunk = chunk_rows(lm)  # every rank calls the head as often (ZeRO-3 gathers it at each call)
-        for a in range(0, chunks(most_rows(len(hidden), hidden.device), lm) * chunk, chunk):
-            logits = head_logits(lm, hidden[a : a + chunk]).float()
-            out[a : a + chunk, : logits.shape[-1]] = logits.softmax(-1)
+        n = len(hidden)
+        out = hidden.new_zeros(n, width, dtype=torch.float32)
+        for a, b in chunk_spans(n, agreed_rows(n, lm, hidden.device), lm):
+            logits = head_logits(lm, hidden[a:b]).float()
+            out[a:b, : logits.shape[-1]] = logits.softmax(-1)
         return out
 
 
